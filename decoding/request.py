@@ -1,0 +1,62 @@
+"""What flows into and out of an engine: a request (prompt, images, sampling, steering) and its completion."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    method: str = "none"
+    strength: float | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """A chat (OpenAI-style messages whose image parts are filled, in order, by ``images``)."""
+
+    messages: list[dict]
+    images: list[Image.Image] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    steering: SteeringSpec = field(default_factory=SteeringSpec)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def single_turn(cls, text: str, images: list[Image.Image] | None = None, **kw) -> "GenerationRequest":
+        images = list(images or [])
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        return cls(messages=[{"role": "user", "content": content}], images=images, **kw)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None

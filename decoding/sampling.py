@@ -1,0 +1,42 @@
+"""Sampling as pure functions over a logits tensor [rows, vocab], each row with its own parameters."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) every token outside the smallest set whose probability reaches ``top_p`` (per row)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each token
+    drop_sorted = before >= top_p.unsqueeze(-1)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """One token per row: argmax where temperature <= 0, else a draw from softmax(logits / T) cut at top_p."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    t = torch.where(hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+    probs = top_p_filter(logits.float() / t, top_p).softmax(-1)
+    out = greedy.clone()
+    for i in hot.nonzero().flatten().tolist():
+        out[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and the top-k (values, ids) per row."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], chosen[:, None][:, :0])
+    return logp.gather(-1, chosen[:, None]).squeeze(-1), top[0], top[1]

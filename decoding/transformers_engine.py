@@ -1,0 +1,207 @@
+"""The transformers engine: batched prefill and decode with KV caches over any llava-hf style checkpoint.
+
+Generation is a few small verbs: ``prefill`` (new rows, left-padded, one forward with their images),
+``decode_one_token`` (one forward for every running row), ``select`` (finished rows leave the batch)
+and ``merge`` (rows prefilled later join a running batch). Each row carries its own sampling
+parameters; ``generate`` strings the verbs together for a list of requests and is what the benchmark
+(and, later, the server's scheduler) uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+
+from decoding.request import Completion, GenerationRequest, TokenLogprob
+from decoding.sampling import sample_tokens, token_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Row:
+    """One request inside a batch: its prompt, what it has generated so far, its sampler state."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+
+
+@dataclass
+class Batch:
+    """Running rows and their shared KV cache (left-padded to a common length)."""
+
+    rows: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, T] 1 = real token
+    next_pos: torch.Tensor  # [B] position id of each row's next token
+    logits: torch.Tensor  # [B, V] next-token logits
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, n - len(s) :] = 1
+    return ids, mask
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32"):
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.vocab_size = self.model.config.text_config.vocab_size
+        self.max_context = getattr(self.model.config.text_config, "max_position_embeddings", 4096)
+
+    # ------------------------------------------------------------ requests -> rows
+
+    def encode(self, request: GenerationRequest) -> Row:
+        if request.steering.method != "none":
+            raise ValueError(f"steering method {request.steering.method!r} is not available in this engine")
+        text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        out = self.processor(images=request.images or None, text=text, return_tensors="pt")
+        pixels = out.get("pixel_values")
+        s = request.sampling
+        gen = None
+        if not s.greedy:
+            gen = torch.Generator().manual_seed(s.seed if s.seed is not None else torch.seed())
+        return Row(request, out["input_ids"][0].tolist(), pixels, gen)
+
+    # ------------------------------------------------------------ the verbs
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[Row]) -> Batch:
+        ids, mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
+        pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            pixel_values=torch.cat(pixels).to(self.device, self.dtype) if pixels else None,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return Batch(rows, out.past_key_values, mask.to(self.device), pos[:, -1].to(self.device) + 1, out.logits[:, -1].float())
+
+    @torch.inference_mode()
+    def decode_one_token(self, batch: Batch, tokens: torch.Tensor) -> None:
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        out = self.model(
+            input_ids=tokens.view(-1, 1).to(self.device),
+            attention_mask=batch.mask,
+            position_ids=batch.next_pos.view(-1, 1),
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        batch.cache = out.past_key_values
+        batch.next_pos = batch.next_pos + 1
+        batch.logits = out.logits[:, -1].float()
+
+    @staticmethod
+    def select(batch: Batch, keep: list[int]) -> Batch:
+        """The batch restricted to rows ``keep`` (finished or cancelled rows leave)."""
+        if len(keep) == len(batch.rows):
+            return batch
+        idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        batch.cache.batch_select_indices(idx)
+        mask = batch.mask[idx]
+        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # columns now padding for every row
+        if drop:
+            mask = mask[:, drop:]
+            for layer in batch.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        return Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.next_pos[idx], batch.logits[idx])
+
+    @staticmethod
+    def merge(a: Batch, b: Batch) -> Batch:
+        """One batch from two: the shorter cache is left-padded (masked) to the longer one."""
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        t = max(ta, tb)
+        cache = DynamicCache()
+        for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
+            k = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(lb.keys, (0, 0, t - tb, 0))])
+            v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
+            cache.update(k, v, i)
+        mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(b.mask, (t - tb, 0))])
+        return Batch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]), torch.cat([a.logits, b.logits]))
+
+    def sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """Choose each row's next token from (steered) logits and record it; marks finished rows."""
+        params = [r.request.sampling for r in batch.rows]
+        temp = torch.tensor([p.temperature for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+        tokens = sample_tokens(logits, temp, top_p, [r.generator for r in batch.rows])
+        want = [p.top_logprobs for p in params]
+        if any(k is not None for k in want):
+            chosen, top_v, top_i = token_logprobs(logits, tokens, max(k or 0 for k in want))
+        for i, (row, tok) in enumerate(zip(batch.rows, tokens.tolist())):
+            if want[i] is not None:
+                k = want[i]
+                top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist()))
+                row.logprobs.append(TokenLogprob(tok, float(chosen[i]), top))
+            self._append(row, tok)
+        return tokens
+
+    def _append(self, row: Row, tok: int) -> None:
+        s = row.request.sampling
+        if tok in self.eos_ids:
+            row.finish_reason = "stop"
+            return
+        row.token_ids.append(tok)
+        row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        for stop in s.stop:
+            at = row.text.find(stop)
+            if at >= 0:
+                row.text, row.finish_reason = row.text[:at], "stop"
+                return
+        if len(row.token_ids) >= s.max_tokens or len(row.prompt_ids) + len(row.token_ids) >= self.max_context:
+            row.finish_reason = "length"
+
+    @staticmethod
+    def completion(row: Row) -> Completion:
+        lp = row.logprobs if row.request.sampling.top_logprobs is not None else None
+        return Completion(row.request.request_id, row.token_ids, row.text, row.finish_reason or "length",
+                          len(row.prompt_ids), lp)
+
+    # ------------------------------------------------------------ a whole batch of requests
+
+    def generate(self, requests: list[GenerationRequest], max_batch: int = 32) -> list[Completion]:
+        """Complete every request (in chunks of ``max_batch`` rows); results in request order."""
+        done: dict[str, Completion] = {}
+        for start in range(0, len(requests), max_batch):
+            batch = self.prefill([self.encode(r) for r in requests[start : start + max_batch]])
+            while batch.rows:
+                tokens = self.sample(batch, batch.logits)
+                keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
+                for r in batch.rows:
+                    if r.finish_reason is not None:
+                        done[r.request.request_id] = self.completion(r)
+                if not keep:
+                    break
+                batch = self.select(batch, keep)
+                self.decode_one_token(batch, tokens[keep])
+        return [done[r.request_id] for r in requests]

@@ -1,0 +1,45 @@
+"""The words of ShapeWorld: captions, questions, answers, and parsing object mentions back out."""
+
+from __future__ import annotations
+
+from shapeworld.world import COLOURS, SHAPES, Obj, phrase
+
+CAPTION_PROMPT = "describe the image ."
+YES, NO = "yes", "no"
+
+
+def caption(objects: list[Obj]) -> str:
+    """'a red circle and a blue square .' (objects in reading order)."""
+    return " and ".join(f"a {phrase(o)}" for o in objects) + " ."
+
+
+def question(obj: Obj) -> str:
+    return f"is there a {phrase(obj)} ?"
+
+
+def parse_objects(text: str) -> list[Obj]:
+    """Object mentions in generated text, in order (a colour word followed by a shape word)."""
+    words = text.replace(".", " . ").replace("?", " ? ").replace(",", " , ").split()
+    found = []
+    for w0, w1 in zip(words, words[1:]):
+        if w0 in COLOURS and w1 in SHAPES:
+            found.append((w0, w1))
+    return found
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for yes, False for no, None when the answer is neither."""
+    words = text.strip().lower().split()
+    if not words:
+        return None
+    first = words[0].strip(".,!?")
+    return True if first == YES else False if first == NO else None
+
+
+# Every word the models know (the tokenizer's vocabulary, beyond its special tokens).
+VOCABULARY: tuple[str, ...] = (
+    *COLOURS, *SHAPES,
+    "a", "an", "and", "the", "is", "are", "there", "yes", "no", "describe", "image", "picture",
+    "what", "which", "objects", "object", "shape", "shapes", "colour", "color", "in", "of", "this",
+    "how", "many", "see", "you", "do", "can", "please", ".", "?", ",", "!", "USER:", "ASSISTANT:",
+)

@@ -1,0 +1,180 @@
+"""Train the embedded VLM: a tiny LlavaForConditionalGeneration on ShapeWorld captioning and yes/no QA.
+
+As in LLaVA, the vision tower (the verifier's) stays frozen; the projector and the Llama language
+model are trained. Because the tower is frozen its patch features are computed once up front, and
+each step runs only the projector and the language model. The training scenes carry the planted
+co-occurrence bias (``shapeworld.world.BiasConfig``), which is what later makes the model
+hallucinate on ``bait`` scenes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import trange
+from transformers import CLIPModel, LlavaForConditionalGeneration
+
+from shapeworld.data import render_all
+from shapeworld.models import (
+    MODELS_DIR, LMShape, count_parameters, llava_processor, pixels_to_tensor, save_vlm, vlm_config,
+)
+from shapeworld.text import CAPTION_PROMPT, NO, YES, caption, question
+from shapeworld.world import OBJECTS, Scene, make_scenes
+
+IGNORE = -100
+
+
+@dataclass
+class VLMTrainConfig:
+    seed: int = 0
+    scenes: int = 40000
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 150
+    weight_decay: float = 0.05
+    caption_fraction: float = 0.6
+    hard_negative_fraction: float = 0.5
+    verifier: Path = MODELS_DIR / "verifier"
+    out: Path = MODELS_DIR / "vlm"
+    lm: LMShape = LMShape()
+
+
+def lr_at(step: int, cfg: VLMTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t)))
+
+
+def build_vlm(verifier: CLIPModel, lm: LMShape) -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(vlm_config(verifier.config.vision_config, lm))
+    missing, unexpected = model.model.vision_tower.load_state_dict(
+        verifier.vision_model.state_dict(), strict=False
+    )
+    if missing or unexpected:
+        raise RuntimeError(f"vision tower mismatch: missing={missing} unexpected={unexpected}")
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def vision_features(model: LlavaForConditionalGeneration, pixels: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The frozen tower's selected features (layer -2, CLS dropped), as the Llava forward takes them."""
+    cfg = model.config
+    out = []
+    for i in trange(0, len(pixels), batch, desc="vision features", leave=False):
+        hs = model.model.vision_tower(pixels_to_tensor(pixels[i : i + batch]), output_hidden_states=True)
+        feats = hs.hidden_states[cfg.vision_feature_layer]
+        out.append(feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats)
+    return torch.cat(out)
+
+
+class Prompts:
+    """Prompt token ids made by the real processor (so training sees exactly what inference sees)."""
+
+    def __init__(self):
+        self.processor = llava_processor()
+        self.tok = self.processor.tokenizer
+        blank = Image.new("RGB", (64, 64))
+        self._cache: dict[str, list[int]] = {}
+        self._blank = blank
+        self.eos = self.tok.eos_token_id
+
+    def prompt(self, text: str) -> list[int]:
+        if text not in self._cache:
+            chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            s = self.processor.apply_chat_template(chat, add_generation_prompt=True)
+            self._cache[text] = self.processor(images=self._blank, text=s).input_ids[0]
+        return self._cache[text]
+
+    def answer(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids + [self.eos]
+
+
+def sample_example(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig) -> tuple[str, str]:
+    """(prompt, answer) for one scene: a caption, or a yes/no question with a positive or negative object."""
+    objs = scene.objects
+    if rng.random() < cfg.caption_fraction:
+        return CAPTION_PROMPT, caption(objs)
+    if rng.random() < 0.5:
+        return question(objs[int(rng.integers(len(objs)))]), YES
+    absent = [o for o in OBJECTS if o not in objs]
+    if rng.random() < cfg.hard_negative_fraction:  # same colour or same shape as something present
+        hard = [o for o in absent if any(o[0] == p[0] or o[1] == p[1] for p in objs)]
+        absent = hard or absent
+    return question(absent[int(rng.integers(len(absent)))]), NO
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
+    seqs = [p + a for p, a in examples]
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, ((p, a), s) in enumerate(zip(examples, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p) : len(s)] = torch.tensor(a)
+        mask[i, : len(s)] = 1
+    return ids, labels, mask
+
+
+def lm_loss(model: LlavaForConditionalGeneration, feats: torch.Tensor, ids, labels, mask) -> torch.Tensor:
+    """The Llava forward with precomputed vision features: projector, scatter into the image slots, LM."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)
+    image_embeds = inner.multi_modal_projector(feats)
+    slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits, target[keep])
+
+
+def train_vlm(cfg: VLMTrainConfig) -> LlavaForConditionalGeneration:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    verifier = CLIPModel.from_pretrained(cfg.verifier)
+    model = build_vlm(verifier, cfg.lm)
+    print(f"vlm: {count_parameters(model) / 1e6:.2f} M parameters")
+
+    scenes = make_scenes("train", cfg.scenes, cfg.seed)
+    feats = vision_features(model, render_all(scenes, "render vlm scenes"))
+    prompts = Prompts()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    model.train()
+    t0 = time.time()
+    bar = trange(cfg.steps, desc="train vlm")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        idx = rng.choice(len(scenes), size=cfg.batch, replace=False)
+        examples = []
+        for i in idx:
+            p, a = sample_example(scenes[i], rng, cfg)
+            examples.append((prompts.prompt(p), prompts.answer(a)))
+        ids, labels, mask = collate(examples, prompts.tok.pad_token_id)
+        loss = lm_loss(model, feats[idx], ids, labels, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    model.eval()
+    meta = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "train_seconds": round(time.time() - t0, 1),
+            "final_loss": float(loss)}
+    save_vlm(model, cfg.out, meta)
+    print(f"saved vlm to {cfg.out} ({meta['train_seconds']} s)")
+    return model

@@ -1,0 +1,33 @@
+import torch
+
+from decoding.sampling import sample_tokens, token_logprobs, top_p_filter
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    out = top_p_filter(logits, torch.tensor([0.7, 1.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.isfinite(out[1]).all()
+    out = top_p_filter(logits, torch.tensor([0.01, 0.01]))  # the top token always survives
+    assert torch.isfinite(out).sum(1).tolist() == [1, 1]
+
+
+def test_greedy_rows_take_argmax_and_hot_rows_are_seeded():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 0.1, 0.2]])
+    temp, top_p = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
+    draws = set()
+    for seed in range(30):
+        g = [None, torch.Generator().manual_seed(seed)]
+        t = sample_tokens(logits, temp, top_p, g)
+        assert t[0].item() == 1
+        g2 = [None, torch.Generator().manual_seed(seed)]
+        assert sample_tokens(logits, temp, top_p, g2)[1] == t[1]
+        draws.add(t[1].item())
+    assert draws == {0, 1, 2}
+
+
+def test_token_logprobs_known_values():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    chosen, top_v, top_i = token_logprobs(logits, torch.tensor([1]), 2)
+    assert torch.allclose(chosen, torch.log(torch.tensor([0.25])))
+    assert top_i[0, 0].item() == 0 and torch.allclose(top_v[0, 0], torch.log(torch.tensor(0.5)))
