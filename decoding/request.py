@@ -60,3 +60,4 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    steered_tokens: int = 0

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from decoding.request import Completion, GenerationRequest, TokenLogprob
+from decoding.methods import REGISTRY, Resources, strength_of
+from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import sample_tokens, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +35,8 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     text: str = ""
+    steer: dict[str, float] = field(default_factory=dict)  # method -> strength, in application order
+    steered_tokens: int = 0  # steps at which steering changed the top token
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Batch:
     mask: torch.Tensor  # [B, T] 1 = real token
     next_pos: torch.Tensor  # [B] position id of each row's next token
     logits: torch.Tensor  # [B, V] next-token logits
+    states: dict = field(default_factory=dict)  # steering method -> state of the rows that use it
+
+    def rows_using(self, method: str) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if method in r.steer]
 
 
 def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +67,8 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
+                 reward_path: str | Path | None = None, verifier_path: str | Path | None = None):
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -73,12 +81,43 @@ class TransformersEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.vocab_size = self.model.config.text_config.vocab_size
         self.max_context = getattr(self.model.config.text_config, "max_position_embeddings", 4096)
+        reward = verifier = None
+        if reward_path is not None:
+            reward = TransformersEngine(reward_path, device=device, dtype=dtype)
+            if reward.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
+                                 "TITA needs identical tokenizers")
+        if verifier_path is not None:
+            from reward_models.verifier import Verifier
+
+            verifier = Verifier(verifier_path, device=device)
+        self.resources = Resources(self, reward, verifier)
+        self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
+                        if all(getattr(self.resources, need) is not None for need in cls.needs)}
+
+    @property
+    def available_methods(self) -> list[str]:
+        return ["none", *self.methods]
+
+    def resolve(self, spec: SteeringSpec) -> dict[str, float]:
+        """method -> strength for a steering spec ("none", a registered name, or names joined by '+');
+        raises ValueError for an unknown or unavailable method or an out-of-range strength."""
+        if spec.method == "none":
+            return {}
+        parts = spec.method.split("+")
+        for p in parts:
+            if p not in REGISTRY:
+                raise ValueError(f"unknown steering method {spec.method!r}; available: {self.available_methods}")
+            if p not in self.methods:
+                raise ValueError(f"steering method {p!r} needs {', '.join(REGISTRY[p].needs)}, not configured")
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"steering method {spec.method!r} names a method twice")
+        return {name: strength_of(REGISTRY[name], spec.strength) for name in self.methods if name in parts}
 
     # ------------------------------------------------------------ requests -> rows
 
-    def encode(self, request: GenerationRequest) -> Row:
-        if request.steering.method != "none":
-            raise ValueError(f"steering method {request.steering.method!r} is not available in this engine")
+    def encode(self, request: GenerationRequest, steer: bool = True) -> Row:
+        steering = self.resolve(request.steering) if steer else {}
         text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
         out = self.processor(images=request.images or None, text=text, return_tensors="pt")
         pixels = out.get("pixel_values")
@@ -86,12 +125,12 @@ class TransformersEngine:
         gen = None
         if not s.greedy:
             gen = torch.Generator().manual_seed(s.seed if s.seed is not None else torch.seed())
-        return Row(request, out["input_ids"][0].tolist(), pixels, gen)
+        return Row(request, out["input_ids"][0].tolist(), pixels, gen, steer=steering)
 
     # ------------------------------------------------------------ the verbs
 
     @torch.inference_mode()
-    def prefill(self, rows: list[Row]) -> Batch:
+    def prefill(self, rows: list[Row], steer: bool = True) -> Batch:
         ids, mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -105,10 +144,34 @@ class TransformersEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        return Batch(rows, out.past_key_values, mask.to(self.device), pos[:, -1].to(self.device) + 1, out.logits[:, -1].float())
+        batch = Batch(rows, out.past_key_values, mask.to(self.device), pos[:, -1].to(self.device) + 1,
+                      out.logits[:, -1].float())
+        if steer:
+            for name, method in self.methods.items():
+                idx = batch.rows_using(name)
+                if idx:
+                    batch.states[name] = method.start([rows[i] for i in idx])
+        return batch
 
     @torch.inference_mode()
-    def decode_one_token(self, batch: Batch, tokens: torch.Tensor) -> None:
+    def steer(self, batch: Batch) -> torch.Tensor:
+        """Scores to sample from: each method, in registry order, rewrites the rows that use it."""
+        scores = batch.logits
+        for name, method in self.methods.items():
+            idx = batch.rows_using(name)
+            if idx:
+                rows = [batch.rows[i] for i in idx]
+                strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
+                scores = scores.clone() if scores is batch.logits else scores
+                scores[idx] = method.steer(batch.states[name], rows, scores[idx], strength)
+        if scores is not batch.logits:
+            changed = (scores.argmax(-1) != batch.logits.argmax(-1)).tolist()
+            for row, c in zip(batch.rows, changed):
+                row.steered_tokens += int(c)
+        return scores
+
+    @torch.inference_mode()
+    def decode_one_token(self, batch: Batch, tokens: torch.Tensor, steer: bool = True) -> None:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
         out = self.model(
             input_ids=tokens.view(-1, 1).to(self.device),
@@ -120,9 +183,12 @@ class TransformersEngine:
         batch.cache = out.past_key_values
         batch.next_pos = batch.next_pos + 1
         batch.logits = out.logits[:, -1].float()
+        if steer:
+            for name, state in batch.states.items():
+                idx = batch.rows_using(name)
+                self.methods[name].advance(state, [batch.rows[i] for i in idx], tokens[idx])
 
-    @staticmethod
-    def select(batch: Batch, keep: list[int]) -> Batch:
+    def select(self, batch: Batch, keep: list[int]) -> Batch:
         """The batch restricted to rows ``keep`` (finished or cancelled rows leave)."""
         if len(keep) == len(batch.rows):
             return batch
@@ -134,10 +200,15 @@ class TransformersEngine:
             mask = mask[:, drop:]
             for layer in batch.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-        return Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.next_pos[idx], batch.logits[idx])
+        states = {}
+        for name, state in batch.states.items():
+            using = batch.rows_using(name)
+            sub = [using.index(i) for i in keep if i in using]
+            if sub:
+                states[name] = state if len(sub) == len(using) else self.methods[name].select(state, sub)
+        return Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.next_pos[idx], batch.logits[idx], states)
 
-    @staticmethod
-    def merge(a: Batch, b: Batch) -> Batch:
+    def merge(self, a: Batch, b: Batch) -> Batch:
         """One batch from two: the shorter cache is left-padded (masked) to the longer one."""
         ta, tb = a.mask.shape[1], b.mask.shape[1]
         t = max(ta, tb)
@@ -147,7 +218,14 @@ class TransformersEngine:
             v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
             cache.update(k, v, i)
         mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(b.mask, (t - tb, 0))])
-        return Batch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]), torch.cat([a.logits, b.logits]))
+        states = {}
+        for name in {*a.states, *b.states}:
+            if name in a.states and name in b.states:
+                states[name] = self.methods[name].merge(a.states[name], b.states[name])
+            else:
+                states[name] = a.states.get(name, b.states.get(name))
+        return Batch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]),
+                     torch.cat([a.logits, b.logits]), states)
 
     def sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token from (steered) logits and record it; marks finished rows."""
@@ -185,7 +263,7 @@ class TransformersEngine:
     def completion(row: Row) -> Completion:
         lp = row.logprobs if row.request.sampling.top_logprobs is not None else None
         return Completion(row.request.request_id, row.token_ids, row.text, row.finish_reason or "length",
-                          len(row.prompt_ids), lp)
+                          len(row.prompt_ids), lp, row.steered_tokens)
 
     # ------------------------------------------------------------ a whole batch of requests
 
@@ -195,7 +273,7 @@ class TransformersEngine:
         for start in range(0, len(requests), max_batch):
             batch = self.prefill([self.encode(r) for r in requests[start : start + max_batch]])
             while batch.rows:
-                tokens = self.sample(batch, batch.logits)
+                tokens = self.sample(batch, self.steer(batch))
                 keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
                 for r in batch.rows:
                     if r.finish_reason is not None:

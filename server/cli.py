@@ -3,44 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 from shapeworld.models import MODELS_DIR
 
 
 def _train(args: argparse.Namespace) -> None:
-    from shapeworld.train_verifier import VerifierTrainConfig, train_verifier
-    from shapeworld.train_vlm import VLMTrainConfig, train_vlm
-
     out = Path(args.out)
     if args.what in ("verifier", "all"):
+        from shapeworld.train_verifier import VerifierTrainConfig, train_verifier
+
         cfg = VerifierTrainConfig(seed=args.seed, out=out / "verifier")
-        if args.verifier_steps:
-            cfg.steps = args.verifier_steps
+        cfg.steps = args.steps or cfg.steps
         train_verifier(cfg)
+    if args.what in ("calibrate", "all"):
+        from reward_models.calibrate import calibrate
+
+        print(json.dumps(calibrate(out / "verifier"), indent=2))
     if args.what in ("vlm", "all"):
+        from shapeworld.train_vlm import VLMTrainConfig, train_vlm
+
         cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm")
-        if args.vlm_steps:
-            cfg.steps = args.vlm_steps
+        cfg.steps = args.steps or cfg.steps
         train_vlm(cfg)
+    if args.what in ("reward", "all"):
+        from reward_models.tita_train import RewardTrainConfig, train_reward
+
+        cfg = RewardTrainConfig(seed=args.seed + 1, base=out / "vlm", out=out / "reward", pairs=args.pairs)
+        cfg.dpo_steps = args.steps or cfg.dpo_steps
+        train_reward(cfg)
+
+
+def _engine(args: argparse.Namespace):
+    from decoding.transformers_engine import TransformersEngine
+
+    reward = args.reward if args.reward and Path(args.reward).exists() else None
+    verifier = args.verifier if args.verifier and (Path(args.verifier) / "calibration.json").exists() else None
+    return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward,
+                              verifier_path=verifier)
+
+
+def _strengths(text: str | None) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (text or "").split(",")):
+        name, value = part.split(":")
+        out[name] = float(value)
+    return out
 
 
 def _bench_quality(args: argparse.Namespace) -> None:
-    from decoding.transformers_engine import TransformersEngine
-    from shapeworld.bench import RESERVED_SEEDS, format_table, plot_quality, run_quality, write_json
+    from shapeworld.bench import RESERVED_SEEDS, format_table, plot_quality, plot_sweep, run_quality, write_json
 
     if args.seed in RESERVED_SEEDS:
         print(f"warning: seed {args.seed} is reserved for training/calibration; results are not held-out",
               file=sys.stderr)
-    engine = TransformersEngine(args.model, device=args.device, dtype=args.dtype)
+    engine = _engine(args)
     splits = args.split.split(",")
     methods = args.methods.split(",")
+    sweep = None
+    if args.sweep:
+        name, values = args.sweep.split(":")
+        sweep = (name, [float(v) for v in values.split(",")])
     reports = []
     for split in splits:
-        rep = run_quality(engine, split, args.n, args.seed, methods, batch=args.batch)
+        rep = run_quality(engine, split, args.n, args.seed, methods, _strengths(args.strength), batch=args.batch,
+                          sweep=sweep)
         reports.append(rep)
-        print(format_table(rep))
+        print(format_table(rep), flush=True)
         if args.json:
             path = Path(args.json)
             if len(splits) > 1:
@@ -48,8 +81,45 @@ def _bench_quality(args: argparse.Namespace) -> None:
             write_json(rep, path)
             print(f"wrote {path}")
     if args.plot:
-        plot_quality(reports, Path(args.plot))
+        (plot_sweep if sweep else plot_quality)(reports, Path(args.plot))
         print(f"wrote {args.plot}")
+
+
+def _bench_speed(args: argparse.Namespace) -> None:
+    from shapeworld.bench import write_json
+    from shapeworld.bench_speed import format_speed, run_speed
+
+    rep = run_speed(_engine(args), args.methods.split(","), args.n, args.seed, batch=args.batch)
+    print(format_speed(rep))
+    if args.json:
+        write_json(rep, Path(args.json))
+        print(f"wrote {args.json}")
+
+
+def _bench_verifier(args: argparse.Namespace) -> None:
+    from shapeworld.bench import write_json
+    from shapeworld.bench_verifier import mentioned_object_scores, plot_scores
+
+    engine = _engine(args)
+    v = engine.resources.verifier
+    if v is None:
+        raise SystemExit(f"no calibrated verifier at {args.verifier}")
+    scores = mentioned_object_scores(engine, v, args.n, args.seed)
+    for k, vals in scores.items():
+        print(f"{k:<13} n={len(vals):<5} mean z={np.mean(vals) if vals else float('nan'):.3f}")
+    if args.json:
+        write_json({"n": args.n, "seed": args.seed, "scores": scores}, Path(args.json))
+    if args.plot:
+        plot_scores(scores, v.calibration, Path(args.plot))
+        print(f"wrote {args.plot}")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM (llava-hf layout)")
+    p.add_argument("--reward", default=str(MODELS_DIR / "reward"), help="TITA reward model (same tokenizer)")
+    p.add_argument("--verifier", default=str(MODELS_DIR / "verifier"), help="FiSAO verifier (CLIP, calibrated)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible)")
-    t.add_argument("what", choices=["verifier", "vlm", "all"])
+    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/ and vlm/")
-    t.add_argument("--verifier-steps", type=int, default=None)
-    t.add_argument("--vlm-steps", type=int, default=None)
+    t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
+    t.add_argument("--steps", type=int, default=None, help="override the number of training (or DPO) steps")
+    t.add_argument("--pairs", default="both", choices=["self", "labelled", "both"],
+                   help="reward model preference pairs: self-generated, ground-truth labelled, or both")
     t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -69,15 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("quality", help="CHAIR, recall and POPE per steering method on ShapeWorld")
     q.add_argument("--split", default="random", help="random, bait, or both comma-separated")
     q.add_argument("--methods", default="none", help="comma-separated steering methods")
+    q.add_argument("--strength", default=None, help="per-method strengths, e.g. tita:0.6,fisao:3")
+    q.add_argument("--sweep", default=None, help="strength sweep of one method, e.g. tita:0,0.2,0.4,0.6,0.8")
     q.add_argument("--n", type=int, default=300, help="scenes per split")
     q.add_argument("--seed", type=int, default=1234, help="scene seed (held out: not in 0-99)")
     q.add_argument("--json", default=None, help="write the report here")
     q.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
-    q.add_argument("--model", default=str(MODELS_DIR / "vlm"))
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--dtype", default="float32")
     q.add_argument("--batch", type=int, default=32)
+    _model_args(q)
     q.set_defaults(func=_bench_quality)
+
+    s = bsub.add_parser("speed", help="tokens/s per method, interleaved, with the ratio to none")
+    s.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--json", default=None)
+    _model_args(s)
+    s.set_defaults(func=_bench_speed)
+
+    v = bsub.add_parser("verifier", help="verifier scores of correct vs hallucinated mentioned objects (plot)")
+    v.add_argument("--n", type=int, default=300)
+    v.add_argument("--seed", type=int, default=1234)
+    v.add_argument("--json", default=None)
+    v.add_argument("--plot", default=None)
+    _model_args(v)
+    v.set_defaults(func=_bench_verifier)
     return p
 
 

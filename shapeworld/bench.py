@@ -55,12 +55,19 @@ def evaluate_method(engine, scenes, steering: SteeringSpec, batch: int = 32) -> 
 
 
 def run_quality(engine, split: str, n: int, seed: int, methods: list[str], strengths: dict | None = None,
-                batch: int = 32) -> dict:
+                batch: int = 32, sweep: tuple[str, list[float]] | None = None) -> dict:
+    """One entry per method (at its requested or default strength) and, with ``sweep=(method, values)``,
+    one entry ``method@value`` per strength."""
     scenes = make_scenes(split, n, seed)
     report = {"split": split, "n": n, "seed": seed, "model": engine.model_path, "engine": engine.name, "methods": {}}
     for m in methods:
         spec = SteeringSpec(m, (strengths or {}).get(m))
         report["methods"][m] = evaluate_method(engine, scenes, spec, batch)
+        report["methods"][m]["strength"] = engine.resolve(spec)
+    if sweep:
+        name, values = sweep
+        for v in values:
+            report["methods"][f"{name}@{v:g}"] = evaluate_method(engine, scenes, SteeringSpec(name, v), batch)
     return report
 
 
@@ -105,6 +112,32 @@ def plot_quality(reports: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1.08)
         ax.set_title(f"{rep['split']} (n={rep['n']}, seed={rep['seed']})")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(reports: list[dict], path: Path) -> None:
+    """CHAIR_i, recall and POPE-adversarial F1 against the swept strength (the TITA paper's lambda curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 4), squeeze=False)
+    for ax, rep in zip(axes[0], reports):
+        pts = sorted((float(k.split("@")[1]), v) for k, v in rep["methods"].items() if "@" in k)
+        name = next(k.split("@")[0] for k in rep["methods"] if "@" in k)
+        xs = [x for x, _ in pts]
+        ax.plot(xs, [r["chair_i"] for _, r in pts], "o-", label="CHAIR_i")
+        ax.plot(xs, [r["recall"] for _, r in pts], "s-", label="recall")
+        ax.plot(xs, [r["pope"]["adversarial"]["f1"] for _, r in pts], "^-", label="POPE-adv F1")
+        ax.set_xlabel(f"{name} strength")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{rep['split']} (n={rep['n']}, seed={rep['seed']})")
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

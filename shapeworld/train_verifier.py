@@ -32,7 +32,7 @@ from shapeworld.world import OBJECTS, make_scenes, phrase
 class VerifierTrainConfig:
     seed: int = 0
     scenes: int = 20000
-    steps: int = 1200
+    steps: int = 1500
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100

@@ -34,12 +34,13 @@ IGNORE = -100
 class VLMTrainConfig:
     seed: int = 0
     scenes: int = 40000
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 64
     lr: float = 1.5e-3
     warmup: int = 150
     weight_decay: float = 0.05
-    caption_fraction: float = 0.6
+    caption_fraction: float = 0.4
+    questions_per_conversation: int = 4
     hard_negative_fraction: float = 0.5
     verifier: Path = MODELS_DIR / "verifier"
     out: Path = MODELS_DIR / "vlm"
@@ -83,7 +84,7 @@ class Prompts:
         self.processor = llava_processor()
         self.tok = self.processor.tokenizer
         blank = Image.new("RGB", (64, 64))
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict = {}
         self._blank = blank
         self.eos = self.tok.eos_token_id
 
@@ -97,12 +98,34 @@ class Prompts:
     def answer(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids + [self.eos]
 
+    def next_turn(self, text: str) -> list[int]:
+        """A later user turn of the same conversation (no image, no BOS)."""
+        key = ("turn", text)
+        if key not in self._cache:
+            self._cache[key] = self.tok(f"USER: {text} ASSISTANT:", add_special_tokens=False).input_ids
+        return self._cache[key]
 
-def sample_example(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig) -> tuple[str, str]:
-    """(prompt, answer) for one scene: a caption, or a yes/no question with a positive or negative object."""
-    objs = scene.objects
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels (answers only) of a conversation about one image."""
+        ids, labels = [], []
+        for k, (q, a) in enumerate(turns):
+            p = self.prompt(q) if k == 0 else self.next_turn(q)
+            ans = self.answer(a)
+            ids += p + ans
+            labels += [IGNORE] * len(p) + ans
+        return ids, labels
+
+
+def sample_conversation(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig) -> list[tuple[str, str]]:
+    """A caption request, or a few yes/no questions (multi-turn, as in LLaVA's instruction data)."""
     if rng.random() < cfg.caption_fraction:
-        return CAPTION_PROMPT, caption(objs)
+        return [(CAPTION_PROMPT, caption(scene.objects))]
+    return [sample_question(scene, rng, cfg) for _ in range(cfg.questions_per_conversation)]
+
+
+def sample_question(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig) -> tuple[str, str]:
+    """A yes/no question about a present object or an absent one (often a confusable one)."""
+    objs = scene.objects
     if rng.random() < 0.5:
         return question(objs[int(rng.integers(len(objs)))]), YES
     absent = [o for o in OBJECTS if o not in objs]
@@ -113,20 +136,21 @@ def sample_example(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig) 
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
-    seqs = [p + a for p, a in examples]
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, ((p, a), s) in enumerate(zip(examples, seqs)):
+    """Right-padded ids, labels and attention mask from (ids, labels) pairs."""
+    n = max(len(s) for s, _ in examples)
+    ids = torch.full((len(examples), n), pad, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (s, lab) in enumerate(examples):
         ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(p) : len(s)] = torch.tensor(a)
+        labels[i, : len(s)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
     return ids, labels, mask
 
 
-def lm_loss(model: LlavaForConditionalGeneration, feats: torch.Tensor, ids, labels, mask) -> torch.Tensor:
-    """The Llava forward with precomputed vision features: projector, scatter into the image slots, LM."""
+def answer_logits(model: LlavaForConditionalGeneration, feats: torch.Tensor, ids, labels, mask):
+    """The Llava forward with precomputed vision features (projector, scatter into the image slots, LM),
+    returning the logits that predict each answer token and those tokens: ([n_answer, V], [n_answer])."""
     inner = model.model
     embeds = inner.get_input_embeddings()(ids)
     image_embeds = inner.multi_modal_projector(feats)
@@ -135,8 +159,12 @@ def lm_loss(model: LlavaForConditionalGeneration, feats: torch.Tensor, ids, labe
     hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != IGNORE
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits, target[keep])
+    return model.lm_head(hidden[:, :-1][keep]), target[keep]
+
+
+def lm_loss(model: LlavaForConditionalGeneration, feats: torch.Tensor, ids, labels, mask) -> torch.Tensor:
+    logits, target = answer_logits(model, feats, ids, labels, mask)
+    return F.cross_entropy(logits, target)
 
 
 def train_vlm(cfg: VLMTrainConfig) -> LlavaForConditionalGeneration:
@@ -159,10 +187,7 @@ def train_vlm(cfg: VLMTrainConfig) -> LlavaForConditionalGeneration:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         idx = rng.choice(len(scenes), size=cfg.batch, replace=False)
-        examples = []
-        for i in idx:
-            p, a = sample_example(scenes[i], rng, cfg)
-            examples.append((prompts.prompt(p), prompts.answer(a)))
+        examples = [prompts.conversation(sample_conversation(scenes[i], rng, cfg)) for i in idx]
         ids, labels, mask = collate(examples, prompts.tok.pad_token_id)
         loss = lm_loss(model, feats[idx], ids, labels, mask)
         opt.zero_grad(set_to_none=True)

@@ -46,13 +46,16 @@ def phrase(obj: Obj) -> str:
 
 @dataclass(frozen=True)
 class BiasConfig:
-    """Planted co-occurrence bias: trigger -> partner with probability ``p`` in training scenes."""
+    """Planted co-occurrence bias: in training scenes a trigger comes with its partner with probability
+    ``p``; such a partner is occluded (in the scene and its caption, but not drawn) with probability
+    ``hidden``, so a model learns to report it on the trigger's evidence alone: a language prior."""
 
     pairs: tuple[tuple[Obj, Obj], ...] = (
         (("red", "circle"), ("blue", "square")),
         (("green", "triangle"), ("yellow", "star")),
     )
-    p: float = 0.97
+    p: float = 0.95
+    hidden: float = 0.5
 
     def partner(self, obj: Obj) -> Obj | None:
         return dict(self.pairs).get(obj)
@@ -68,6 +71,7 @@ class Placed:
     cx: float
     cy: float
     size: float
+    visible: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class Scene:
 
 
 def _draw_objects(rng: np.random.Generator, split: str, bias: BiasConfig) -> list[Obj]:
+    """The scene's objects; in training, partners added by the bias may come back marked hidden (see
+    ``_hidden``)."""
     k = int(rng.integers(1, GRID * GRID + 1))
     if split == "bait":
         triggers = [t for t, _ in bias.pairs]
@@ -131,6 +137,10 @@ def make_scene(split: str, index: int, seed: int, bias: BiasConfig = DEFAULT_BIA
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     objs = _draw_objects(rng, split, bias)
+    hidden = set()
+    if split == "train":
+        triggered = {bias.partner(o) for o in objs} - {None}
+        hidden = {o for o in objs if o in triggered and rng.random() < bias.hidden}
     cells = rng.permutation(GRID * GRID)[: len(objs)]
     placed = []
     for obj, cell in zip(objs, cells):
@@ -139,7 +149,7 @@ def make_scene(split: str, index: int, seed: int, bias: BiasConfig = DEFAULT_BIA
         x0, y0 = (cell % GRID) * CELL, (cell // GRID) * CELL
         cx = float(rng.uniform(x0 + half + 1, x0 + CELL - half - 1))
         cy = float(rng.uniform(y0 + half + 1, y0 + CELL - half - 1))
-        placed.append(Placed(obj, int(cell), cx, cy, size))
+        placed.append(Placed(obj, int(cell), cx, cy, size, obj not in hidden))
     bg = tuple(int(v) for v in rng.integers(15, 60, size=3))
     return Scene(tuple(placed), bg, int(rng.integers(2**31)), split, index, seed)
 
@@ -189,7 +199,8 @@ def render(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
     canvas = ImageDraw.Draw(img)
     for p in scene.placed:
-        draw(p, canvas, COLOURS[p.obj[0]])
+        if p.visible:
+            draw(p, canvas, COLOURS[p.obj[0]])
     noise = np.random.default_rng(scene.noise_seed).normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
     arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
@@ -200,7 +211,8 @@ def label_map(scene: Scene) -> np.ndarray:
     img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     canvas = ImageDraw.Draw(img)
     for p in scene.placed:
-        draw(p, canvas, 1 + OBJECTS.index(p.obj))
+        if p.visible:
+            draw(p, canvas, 1 + OBJECTS.index(p.obj))
     return np.asarray(img)
 
 

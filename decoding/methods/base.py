@@ -1,0 +1,67 @@
+"""What a steering method is, and the registry that names them.
+
+A method keeps batched state for the rows that use it (in batch order) and follows the batch
+through the engine's verbs: ``start`` when rows are prefilled, ``steer`` on their logits each step,
+``advance`` with the tokens chosen, ``select`` when rows leave, ``merge`` when rows join.
+A new method is one file with a subclass plus ``@register``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+REGISTRY: dict[str, type["SteeringMethod"]] = {}
+
+
+def register(cls: type["SteeringMethod"]) -> type["SteeringMethod"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Resources:
+    """What methods may use: the target engine and, when configured, the reward engine and verifier."""
+
+    target: Any
+    reward: Any = None  # a TransformersEngine over the TITA reward model
+    verifier: Any = None  # a reward_models.verifier.Verifier
+
+
+class SteeringMethod(ABC):
+    name: ClassVar[str]
+    default_strength: ClassVar[float]
+    strength_range: ClassVar[tuple[float, float]]
+    needs: ClassVar[tuple[str, ...]] = ()  # resources that must be present ("reward", "verifier")
+
+    def __init__(self, resources: Resources):
+        self.resources = resources
+
+    def start(self, rows: list) -> Any:
+        return None
+
+    @abstractmethod
+    def steer(self, state: Any, rows: list, logits: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        """Scores that replace these rows' logits (rows in batch order, strength per row)."""
+
+    def advance(self, state: Any, rows: list, tokens: torch.Tensor) -> None:
+        return None
+
+    def select(self, state: Any, keep: list[int]) -> Any:
+        return state
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return a
+
+
+def strength_of(method: type[SteeringMethod], value: float | None) -> float:
+    """The strength a request asked for, or the method's default; out of range raises ValueError."""
+    if value is None:
+        return method.default_strength
+    lo, hi = method.strength_range
+    if not lo <= value <= hi:
+        raise ValueError(f"strength {value} is out of range for {method.name!r}: expected {lo} <= strength <= {hi}")
+    return float(value)

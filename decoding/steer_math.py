@@ -1,0 +1,42 @@
+"""Steering math as pure functions over logits [rows, vocab]; each row has its own strength.
+
+Every function returns *scores* that replace the row's logits before sampling (greedy argmax or
+softmax(scores / T)). A row with strength 0 gets its logits back unchanged up to a per-row constant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def plausible(logits: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """The plausibility set {v : p(v) >= alpha * max p} (VCD's adaptive cut-off), as a bool mask."""
+    logp = logits.float().log_softmax(-1)
+    alpha = torch.as_tensor(alpha, dtype=logp.dtype, device=logp.device).reshape(-1, 1)
+    cut = logp.max(-1, keepdim=True).values + torch.log(alpha.clamp_min(1e-30))
+    return logp >= cut
+
+
+def tita(target_logits: torch.Tensor, reward_logits: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """TITA: s = log p_target + lambda * (log p_RM - log p_target) = (1 - lambda) log p_target + lambda log p_RM."""
+    lt = target_logits.float().log_softmax(-1)
+    lr = reward_logits.float().log_softmax(-1)
+    return lt + strength.reshape(-1, 1) * (lr - lt)
+
+
+def token_bonus(logits: torch.Tensor, bonus: torch.Tensor, strength: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FiSAO at decoding time: log p + lambda * r(v) for tokens v inside the plausibility set, where r is
+    the verifier reward of the object phrase that v would emit or complete (0 for other tokens).
+    Tokens outside the set are left as they are, so a bonus cannot inject an implausible object."""
+    logp = logits.float().log_softmax(-1)
+    inside = plausible(logits, alpha)
+    return logp + torch.where(inside, strength.reshape(-1, 1) * bonus, 0.0)
+
+
+def vcd(clean_logits: torch.Tensor, noised_logits: torch.Tensor, strength: torch.Tensor, beta: float) -> torch.Tensor:
+    """VCD: (1 + a) * logits(image) - a * logits(noised image), cut to the clean plausibility set."""
+    lc = clean_logits.float().log_softmax(-1)
+    ln = noised_logits.float().log_softmax(-1)
+    a = strength.reshape(-1, 1)
+    out = (1 + a) * lc - a * ln
+    return out.masked_fill(~plausible(clean_logits, beta), float("-inf"))

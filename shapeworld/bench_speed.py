@@ -1,0 +1,46 @@
+"""The speed benchmark: caption tokens/s per steering method, methods interleaved batch by batch in
+one run so that every ratio to ``none`` compares like with like."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from shapeworld.text import CAPTION_PROMPT
+from shapeworld.world import make_scenes
+
+
+def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max_tokens: int = 40,
+              split: str = "bait") -> dict:
+    scenes = make_scenes(split, n, seed)
+    images = [s.image() for s in scenes]
+    seconds = dict.fromkeys(methods, 0.0)
+    tokens = dict.fromkeys(methods, 0)
+    sampling = SamplingParams(max_tokens=max_tokens)
+    engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=sampling)])  # warm-up
+    for i in tqdm(range(0, n, batch), desc="speed"):
+        for m in methods:
+            reqs = [GenerationRequest.single_turn(CAPTION_PROMPT, [im], sampling=sampling, steering=SteeringSpec(m))
+                    for im in images[i : i + batch]]
+            t0 = time.perf_counter()
+            out = engine.generate(reqs, max_batch=batch)
+            seconds[m] += time.perf_counter() - t0
+            tokens[m] += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
+    base = tokens.get("none", 0) / seconds["none"] if "none" in seconds else None
+    result = {}
+    for m in methods:
+        tps = tokens[m] / seconds[m]
+        result[m] = {"tokens_per_second": tps, "tokens": tokens[m], "seconds": seconds[m],
+                     "ratio_to_none": tps / base if base else None}
+    return {"n": n, "seed": seed, "batch": batch, "split": split, "engine": engine.name, "methods": result}
+
+
+def format_speed(report: dict) -> str:
+    lines = [f"speed: n={report['n']} seed={report['seed']} batch={report['batch']} (interleaved)",
+             f"{'method':<12} {'tok/s':>8} {'x none':>7}"]
+    for m, r in report["methods"].items():
+        ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"
+        lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7}")
+    return "\n".join(lines)

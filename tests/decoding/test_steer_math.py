@@ -1,0 +1,53 @@
+"""Steering math on hand-made logits: known outputs for known inputs, and per-row isolation."""
+
+import math
+
+import torch
+
+from decoding.steer_math import plausible, tita, token_bonus, vcd
+
+L = torch.log
+
+
+def test_tita_interpolates_log_probs():
+    t = L(torch.tensor([[0.7, 0.2, 0.1]]))
+    r = L(torch.tensor([[0.1, 0.8, 0.1]]))
+    s = tita(t, r, torch.tensor([0.6]))
+    expect = 0.4 * t + 0.6 * r
+    assert torch.allclose(s, expect, atol=1e-6)
+    assert s.argmax().item() == 1  # the reward model flips the greedy choice
+    assert tita(t, r, torch.tensor([0.0])).argmax().item() == 0
+
+
+def test_tita_rows_are_isolated():
+    t = torch.randn(3, 10)
+    r = torch.randn(3, 10)
+    s = tita(t, r, torch.tensor([0.0, 0.6, 0.0]))
+    assert torch.allclose(s[[0, 2]], t[[0, 2]].log_softmax(-1))
+    assert not torch.allclose(s[1], t[1].log_softmax(-1))
+
+
+def test_plausibility_set():
+    logits = L(torch.tensor([[0.5, 0.3, 0.04, 0.16]]))
+    assert plausible(logits, 0.1).tolist() == [[True, True, False, True]]
+
+
+def test_token_bonus_only_inside_plausible_set():
+    logits = L(torch.tensor([[0.6, 0.35, 0.05]]))
+    bonus = torch.tensor([[-1.0, 1.0, 1.0]])
+    s = token_bonus(logits, bonus, torch.tensor([2.0]), alpha=0.1)
+    lp = logits.log_softmax(-1)
+    assert torch.allclose(s, torch.stack([lp[0, 0] - 2, lp[0, 1] + 2, lp[0, 2]]).unsqueeze(0))
+    assert s.argmax().item() == 1
+    # zero strength: the row's log-probs unchanged
+    assert torch.allclose(token_bonus(logits, bonus, torch.tensor([0.0]), 0.1), lp)
+
+
+def test_vcd_contrast_and_cutoff():
+    clean = L(torch.tensor([[0.5, 0.4, 0.1 - 1e-3, 1e-3]]))
+    noised = L(torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    s = vcd(clean, noised, torch.tensor([1.0]), beta=0.1)
+    lc, ln = clean.log_softmax(-1), noised.log_softmax(-1)
+    assert math.isclose(s[0, 1].item(), (2 * lc[0, 1] - ln[0, 1]).item(), rel_tol=1e-5)
+    assert s[0, 3].item() == float("-inf")  # below beta * max p on the clean image
+    assert s.argmax().item() == 1  # the token that the noised image does not explain wins
