@@ -9,6 +9,7 @@ parameters; ``generate`` strings the verbs together for a list of requests and i
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,18 @@ class TransformersEngine:
         self.resources = Resources(self, reward, verifier)
         self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
                         if all(getattr(self.resources, need) is not None for need in cls.needs)}
+        self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
+
+    def _timed(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.steering_seconds[name] = self.steering_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop_steering_seconds(self) -> dict[str, float]:
+        out, self.steering_seconds = self.steering_seconds, {}
+        return out
 
     @property
     def available_methods(self) -> list[str]:
@@ -150,7 +163,7 @@ class TransformersEngine:
             for name, method in self.methods.items():
                 idx = batch.rows_using(name)
                 if idx:
-                    batch.states[name] = method.start([rows[i] for i in idx])
+                    batch.states[name] = self._timed(name, method.start, [rows[i] for i in idx])
         return batch
 
     @torch.inference_mode()
@@ -163,7 +176,7 @@ class TransformersEngine:
                 rows = [batch.rows[i] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
                 scores = scores.clone() if scores is batch.logits else scores
-                scores[idx] = method.steer(batch.states[name], rows, scores[idx], strength)
+                scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
         if scores is not batch.logits:
             changed = (scores.argmax(-1) != batch.logits.argmax(-1)).tolist()
             for row, c in zip(batch.rows, changed):
@@ -186,7 +199,7 @@ class TransformersEngine:
         if steer:
             for name, state in batch.states.items():
                 idx = batch.rows_using(name)
-                self.methods[name].advance(state, [batch.rows[i] for i in idx], tokens[idx])
+                self._timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
 
     def select(self, batch: Batch, keep: list[int]) -> Batch:
         """The batch restricted to rows ``keep`` (finished or cancelled rows leave)."""

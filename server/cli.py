@@ -1,4 +1,4 @@
-"""The ``vlm-steer`` command: train the embedded models, run benchmarks (and, later, serve)."""
+"""The ``vlm-steer`` command: serve, train the embedded models, run benchmarks."""
 
 from __future__ import annotations
 
@@ -122,9 +122,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from server.serve import serve
+    from server.settings import from_args
+
+    serve(from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-steer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    from server.settings import add_arguments
+
+    sv = sub.add_parser("serve", help="the OpenAI-compatible steering server (embedded ShapeWorld models by default)")
+    add_arguments(sv)
+    sv.set_defaults(func=_serve)
 
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible)")
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])

@@ -1,0 +1,178 @@
+"""Iteration-level batching: one worker thread owns the engine and runs the step loop.
+
+Between two decode steps, waiting requests are prefilled and merged into the running batch, and
+finished or cancelled rows leave it; every row carries its own sampling and steering parameters.
+Each request gets its events (token deltas, then a final completion or an error) through a callback
+that the HTTP layer turns into an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from decoding.request import Completion, GenerationRequest
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    completion: Completion
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+Sink = Callable[[object], None]
+
+
+@dataclass
+class Ticket:
+    request: GenerationRequest
+    sink: Sink
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # admitted into the batch (end of queue time)
+    first_token: float | None = None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    cancelled: bool = False
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, on_step: Callable[["Scheduler"], None] | None = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self.waiting: deque[Ticket] = deque()
+        self.running: dict[str, Ticket] = {}
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="vlm-steer-scheduler", daemon=True)
+        self.steps = 0
+
+    # ------------------------------------------------------------ public
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
+        with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            t = Ticket(request, sink)
+            self.waiting.append(t)
+            self._cv.notify_all()
+            return t
+
+    def cancel(self, ticket: Ticket) -> None:
+        with self._cv:
+            ticket.cancelled = True
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ------------------------------------------------------------ the loop
+
+    def _admit(self, batch, room: int):
+        with self._cv:
+            while not self.waiting and batch is None and not self._stop:
+                self._cv.wait(timeout=0.5)
+            take = []
+            while self.waiting and len(take) < room:
+                t = self.waiting.popleft()
+                if not t.cancelled:
+                    take.append(t)
+        rows = []
+        for t in take:
+            try:
+                rows.append(self.engine.encode(t.request))
+            except Exception as e:  # a bad request fails alone
+                t.sink(Failed(e))
+                continue
+            t.started = time.monotonic()
+            self.running[t.request.request_id] = t
+        if not rows:
+            return batch
+        try:
+            new = self.engine.prefill(rows)
+        except Exception as e:
+            for r in rows:
+                self.running.pop(r.request.request_id).sink(Failed(e))
+            return batch
+        return new if batch is None else self.engine.merge(batch, new)
+
+    def _loop(self) -> None:
+        batch = None
+        while not self._stop:
+            room = self.max_batch - (len(batch.rows) if batch else 0)
+            batch = self._admit(batch, room) if room > 0 else batch
+            if batch is None:
+                continue
+            try:
+                tokens = self.engine.sample(batch, self.engine.steer(batch))
+            except Exception as e:  # the step failed: fail the rows in it, keep serving
+                for r in batch.rows:
+                    self.running.pop(r.request.request_id).sink(Failed(e))
+                batch = None
+                continue
+            now = time.monotonic()
+            keep = []
+            for i, row in enumerate(batch.rows):
+                t = self.running[row.request.request_id]
+                if t.first_token is None:
+                    t.first_token = now
+                self._emit(t, row)
+                if row.finish_reason is not None or t.cancelled:
+                    self.running.pop(row.request.request_id)
+                    if not t.cancelled:
+                        t.sink(Finished(self.engine.completion(row)))
+                else:
+                    keep.append(i)
+            self.steps += 1
+            if self.on_step:
+                self.on_step(self)
+            if not keep:
+                batch = None
+                continue
+            batch = self.engine.select(batch, keep)
+            self.engine.decode_one_token(batch, tokens[keep])
+
+    @staticmethod
+    def _emit(t: Ticket, row) -> None:
+        """Send the text that is new since the last delta (held back while a stop string may be forming)."""
+        text = row.text
+        if row.finish_reason is None and row.request.sampling.stop:
+            hold = max(len(s) for s in row.request.sampling.stop) - 1
+            text = text[: max(t.sent_text, len(text) - hold)]
+        if len(text) > t.sent_text or len(row.token_ids) > t.sent_tokens:
+            t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens :], row.logprobs[t.sent_tokens :]))
+            t.sent_text, t.sent_tokens = len(text), len(row.token_ids)

@@ -1,0 +1,87 @@
+"""Every server setting in one object: a docstring per field, read from ``VLM_STEER_*`` environment
+variables and from ``vlm-steer serve`` flags (which ``--help`` lists with these docstrings)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shapeworld.models import MODELS_DIR
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLM_STEER_", use_attribute_docstrings=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 8000
+    """Port to bind (0: any free port)."""
+    model: Path = MODELS_DIR / "vlm"
+    """Target VLM folder (llava-hf layout: config, processor, safetensors)."""
+    served_model_name: str | None = None
+    """Model name clients send and /v1/models lists (default: the model folder's name)."""
+    reward_model: Path | None = MODELS_DIR / "reward"
+    """TITA reward model folder (a smaller VLM with the same tokenizer); empty to disable TITA."""
+    verifier: Path | None = MODELS_DIR / "verifier"
+    """FiSAO verifier folder (CLIP with calibration.json); empty to disable FiSAO."""
+    device: str = "cpu"
+    """Torch device for all models (cpu, cuda, cuda:1, ...)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    engine: str = "transformers"
+    """Engine: transformers (CPU or GPU)."""
+    max_batch: int = Field(16, ge=1)
+    """Rows decoded together at most (iteration-level batching)."""
+    max_queue: int = Field(64, ge=0)
+    """Requests waiting for a row at most; beyond it, 429 with Retry-After."""
+    max_tokens_default: int = Field(64, ge=1)
+    """max_tokens when a request gives none."""
+    max_tokens_limit: int = Field(256, ge=1)
+    """Largest max_tokens a request may ask for."""
+    request_timeout: float = Field(120.0, gt=0)
+    """Seconds a request may take from arrival to its last token."""
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    """Largest request body (413 beyond)."""
+    max_image_bytes: int = Field(4 * 2**20, ge=1024)
+    """Largest decoded image (413 beyond)."""
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    """Largest image in pixels (guards against decompression bombs)."""
+    max_images: int = Field(4, ge=0)
+    """Images per request at most."""
+    image_url_hosts: list[str] = []
+    """Hosts from which http(s) image URLs may be fetched (empty: data: URLs only). Addresses that
+    resolve to loopback, private or link-local ranges are refused even when listed."""
+    image_url_timeout: float = 5.0
+    """Seconds to fetch an image URL."""
+    api_keys: list[str] = []
+    """Bearer keys accepted on /v1/* (empty: no authentication). /health and /metrics stay open."""
+    experiment: Path | None = None
+    """A/B experiment file (YAML or JSON) with named arms of steering specs and traffic weights."""
+    drain_timeout: float = 30.0
+    """Seconds to finish in-flight requests after SIGTERM before exiting."""
+    log_level: str = "info"
+    """Uvicorn log level."""
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": f"{field.description} [env VLM_STEER_{name.upper()}]"}
+        if field.annotation in (list[str],):
+            kw["nargs"] = "*"
+        parser.add_argument(flag, **kw)
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    for k, v in list(given.items()):
+        if v == "" and k in ("reward_model", "verifier", "experiment"):
+            given[k] = None
+    return Settings(**given)
