@@ -114,6 +114,21 @@ def _bench_verifier(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def _bench_load(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from server.bench_load import format_load, run_load
+    from shapeworld.bench import write_json
+
+    rep = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.methods.split(","), model=args.model_name,
+                               max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
+                               api_key=args.api_key))
+    print(format_load(rep))
+    if args.json:
+        write_json(rep, Path(args.json))
+        print(f"wrote {args.json}")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM (llava-hf layout)")
     p.add_argument("--reward", default=str(MODELS_DIR / "reward"), help="TITA reward model (same tokenizer)")
@@ -171,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None)
     _model_args(s)
     s.set_defaults(func=_bench_speed)
+
+    ld = bsub.add_parser("load", help="load generator against a running server (streaming, mixed methods)")
+    ld.add_argument("--url", default="http://127.0.0.1:8000")
+    ld.add_argument("--concurrency", type=int, default=8)
+    ld.add_argument("--requests", type=int, default=64)
+    ld.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
+    ld.add_argument("--model-name", default="vlm")
+    ld.add_argument("--max-tokens", type=int, default=40)
+    ld.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of clients that hang up mid-stream")
+    ld.add_argument("--api-key", default=None)
+    ld.add_argument("--json", default=None)
+    ld.set_defaults(func=_bench_load)
 
     v = bsub.add_parser("verifier", help="verifier scores of correct vs hallucinated mentioned objects (plot)")
     v.add_argument("--n", type=int, default=300)

@@ -3,6 +3,8 @@ refused, in-flight requests finish (up to ``drain_timeout``), then the process e
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from server.app import create_app
@@ -17,6 +19,10 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.vlm_state.draining = True
         super().handle_exit(sig, frame)
+        # A drained shutdown is a clean one: exit 0 rather than re-raising the signal afterwards.
+        captured = getattr(self, "_captured_signals", None)
+        if captured is not None:
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
 def serve(settings: Settings) -> None:

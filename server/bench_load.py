@@ -1,0 +1,112 @@
+"""A load generator for a running server: C concurrent streaming clients, N requests, mixed steering
+methods, optionally some clients hanging up mid-stream. Reports tokens/s, TTFT and latency
+percentiles and error counts by status."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import time
+
+import httpx
+import numpy as np
+
+from shapeworld.text import CAPTION_PROMPT
+from shapeworld.world import make_scenes
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after: int | None, api_key: str | None) -> dict:
+    t0 = time.perf_counter()
+    out = {"status": None, "ttft": None, "latency": None, "tokens": 0, "disconnected": False}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+            out["status"] = r.status_code
+            if r.status_code != 200:
+                await r.aread()
+                return out
+            chunks = 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    out["status"] = msg["error"].get("code", 500)
+                    return out
+                if msg.get("usage"):
+                    out["tokens"] = msg["usage"]["completion_tokens"]
+                for c in msg.get("choices", []):
+                    if c["delta"].get("content"):
+                        chunks += 1
+                        if out["ttft"] is None:
+                            out["ttft"] = time.perf_counter() - t0
+                if disconnect_after is not None and chunks >= disconnect_after:
+                    out["disconnected"] = True
+                    return out
+    except httpx.HTTPError as e:
+        out["status"] = type(e).__name__
+    out["latency"] = time.perf_counter() - t0
+    return out
+
+
+async def run_load(url: str, concurrency: int, requests: int, methods: list[str], model: str = "shapeworld",
+                   max_tokens: int = 40, disconnect_fraction: float = 0.0, seed: int = 1234,
+                   api_key: str | None = None) -> dict:
+    rng = random.Random(seed)
+    images = [_data_url(s.image()) for s in make_scenes("bait", 32, seed)]
+    jobs = []
+    for k in range(requests):
+        method = methods[k % len(methods)]
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "steering": {"method": method},
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[k % len(images)]}},
+                                                          {"type": "text", "text": CAPTION_PROMPT}]}]}
+        jobs.append((body, rng.randint(1, 3) if rng.random() < disconnect_fraction else None))
+    queue: asyncio.Queue = asyncio.Queue()
+    for j in jobs:
+        queue.put_nowait(j)
+    results = []
+
+    async def worker(client):
+        while not queue.empty():
+            body, cut = queue.get_nowait()
+            results.append(await _one(client, url, body, cut, api_key))
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r["status"] == 200 and not r["disconnected"]]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
+    ttft = [r["ttft"] for r in done if r["ttft"] is not None]
+    lat = [r["latency"] for r in done if r["latency"] is not None]
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    tokens = sum(r["tokens"] for r in done)
+    return {
+        "url": url, "concurrency": concurrency, "requests": requests, "methods": methods, "max_tokens": max_tokens,
+        "wall_seconds": wall, "completed": len(done), "disconnected": sum(r["disconnected"] for r in results),
+        "tokens": tokens, "tokens_per_second": tokens / wall,
+        "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
+        "latency_p50": pct(lat, 50), "latency_p90": pct(lat, 90), "latency_p99": pct(lat, 99),
+        "statuses": statuses, "errors_5xx": sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500),
+    }
+
+
+def format_load(r: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.3f}"
+    return (f"load: c={r['concurrency']} n={r['requests']} methods={','.join(r['methods'])}\n"
+            f"  tokens/s {r['tokens_per_second']:.1f}  completed {r['completed']}  disconnected {r['disconnected']}\n"
+            f"  TTFT p50/p90/p99 {f(r['ttft_p50'])}/{f(r['ttft_p90'])}/{f(r['ttft_p99'])} s  "
+            f"latency p50/p90/p99 {f(r['latency_p50'])}/{f(r['latency_p90'])}/{f(r['latency_p99'])} s\n"
+            f"  statuses {r['statuses']}  5xx {r['errors_5xx']}")
