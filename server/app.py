@@ -202,10 +202,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                 top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
             gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
         try:
-            row = state.engine.encode(gens[0])
+            rows = [state.engine.encode(g) for g in gens]
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        prompt_tokens = len(row.prompt_ids)
+        prompt_tokens = len(rows[0].prompt_ids)
         if prompt_tokens + max_tokens > state.engine.max_context:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                                 f"limit of {state.engine.max_context}", param="messages")
@@ -218,8 +218,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
         tickets = []
         try:
-            for i, g in enumerate(gens):
-                tickets.append(state.scheduler.submit(g, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+            for i, row in enumerate(rows):
+                tickets.append(state.scheduler.submit(row, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
         except QueueFull as e:
             for t in tickets:
                 state.scheduler.cancel(t)

@@ -43,7 +43,7 @@ Sink = Callable[[object], None]
 
 @dataclass
 class Ticket:
-    request: GenerationRequest
+    row: object  # the engine's encoded row (prompt ids, pixels, sampler, steering)
     sink: Sink
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # admitted into the batch (end of queue time)
@@ -51,6 +51,10 @@ class Ticket:
     sent_text: int = 0
     sent_tokens: int = 0
     cancelled: bool = False
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.row.request
 
 
 class Scheduler:
@@ -77,11 +81,12 @@ class Scheduler:
             self._cv.notify_all()
         self._thread.join(timeout=30)
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> Ticket:
+    def submit(self, row, sink: Sink) -> Ticket:
+        """Queue an encoded row (``engine.encode(request)``); raises QueueFull beyond ``max_queue``."""
         with self._cv:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-            t = Ticket(request, sink)
+            t = Ticket(row, sink)
             self.waiting.append(t)
             self._cv.notify_all()
             return t
@@ -113,11 +118,7 @@ class Scheduler:
                     take.append(t)
         rows = []
         for t in take:
-            try:
-                rows.append(self.engine.encode(t.request))
-            except Exception as e:  # a bad request fails alone
-                t.sink(Failed(e))
-                continue
+            rows.append(t.row)
             t.started = time.monotonic()
             self.running[t.request.request_id] = t
         if not rows:

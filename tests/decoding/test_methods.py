@@ -103,3 +103,13 @@ def test_diffusion_noise_is_deterministic():
     x = torch.zeros(1, 3, 4, 4)
     assert torch.equal(diffusion_noise(x), diffusion_noise(x))
     assert diffusion_noise(x).std() > 0.5
+
+
+
+def test_verifier_rewards_follow_the_calibrated_thresholds(steering_engine):
+    v = steering_engine.resources.verifier
+    scenes = make_scenes("random", 4, 4242)
+    z = v.scores([s.image() for s in scenes])
+    r = v.rewards([s.image() for s in scenes])
+    assert torch.equal(r == 1, z >= v.calibration["high"]) and torch.equal(r == -1, z <= v.calibration["low"])
+    assert torch.allclose(z.mean(-1), torch.zeros(4), atol=1e-5)  # normalised per image
