@@ -37,6 +37,7 @@ from shapeworld.train_vlm import (
     IGNORE, Prompts, VLMTrainConfig, answer_logits, collate, sample_conversation, vision_features,
 )
 from shapeworld.world import DEFAULT_BIAS, OBJECTS, make_scenes
+from shapeworld.train_utils import optimizer_step
 
 
 @dataclass
@@ -93,10 +94,7 @@ def distill(rm, base, feats, scenes, cfg: RewardTrainConfig, rng) -> None:
             teacher, _ = answer_logits(base, feats[idx], ids, labels, mask)
         student, _ = answer_logits(rm, feats[idx], ids, labels, mask)
         loss = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         if step % 20 == 0:
             bar.set_postfix(kl=f"{loss.item():.4f}")
 
@@ -189,10 +187,7 @@ def dpo(rm, feats, pairs, cfg: RewardTrainConfig, rng) -> None:
         margin = (logp[:n] - ref_logp[:n]) - (logp[n:] - ref_logp[n:])
         lengths = torch.tensor([len(prompts.answer(c)) for _, _, c, _ in pick], dtype=logp.dtype)
         loss = -F.logsigmoid(cfg.beta * margin).mean() - cfg.rpo_alpha * (logp[:n] / lengths).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(margin > 0).float().mean().item():.2f}")
 

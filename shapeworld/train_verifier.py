@@ -26,6 +26,7 @@ from shapeworld.models import (
 )
 from shapeworld.text import caption
 from shapeworld.world import OBJECTS, make_scenes, phrase
+from shapeworld.train_utils import optimizer_step
 
 
 @dataclass
@@ -106,10 +107,7 @@ def train_verifier(cfg: VerifierTrainConfig) -> CLIPModel:
         loss_dense = F.cross_entropy(dense_head(patches).flatten(0, 1), labels[idx].flatten())
 
         loss = loss_obj + cfg.caption_weight * loss_cap + cfg.dense_weight * loss_dense
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         if step % 20 == 0:
             bar.set_postfix(obj=f"{loss_obj.item():.3f}", cap=f"{loss_cap.item():.3f}", dense=f"{loss_dense.item():.3f}")
 

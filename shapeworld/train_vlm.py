@@ -27,6 +27,7 @@ from shapeworld.models import (
 )
 from shapeworld.text import CAPTION_PROMPT, NO, YES, caption, question
 from shapeworld.world import OBJECTS, Scene, make_scenes
+from shapeworld.train_utils import optimizer_step
 
 IGNORE = -100
 
@@ -196,10 +197,7 @@ def _run_phase(model, scenes, cfg: VLMTrainConfig, steps: int, lr: float, captio
         examples = [prompts.conversation(sample_conversation(scenes[i], rng, sched)) for i in idx]
         ids, labels, mask = collate(examples, prompts.tok.pad_token_id)
         loss = lm_loss(model, feats[idx], ids, labels, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, trainable)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()

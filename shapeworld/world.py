@@ -184,7 +184,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def draw(placed: Placed, canvas: ImageDraw.ImageDraw, fill) -> None:
-    (colour, shape), r = placed.obj, placed.size / 2
+    shape, r = placed.obj[1], placed.size / 2
     cx, cy = placed.cx, placed.cy
     if shape == "circle":
         canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
