@@ -22,7 +22,13 @@ bench: $(STAMP)
 	$(BIN)/vlm-steer bench quality --split random,bait --methods none,tita,fisao,tita+fisao,vcd --n 300 \
 		--seed 1234 --json runs/quality.json --plot runs/quality.png
 
-test: $(STAMP)
+# Debian's prometheus (prometheus + promtool) for the deploy checks.
+PROMETHEUS := /usr/bin/promtool
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(PROMETHEUS):
+	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus >/dev/null
+
+test: $(STAMP) $(PROMETHEUS)
 	$(BIN)/python -m pytest -q tests
 
 # Retrain the embedded models from scratch (seeded; see README for the time it takes on 2 cores).

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from decoding.methods import REGISTRY, Resources, strength_of
+from decoding.methods import REGISTRY, Resources, SteeringFailed, strength_of
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import sample_tokens, token_logprobs
 
@@ -38,6 +38,9 @@ class Row:
     text: str = ""
     steer: dict[str, float] = field(default_factory=dict)  # method -> strength, in application order
     steered_tokens: int = 0  # steps at which steering changed the top token
+    image_pooled: torch.Tensor | None = None  # the vision tower's pooled output for the first image (prefill)
+    image_features: torch.Tensor | None = None  # [images, patches, hidden] the tower's selected features (prefill)
+    error: Exception | None = None  # its steering failed: the row must leave the batch, failed, not served unsteered
 
 
 @dataclass
@@ -96,6 +99,12 @@ class TransformersEngine:
         self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
                         if all(getattr(self.resources, need) is not None for need in cls.needs)}
         self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
+        self._tower_out: list = []
+        tower = getattr(self.model.model, "vision_tower", None)
+        if tower is not None:  # keep what the tower computed: the verifier and the reward model share it
+            # (read at hook time: Llava's forward later overwrites ``pooler_output`` with projected features)
+            tower.register_forward_hook(lambda mod, args, out: self._tower_out.append(
+                (out.pooler_output, self._selected_features(out) if out.hidden_states is not None else None)))
 
     def _timed(self, name: str, fn, *args):
         t0 = time.perf_counter()
@@ -142,29 +151,71 @@ class TransformersEngine:
 
     # ------------------------------------------------------------ the verbs
 
+    def _selected_features(self, out) -> torch.Tensor:
+        """The tower's features as the projector takes them (Llava: one layer, CLS dropped by default)."""
+        cfg = self.model.config
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+    def _embeds_from_features(self, ids: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """Input embeddings with the image slots filled from features a same-tower model computed
+        (what Llava's forward does with pixels, minus the tower)."""
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(ids)
+        feats = torch.cat([r.image_features for r in rows if r.image_features is not None]).to(self.device, self.dtype)
+        image_embeds = inner.multi_modal_projector(feats).reshape(-1, embeds.shape[-1])
+        slots = (ids == self.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+
     @torch.inference_mode()
-    def prefill(self, rows: list[Row], steer: bool = True) -> Batch:
+    def prefill(self, rows: list[Row], steer: bool = True, reuse_features: bool = False) -> Batch:
+        """One forward over new rows. With ``reuse_features``, rows whose ``image_features`` were computed
+        by a model with the same vision tower (and processor) skip the tower."""
         ids, mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
+        reuse = reuse_features and bool(pixels) and all(r.image_features is not None for r in rows if r.pixel_values is not None)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        self._tower_out.clear()
+        inputs = ({"inputs_embeds": self._embeds_from_features(ids.to(self.device), rows)} if reuse else
+                  {"input_ids": ids.to(self.device),
+                   "pixel_values": torch.cat(pixels).to(self.device, self.dtype) if pixels else None})
         out = self.model(
-            input_ids=ids.to(self.device),
+            **inputs,
             attention_mask=mask.to(self.device),
             position_ids=pos.to(self.device),
-            pixel_values=torch.cat(pixels).to(self.device, self.dtype) if pixels else None,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         batch = Batch(rows, out.past_key_values, mask.to(self.device), pos[:, -1].to(self.device) + 1,
                       out.logits[:, -1].float())
+        if self._tower_out and pixels:
+            pooled = torch.cat([p for p, _ in self._tower_out])
+            feats = torch.cat([f for _, f in self._tower_out]) if all(f is not None for _, f in self._tower_out) else None
+            j = 0
+            for r in rows:
+                if r.pixel_values is not None:
+                    r.image_pooled = pooled[j]
+                    r.image_features = feats[j : j + len(r.pixel_values)] if feats is not None else None
+                    j += len(r.pixel_values)
+        self._tower_out.clear()
         if steer:
             for name, method in self.methods.items():
                 idx = batch.rows_using(name)
                 if idx:
-                    batch.states[name] = self._timed(name, method.start, [rows[i] for i in idx])
+                    try:
+                        batch.states[name] = self._timed(name, method.start, [rows[i] for i in idx])
+                    except Exception as e:  # only the rows of this method fail
+                        self._fail(name, [rows[i] for i in idx], e)
+                        batch.states[name] = None
         return batch
+
+    @staticmethod
+    def _fail(name: str, rows: list[Row], e: Exception) -> None:
+        for r in rows:
+            r.error = r.error or SteeringFailed(name, e)
+            r.finish_reason = "error"
 
     @torch.inference_mode()
     def steer(self, batch: Batch) -> torch.Tensor:
@@ -176,7 +227,10 @@ class TransformersEngine:
                 rows = [batch.rows[i] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
                 scores = scores.clone() if scores is batch.logits else scores
-                scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
+                try:
+                    scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
+                except Exception as e:
+                    self._fail(name, rows, e)
         if scores is not batch.logits:
             changed = (scores.argmax(-1) != batch.logits.argmax(-1)).tolist()
             for row, c in zip(batch.rows, changed):
@@ -199,7 +253,18 @@ class TransformersEngine:
         if steer:
             for name, state in batch.states.items():
                 idx = batch.rows_using(name)
-                self._timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
+                try:
+                    self._timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
+                except Exception as e:
+                    self._fail(name, [batch.rows[i] for i in idx], e)
+
+    def without_failed(self, batch: Batch) -> tuple[Batch | None, list[Row]]:
+        """The batch less the rows whose steering failed (and those rows), or None when none is left."""
+        failed = [r for r in batch.rows if r.error is not None]
+        if not failed:
+            return batch, []
+        keep = [i for i, r in enumerate(batch.rows) if r.error is None]
+        return (self.select(batch, keep) if keep else None), failed
 
     def select(self, batch: Batch, keep: list[int]) -> Batch:
         """The batch restricted to rows ``keep`` (finished or cancelled rows leave)."""
@@ -254,7 +319,8 @@ class TransformersEngine:
                 k = want[i]
                 top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist()))
                 row.logprobs.append(TokenLogprob(tok, float(chosen[i]), top))
-            self._append(row, tok)
+            if row.error is None:
+                self._append(row, tok)
         return tokens
 
     def _append(self, row: Row, tok: int) -> None:
@@ -284,11 +350,15 @@ class TransformersEngine:
         """Complete every request (in chunks of ``max_batch`` rows); results in request order."""
         done: dict[str, Completion] = {}
         for start in range(0, len(requests), max_batch):
-            batch = self.prefill([self.encode(r) for r in requests[start : start + max_batch]])
+            batch, failed = self.without_failed(self.prefill([self.encode(r) for r in requests[start : start + max_batch]]))
+            if failed:
+                raise failed[0].error
             while batch.rows:
                 tokens = self.sample(batch, self.steer(batch))
                 keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
                 for r in batch.rows:
+                    if r.error is not None:
+                        raise r.error
                     if r.finish_reason is not None:
                         done[r.request.request_id] = self.completion(r)
                 if not keep:

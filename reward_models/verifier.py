@@ -4,7 +4,10 @@ Per image, once: the cosine between the image embedding and every phrase of an o
 (text embeddings cached at start-up), normalised per image (z-scores over the vocabulary), turned into
 rewards by two thresholds calibrated on data with ground truth (``calibration.json`` beside the
 weights): +1 above ``high`` (where correct objects score), -1 below ``low`` (where hallucinated ones
-score), 0 between.
+score), 0 between. A token that only starts phrases (the colour word of "red circle") is judged by the
+best score among the phrases it starts, against thresholds calibrated for that maximum
+(``group_low``/``group_high``): a maximum over several absent phrases runs higher than one absent
+phrase's score.
 """
 
 from __future__ import annotations
@@ -37,17 +40,41 @@ class Verifier:
             out = self.model.text_model(input_ids=t.input_ids.to(self.device), attention_mask=t.attention_mask.to(self.device))
             self.text = F.normalize(self.model.text_projection(out.pooler_output), dim=-1)
 
+    def is_tower_of(self, vlm) -> bool:
+        """Whether ``vlm``'s vision tower is this verifier's vision model (same weights): then the VLM's
+        own forward already computed what ``scores_from_pooled`` needs."""
+        tower = getattr(getattr(vlm, "model", None), "vision_tower", None)
+        if tower is None:
+            return False
+        mine, theirs = self.model.vision_model.state_dict(), tower.vision_model.state_dict() if hasattr(tower, "vision_model") else tower.state_dict()
+        return mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape and torch.equal(mine[k].to(theirs[k]), theirs[k]) for k in mine)
+
+    @torch.inference_mode()
+    def scores_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[n_images, n_phrases] from the vision tower's pooled outputs [n_images, hidden]."""
+        proj = self.model.visual_projection
+        img = F.normalize(proj(pooled.to(self.device, proj.weight.dtype)), dim=-1)
+        s = img @ self.text.T
+        return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+
     @torch.inference_mode()
     def scores(self, images: list[Image.Image]) -> torch.Tensor:
         """[n_images, n_phrases] cosine scores, z-normalised per image."""
         px = self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
-        img = F.normalize(self.model.visual_projection(self.model.vision_model(pixel_values=px).pooler_output), dim=-1)
-        s = img @ self.text.T
-        return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+        return self.scores_from_pooled(self.model.vision_model(pixel_values=px).pooler_output)
 
-    def rewards(self, images: list[Image.Image]) -> torch.Tensor:
-        """[n_images, n_phrases] in {-1, 0, +1} from the calibrated thresholds."""
+    def reward(self, z: torch.Tensor, group: bool | torch.Tensor = False) -> torch.Tensor:
+        """Scores to rewards in {-1, 0, +1}: phrase thresholds, or (where ``group``) the thresholds for
+        the best score of a group of phrases sharing a first word."""
         if self.calibration is None:
             raise RuntimeError(f"verifier at {self.path} has no {CALIBRATION}: run `vlm-steer train calibrate`")
-        z = self.scores(images)
-        return (z >= self.calibration["high"]).float() - (z <= self.calibration["low"]).float()
+        c = self.calibration
+        group = torch.as_tensor(group)
+        high = torch.where(group, c.get("group_high", c["high"]), c["high"])
+        low = torch.where(group, c.get("group_low", c["low"]), c["low"])
+        return (z >= high).float() - (z <= low).float()
+
+    def rewards(self, images: list[Image.Image]) -> torch.Tensor:
+        """[n_images, n_phrases] phrase rewards in {-1, 0, +1}."""
+        return self.reward(self.scores(images))

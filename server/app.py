@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from decoding.methods import SteeringFailed
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM, Experiment
 from server.images import decode_data_url, fetch_url
@@ -57,10 +58,16 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         for method, sec in sched.engine.pop_steering_seconds().items():
             m.steering_time.labels(m.model, method).observe(sec)
 
+    def on_failure(e: Exception) -> None:
+        m = state.metrics
+        m.steering_failures.labels(m.model, getattr(e, "method", "unknown")).inc()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine = engine or await asyncio.to_thread(load_engine, settings)
-        state.scheduler = Scheduler(state.engine, settings.max_batch, settings.max_queue, on_step=on_step)
+        state.scheduler = Scheduler(state.engine, settings.max_batch, settings.max_queue, on_step=on_step,
+                                    on_failure=on_failure)
+        state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
         state.scheduler.start()
         state.ready = True
         yield
@@ -320,6 +327,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 def _engine_error(e: Exception) -> APIError:
     if isinstance(e, ValueError):
         return APIError(400, str(e))
+    if isinstance(e, SteeringFailed):  # said plainly: the request was not served unsteered instead
+        return APIError(500, f"{e}; the request was not served without its steering")
     return APIError(500, f"generation failed ({type(e).__name__})")
 
 

@@ -31,6 +31,9 @@ class Metrics:
         self.steered = Counter(PREFIX + "steered_tokens", "Steps at which steering changed the chosen token", REQ, registry=r)
         self.steering_time = Histogram(PREFIX + "steering_step_seconds", "Steering time per engine step (reward model, verifier, contrast)",
                                        ["model", "method"], buckets=STEP, registry=r)
+        self.steering_failures = Counter(PREFIX + "steering_failures", "Requests failed because their steering method raised",
+                                         ["model", "method"], registry=r)
+        self.queue_capacity = Gauge(PREFIX + "queue_capacity", "Requests that may wait for a row (beyond: 429)", ["model"], registry=r)
         self.running = Gauge(PREFIX + "num_requests_running", "Requests in the running batch", ["model"], registry=r)
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a row", ["model"], registry=r)
         self.running.labels(model).set(0)

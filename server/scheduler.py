@@ -58,8 +58,10 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, on_step: Callable[["Scheduler"], None] | None = None):
+    def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, on_step: Callable[["Scheduler"], None] | None = None,
+                 on_failure: Callable[[Exception], None] | None = None):
         self.engine = engine
+        self.on_failure = on_failure
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.on_step = on_step
@@ -124,18 +126,32 @@ class Scheduler:
         if not rows:
             return batch
         try:
-            new = self.engine.prefill(rows)
+            new, failed = self.engine.without_failed(self.engine.prefill(rows))
         except Exception as e:
             for r in rows:
                 self.running.pop(r.request.request_id).sink(Failed(e))
             return batch
+        self._fail(failed)
+        if new is None:
+            return batch
         return new if batch is None else self.engine.merge(batch, new)
+
+    def _fail(self, rows) -> None:
+        """Rows whose steering failed leave with an error (never served unsteered)."""
+        for r in rows:
+            self.running.pop(r.request.request_id).sink(Failed(r.error))
+            if self.on_failure:
+                self.on_failure(r.error)
 
     def _loop(self) -> None:
         batch = None
         while not self._stop:
             room = self.max_batch - (len(batch.rows) if batch else 0)
             batch = self._admit(batch, room) if room > 0 else batch
+            if batch is None:
+                continue
+            batch, failed = self.engine.without_failed(batch)  # a steering method's advance may have failed
+            self._fail(failed)
             if batch is None:
                 continue
             try:
@@ -148,6 +164,9 @@ class Scheduler:
             now = time.monotonic()
             keep = []
             for i, row in enumerate(batch.rows):
+                if row.error is not None:
+                    self._fail([row])
+                    continue
                 t = self.running[row.request.request_id]
                 if t.first_token is None:
                     t.first_token = now

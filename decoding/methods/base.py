@@ -57,6 +57,15 @@ class SteeringMethod(ABC):
         return a
 
 
+class SteeringFailed(RuntimeError):
+    """A steering method (its reward model, verifier, ...) raised for these rows."""
+
+    def __init__(self, method: str, cause: Exception):
+        super().__init__(f"steering method {method!r} failed ({type(cause).__name__})")
+        self.method, self.cause = method, cause
+
+
+
 def strength_of(method: type[SteeringMethod], value: float | None) -> float:
     """The strength a request asked for, or the method's default; out of range raises ValueError."""
     if value is None:

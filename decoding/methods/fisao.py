@@ -23,57 +23,87 @@ YES_WORDS, NO_WORDS = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")
 class FisaoState:
     rewards: torch.Tensor  # [n, K]
     question: torch.Tensor  # [n] phrase index asked about, or -1
+    node_rewards: torch.Tensor  # [n, trie nodes, children]
 
 
 class PhraseTrie:
-    """Token-id prefixes of the object phrases: prefix -> (next token ids, [n_next, K] phrase mask)."""
+    """Token-id prefixes of the object phrases, as padded tensors so a step's bonus is a few batched
+    scatters: node ``j`` (a prefix) has next tokens ``tokens[j]`` (padded with ``vocab``) and, for each,
+    the phrases it leads to (``masks[j]``: [children, K]). Node 0 is the empty prefix."""
 
-    def __init__(self, tokenizer, phrases: list[str]):
+    def __init__(self, tokenizer, phrases: list[str], vocab: int):
         seqs: list[tuple[tuple[int, ...], int]] = []
         for k, p in enumerate(phrases):
             for variant in (p, " " + p):
                 ids = tuple(tokenizer(variant, add_special_tokens=False).input_ids)
                 if ids and (ids, k) not in seqs:
                     seqs.append((ids, k))
-        nexts: dict[tuple[int, ...], dict[int, set[int]]] = {}
+        nexts: dict[tuple[int, ...], dict[int, set[int]]] = {(): {}}
         for ids, k in seqs:
             for j in range(len(ids)):
                 nexts.setdefault(ids[:j], {}).setdefault(ids[j], set()).add(k)
         self.depth = max(len(ids) for ids, _ in seqs)
-        self.nodes = {}
+        self.vocab = vocab
+        self.index = {prefix: j for j, prefix in enumerate(sorted(nexts, key=len))}  # () first
+        width = max(len(c) for c in nexts.values())
+        self.tokens = torch.full((len(nexts), width), vocab, dtype=torch.long)
+        self.masks = torch.zeros(len(nexts), width, len(phrases), dtype=torch.bool)
         for prefix, children in nexts.items():
-            toks = torch.tensor(sorted(children))
-            mask = torch.zeros(len(toks), len(phrases), dtype=torch.bool)
-            for i, t in enumerate(toks.tolist()):
-                mask[i, list(children[t])] = True
-            self.nodes[prefix] = (toks, mask)
+            j = self.index[prefix]
+            for i, t in enumerate(sorted(children)):
+                self.tokens[j, i] = t
+                self.masks[j, i, list(children[t])] = True
 
-    def bonus(self, generated: list[int], rewards: torch.Tensor, vocab: int) -> torch.Tensor:
-        out = torch.zeros(vocab)
-        prefixes = [()] + [tuple(generated[-n:]) for n in range(1, self.depth) if len(generated) >= n]
-        for prefix in prefixes:  # shallow first: a deeper match (continuing a phrase) overrides
-            if prefix in self.nodes:
-                toks, mask = self.nodes[prefix]
-                out[toks] = rewards.masked_fill(~mask, float("-inf")).max(-1).values
-        return out
+    def node_rewards(self, scores: torch.Tensor, reward) -> torch.Tensor:
+        """[n, nodes, children]: for each row, the reward of the best verifier score among the phrases
+        each child token leads to (computed once per request); ``reward(z, group)`` judges a token that
+        leads to several phrases with the group thresholds."""
+        best = scores[:, None, None, :].masked_fill(~self.masks[None], float("-inf")).amax(-1)
+        r = reward(best, (self.masks.sum(-1) > 1)[None].expand_as(best))
+        return torch.where(self.masks.any(-1)[None], r, 0.0)
+
+    def nodes_at(self, generated: list[int], level: int) -> int:
+        """The node matching the last ``level`` generated tokens, or -1."""
+        if level == 0:
+            return 0
+        return self.index.get(tuple(generated[-level:]), -1) if len(generated) >= level else -1
+
+    def bonus(self, token_ids: list[list[int]], node_rewards: torch.Tensor) -> torch.Tensor:
+        """[n, vocab] bonus per row: shallow prefixes first, a deeper match (continuing a phrase)
+        overrides the tokens it names."""
+        n = len(token_ids)
+        out = torch.zeros(n, self.vocab + 1)
+        rows = torch.arange(n)
+        for level in range(self.depth):
+            nodes = torch.tensor([self.nodes_at(t, level) for t in token_ids])
+            hit = nodes >= 0
+            if not hit.any():
+                continue
+            r, j = rows[hit], nodes[hit]
+            out[r] = out[r].scatter(1, self.tokens[j], node_rewards[r, j])
+        return out[:, : self.vocab]
 
 
 @register
 class Fisao(SteeringMethod):
     name = "fisao"
-    default_strength = 3.0
+    default_strength = 6.0
     strength_range = (0.0, 20.0)
     needs = ("verifier",)
     alpha = 0.01  # plausibility set {v : p(v) >= alpha * max p}
+    bonus_weight = 0.0  # weight of positive rewards relative to penalties (see README: penalties only)
 
     def __init__(self, resources):
         super().__init__(resources)
         tok = resources.target.tokenizer
         self.verifier = resources.verifier
-        self.trie = PhraseTrie(tok, self.verifier.phrases)
+        self.vocab = resources.target.vocab_size
+        self.trie = PhraseTrie(tok, self.verifier.phrases, self.vocab)
         first = lambda words: sorted({tok(w, add_special_tokens=False).input_ids[0] for w in words} - {tok.unk_token_id})
         self.yes_ids, self.no_ids = first(YES_WORDS), first(NO_WORDS)
-        self.vocab = resources.target.vocab_size
+        # FiSAO's verifier is the VLM's own vision encoder: when the weights are the same, reuse the
+        # pooled output of the prefill's vision pass instead of running the tower again
+        self.shared_tower = self.verifier.is_tower_of(resources.target.model)
 
     def _question(self, request) -> int:
         text = " ".join(p.get("text", "") for m in request.messages[-1:] if m["role"] == "user"
@@ -85,24 +115,35 @@ class Fisao(SteeringMethod):
         return hits[0] if len(hits) == 1 else -1
 
     def start(self, rows):
-        rewards = torch.zeros(len(rows), len(self.verifier.phrases))
+        z = torch.zeros(len(rows), len(self.verifier.phrases))
         with_images = [i for i, r in enumerate(rows) if r.request.images]
-        if with_images:
-            rewards[with_images] = self.verifier.rewards([rows[i].request.images[0] for i in with_images]).cpu()
-        return FisaoState(rewards, torch.tensor([self._question(r.request) for r in rows]))
+        if with_images and self.shared_tower and all(rows[i].image_pooled is not None for i in with_images):
+            z[with_images] = self.verifier.scores_from_pooled(torch.stack([rows[i].image_pooled for i in with_images])).cpu()
+        elif with_images:
+            z[with_images] = self.verifier.scores([rows[i].request.images[0] for i in with_images]).cpu()
+        rewards = self.verifier.reward(z)
+        node = self.trie.node_rewards(z, self.verifier.reward)
+        node = torch.where(node > 0, node * self.bonus_weight, node)
+        if len(with_images) < len(rows):  # no image, nothing to verify against
+            blind = torch.tensor([not r.request.images for r in rows])
+            rewards[blind], node[blind] = 0.0, 0.0
+        question = torch.tensor([self._question(r.request) for r in rows], dtype=torch.long)
+        return FisaoState(rewards, question, node)
 
     def steer(self, state, rows, logits, strength):
-        bonus = torch.stack([self.trie.bonus(r.token_ids, state.rewards[i], self.vocab) for i, r in enumerate(rows)])
-        for i, r in enumerate(rows):
-            q = int(state.question[i])
-            if q >= 0 and not r.token_ids:
-                bonus[i, self.yes_ids] = state.rewards[i, q]
-                bonus[i, self.no_ids] = -state.rewards[i, q]
+        bonus = self.trie.bonus([r.token_ids for r in rows], state.node_rewards)
+        first = torch.tensor([not r.token_ids for r in rows]) & (state.question >= 0)
+        if first.any():  # the first answer token of "is there an X ?": +r(X) on yes, -r(X) on no
+            i = first.nonzero()[:, 0]
+            r = state.rewards[i, state.question[i]][:, None]
+            bonus[i[:, None], torch.tensor(self.yes_ids)] = r
+            bonus[i[:, None], torch.tensor(self.no_ids)] = -r
         return token_bonus(logits, bonus.to(logits.device), strength, self.alpha)
 
     def select(self, state, keep):
         idx = torch.tensor(keep, dtype=torch.long)
-        return FisaoState(state.rewards[idx], state.question[idx])
+        return FisaoState(state.rewards[idx], state.question[idx], state.node_rewards[idx])
 
     def merge(self, a, b):
-        return FisaoState(torch.cat([a.rewards, b.rewards]), torch.cat([a.question, b.question]))
+        return FisaoState(*(torch.cat([x, y]) for x, y in ((a.rewards, b.rewards), (a.question, b.question),
+                                                          (a.node_rewards, b.node_rewards))))

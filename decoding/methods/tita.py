@@ -13,6 +13,23 @@ from decoding.methods.base import SteeringMethod, register
 from decoding.steer_math import tita
 
 
+def same_tower(a, b) -> bool:
+    """Whether two Llava models have the same vision tower weights (the reward model is built so)."""
+    ta, tb = (getattr(getattr(m, "model", None), "vision_tower", None) for m in (a, b))
+    if ta is None or tb is None:
+        return False
+    sa, sb = ta.state_dict(), tb.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k]), sb[k]) for k in sa)
+
+
+def same_inputs(a, b) -> bool:
+    """Whether two engines turn a request into the same prompt ids and pixels (same processor)."""
+    pa, pb = a.processor, b.processor
+    return (pa.chat_template == pb.chat_template and pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+            and pa.image_processor.to_dict() == pb.image_processor.to_dict()
+            and a.model.config.image_token_id == b.model.config.image_token_id)
+
+
 @register
 class Tita(SteeringMethod):
     name = "tita"
@@ -20,12 +37,25 @@ class Tita(SteeringMethod):
     strength_range = (0.0, 1.0)
     needs = ("reward",)
 
+    def __init__(self, resources):
+        super().__init__(resources)
+        # The reward model sees the same image and prompt: when its processor and vision tower are the
+        # target's, it takes the target's prompt ids and tower features instead of recomputing them.
+        self.reuse_inputs = same_inputs(resources.target, self.rm)
+        self.reuse_tower = self.reuse_inputs and same_tower(resources.target.model, self.rm.model)
+
     @property
     def rm(self):
         return self.resources.reward
 
+    def _rm_row(self, row):
+        if not self.reuse_inputs:
+            return self.rm.encode(row.request, steer=False)
+        feats = row.image_features if self.reuse_tower else None
+        return type(row)(row.request, row.prompt_ids, row.pixel_values, image_features=feats)
+
     def start(self, rows):
-        return self.rm.prefill([self.rm.encode(r.request, steer=False) for r in rows])
+        return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)
 
     def steer(self, state, rows, logits, strength):
         return tita(logits, state.logits, strength)

@@ -81,15 +81,18 @@ def test_reward_model_with_another_vocabulary_is_refused(tmp_path):
 
 def test_phrase_trie_bonus_known_values():
     tok = AutoTokenizer.from_pretrained(MODELS_DIR / "vlm")
-    trie = PhraseTrie(tok, ["red circle", "red square", "blue square"])
-    r = torch.tensor([1.0, -1.0, -1.0])
+    trie = PhraseTrie(tok, ["red circle", "red square", "blue square"], len(tok))
     ids = lambda w: tok(w, add_special_tokens=False).input_ids[0]
-    start = trie.bonus(tok("a", add_special_tokens=False).input_ids, r, len(tok))
+    rows = [tok(t, add_special_tokens=False).input_ids for t in ("a", "a red", "a blue", "a red")]
+    r = torch.tensor([[1.0, -1.0, -1.0]] * 3 + [[-1.0, 1.0, 0.0]])
+    as_is = lambda z, group: z  # scores already rewards: the best one wins
+    start, after_red, after_blue, other_row = trie.bonus(rows, trie.node_rewards(r, as_is))
     assert start[ids("red")] == 1.0 and start[ids("blue")] == -1.0 and start[ids("circle")] == 0.0
-    after_red = trie.bonus(tok("a red", add_special_tokens=False).input_ids, r, len(tok))
     assert after_red[ids("circle")] == 1.0 and after_red[ids("square")] == -1.0
-    after_blue = trie.bonus(tok("a blue", add_special_tokens=False).input_ids, r, len(tok))
+    assert after_red[ids("blue")] == -1.0  # a new phrase may still start: the shallow bonus stays
     assert after_blue[ids("square")] == -1.0 and after_blue[ids("circle")] == 0.0
+    assert other_row[ids("circle")] == -1.0 and other_row[ids("square")] == 1.0  # rows keep their own rewards
+    assert start.shape == (len(tok),) and int((start != 0).sum()) == 2
 
 
 def test_fisao_maps_yes_no_questions(steering_engine):
@@ -113,3 +116,35 @@ def test_verifier_rewards_follow_the_calibrated_thresholds(steering_engine):
     r = v.rewards([s.image() for s in scenes])
     assert torch.equal(r == 1, z >= v.calibration["high"]) and torch.equal(r == -1, z <= v.calibration["low"])
     assert torch.allclose(z.mean(-1), torch.zeros(4), atol=1e-5)  # normalised per image
+
+
+def test_fisao_colour_tokens_use_group_thresholds(steering_engine):
+    """A colour word is judged by the best score among its phrases, against the group thresholds."""
+    f = steering_engine.methods["fisao"]
+    v, tok = f.verifier, steering_engine.tokenizer
+    c = v.calibration
+    assert {"group_low", "group_high"} <= set(c)
+    z = v.scores([s.image() for s in make_scenes("random", 3, 4243)])
+    node = f.trie.node_rewards(z, v.reward)
+    root = f.trie.tokens[0].tolist()
+    for colour in ("red", "blue"):
+        t = tok(colour, add_special_tokens=False).input_ids[0]
+        best = z[:, [k for k, p in enumerate(v.phrases) if p.split()[0] == colour]].max(-1).values
+        expected = (best >= c["group_high"]).float() - (best <= c["group_low"]).float()
+        assert torch.equal(node[:, 0, root.index(t)], expected)
+    red = tok("red", add_special_tokens=False).input_ids[0]
+    circle = tok("circle", add_special_tokens=False).input_ids[0]
+    j = f.trie.index[(red,)]
+    k = v.phrases.index("red circle")
+    assert torch.equal(node[:, j, f.trie.tokens[j].tolist().index(circle)], v.reward(z[:, k]))
+
+
+def test_fisao_reuses_the_vlms_own_vision_pass(steering_engine):
+    """The verifier is the VLM's own tower: scores from the prefill's pooled output equal a separate pass."""
+    f = steering_engine.methods["fisao"]
+    assert f.shared_tower
+    images = [s.image() for s in make_scenes("bait", 3, 4244)]
+    rows = [steering_engine.encode(GenerationRequest.single_turn("describe the image .", [im])) for im in images]
+    steering_engine.prefill(rows, steer=False)
+    shared = f.verifier.scores_from_pooled(torch.stack([r.image_pooled for r in rows]))
+    assert torch.allclose(shared, f.verifier.scores(images), atol=1e-4)

@@ -1,0 +1,1 @@
+from tests.server.conftest import client, live  # noqa: F401  (the live server fixtures)

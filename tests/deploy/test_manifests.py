@@ -1,0 +1,171 @@
+"""Deploy files that can fail: Kubernetes schemas, promtool, PromQL names against a live server's
+/metrics, and a real Prometheus scraping a live server on loopback."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from shapeworld.world import make_scenes
+from tests.server.conftest import data_url
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S = DEPLOY / "kubernetes"
+K8S_VERSION = "1.33.0"
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _merge(base, patch):
+    """A strategic-merge patch as kustomize applies ours: maps merge, lists of named items merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x for x in base + patch):
+        out = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            hit = [i for i, x in enumerate(out) if x["name"] == item["name"]]
+            if hit:
+                out[hit[0]] = _merge(out[hit[0]], item)
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(patch)
+
+
+def _resources() -> list[tuple[str, dict]]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    out = [(f, d) for f in kust["resources"] for d in _docs(K8S / f)]
+    gpu = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
+    base = {(d["kind"], d["metadata"]["name"]): d for _, d in out}
+    for p in gpu["patches"]:
+        patch = _docs(K8S / "gpu" / p["path"])[0]
+        key = (patch["kind"], patch["metadata"]["name"])
+        out.append((f"gpu/{p['path']} (merged)", _merge(base[key], patch)))
+    return out
+
+
+@pytest.mark.parametrize("name,doc", _resources(), ids=lambda x: x if isinstance(x, str) else "")
+def test_manifest_validates_against_kubernetes_schema(name, doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_manifests_agree_with_the_server():
+    docs = {d["kind"]: d for _, d in _resources()[:4]}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert pod["terminationGracePeriodSeconds"] > float(env["VLM_STEER_DRAIN_TIMEOUT"])  # drain finishes first
+    assert set(env) - {"VLM_STEER_API_KEYS"} <= {f"VLM_STEER_{k.upper()}" for k in _settings_fields()}
+    experiment = yaml.safe_load(docs["ConfigMap"]["data"]["experiment.yaml"])
+    from server.experiments import Experiment
+
+    Experiment.model_validate(experiment)
+
+
+def _settings_fields():
+    from server.settings import Settings
+
+    return Settings.model_fields
+
+
+# ------------------------------------------------------------ Prometheus
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: `make test` installs Debian's prometheus package"
+    return path
+
+
+def test_promtool_checks_config_and_rules(tmp_path):
+    subprocess.run([promtool(), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")], check=True)
+    subprocess.run([promtool(), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], check=True)
+
+
+def _expressions() -> list[str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dash = json.loads((DEPLOY / "grafana" / "vlm-steer.json").read_text())
+    exprs += [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def exported_names(text: str) -> set[str]:
+    names = set()
+    for fam in text_string_to_metric_families(text):
+        names.add(fam.name)
+        suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
+                    "gauge": [], "summary": ["_sum", "_count", "_created"]}.get(fam.type, [])
+        names.update(fam.name + s for s in suffixes)
+    return names
+
+
+def test_every_promql_name_is_exported_by_the_live_server(live):
+    exported = exported_names(httpx.get(live.url + "/metrics").text)
+    used = {m for e in _expressions() for m in re.findall(r"\b(vlm_steer_[a-z0-9_]+)", e)}
+    assert used, "no metric names found in the rules and dashboard"
+    assert used <= exported, f"not exported by the server: {sorted(used - exported)}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_scrapes_the_live_server(live, client, tmp_path):
+    """A real Prometheus with the project's scrape config (pointed at the live server) reads back the
+    request counter after requests were served."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: `make test` installs Debian's prometheus package"
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["scrape_configs"] = [j for j in cfg["scrape_configs"] if "static_configs" in j]  # no Kubernetes API here
+    cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [live.url.removeprefix("http://")]
+    cfg["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        image = data_url(make_scenes("random", 1, 4300)[0].image())
+        sent = 3
+        for _ in range(sent):
+            client.chat.completions.create(model="shapeworld", max_tokens=4, temperature=0, extra_body={"user": "prom-e2e"},
+                                           messages=[{"role": "user", "content": [
+                                               {"type": "image_url", "image_url": {"url": image}},
+                                               {"type": "text", "text": "describe the image ."}]}])
+        query = 'sum(vlm_steer_request_success_total{job="vlm-steer"})'
+        deadline, value = time.time() + 60, 0.0
+        while time.time() < deadline and value < sent:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=2).json()
+                if r["data"]["result"]:
+                    value = float(r["data"]["result"][0]["value"][1])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert value >= sent, f"Prometheus read {value} finished requests, expected at least {sent}"
+        rules = httpx.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=2).json()["data"]["groups"]
+        assert {r["name"] for g in rules for r in g["rules"]} >= {"VlmSteerHighErrorRate", "VlmSteerSteeringDegraded"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
