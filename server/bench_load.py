@@ -26,7 +26,7 @@ def _data_url(img) -> str:
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after: int | None, api_key: str | None) -> dict:
     t0 = time.perf_counter()
-    out = {"status": None, "ttft": None, "latency": None, "tokens": 0, "disconnected": False}
+    out = {"status": None, "ttft": None, "latency": None, "tokens": 0, "disconnected": False, "stopped": False}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -45,6 +45,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after
                 if msg.get("usage"):
                     out["tokens"] = msg["usage"]["completion_tokens"]
                 for c in msg.get("choices", []):
+                    if c.get("finish_reason") == "stop":
+                        out["stopped"] = True
                     if c["delta"].get("content"):
                         chunks += 1
                         if out["ttft"] is None:
@@ -110,3 +112,49 @@ def format_load(r: dict) -> str:
             f"  TTFT p50/p90/p99 {f(r['ttft_p50'])}/{f(r['ttft_p90'])}/{f(r['ttft_p99'])} s  "
             f"latency p50/p90/p99 {f(r['latency_p50'])}/{f(r['latency_p90'])}/{f(r['latency_p99'])} s\n"
             f"  statuses {r['statuses']}  5xx {r['errors_5xx']}")
+
+
+async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld", max_tokens: int = 40,
+                       rounds: int = 4, seed: int = 1234) -> dict:
+    """What the server adds over its engine at concurrency 1: the same requests (greedy captions of bait
+    scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming,
+    interleaved round by round so that both see the same machine. Tokens are decode steps on both
+    sides (the end-of-sequence step included)."""
+    from decoding.request import GenerationRequest, SamplingParams
+
+    scenes = make_scenes("bait", requests, seed)
+    images = [s.image() for s in scenes]
+    urls = [_data_url(im) for im in images]
+    engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=SamplingParams(max_tokens=max_tokens))])
+    seconds = {"engine": 0.0, "http": 0.0}
+    tokens = {"engine": 0, "http": 0}
+    per_round = max(1, requests // rounds)
+    async with httpx.AsyncClient(timeout=300) as client:
+        for start in range(0, requests, per_round):
+            idx = range(start, min(requests, start + per_round))
+            t0 = time.perf_counter()
+            for i in idx:
+                c = engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, [images[i]],
+                                                                   sampling=SamplingParams(max_tokens=max_tokens))])[0]
+                tokens["engine"] += len(c.token_ids) + (c.finish_reason == "stop")
+            seconds["engine"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in idx:
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i]}},
+                                                                  {"type": "text", "text": CAPTION_PROMPT}]}]}
+                r = await _one(client, url, body, None, None)
+                if r["status"] != 200:
+                    raise RuntimeError(f"request failed: {r['status']}")
+                tokens["http"] += r["tokens"] + r["stopped"]
+            seconds["http"] += time.perf_counter() - t0
+    tps = {k: tokens[k] / seconds[k] for k in seconds}
+    return {"url": url, "requests": requests, "rounds": rounds, "max_tokens": max_tokens, "tokens": tokens,
+            "seconds": seconds, "tokens_per_second": tps, "http_over_engine": tps["http"] / tps["engine"]}
+
+
+def format_overhead(r: dict) -> str:
+    t = r["tokens_per_second"]
+    return (f"overhead at concurrency 1 (n={r['requests']}, {r['rounds']} interleaved rounds): engine {t['engine']:.1f} tok/s, "
+            f"HTTP {t['http']:.1f} tok/s, HTTP / engine {r['http_over_engine']:.2f}")

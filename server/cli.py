@@ -120,10 +120,18 @@ def _bench_load(args: argparse.Namespace) -> None:
     from server.bench_load import format_load, run_load
     from shapeworld.bench import write_json
 
-    rep = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.methods.split(","), model=args.model_name,
-                               max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
-                               api_key=args.api_key))
-    print(format_load(rep))
+    if args.overhead:  # the server vs this process's own engine, interleaved, concurrency 1
+        from decoding.transformers_engine import TransformersEngine
+        from server.bench_load import format_overhead, run_overhead
+
+        engine = TransformersEngine(args.model, device=args.device, dtype=args.dtype)
+        rep = asyncio.run(run_overhead(args.url, engine, args.requests, model=args.model_name, max_tokens=args.max_tokens))
+        print(format_overhead(rep))
+    else:
+        rep = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.methods.split(","), model=args.model_name,
+                                   max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
+                                   api_key=args.api_key))
+        print(format_load(rep))
     if args.json:
         write_json(rep, Path(args.json))
         print(f"wrote {args.json}")
@@ -197,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of clients that hang up mid-stream")
     ld.add_argument("--api-key", default=None)
     ld.add_argument("--json", default=None)
+    ld.add_argument("--overhead", action="store_true",
+                    help="compare with this process's own engine at concurrency 1 (interleaved rounds, method none)")
+    _model_args(ld)
     ld.set_defaults(func=_bench_load)
 
     v = bsub.add_parser("verifier", help="verifier scores of correct vs hallucinated mentioned objects (plot)")
