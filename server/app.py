@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,7 +24,7 @@ from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM, Experiment
 from server.images import decode_data_url, fetch_url
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, completion_id, now
+from server.protocol import ChatCompletionRequest, completion_id, now, openapi_chat_completions
 from server.scheduler import Delta, Failed, Finished, QueueFull, Scheduler
 from server.settings import Settings
 
@@ -98,17 +98,20 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     # ------------------------------------------------------------ plain endpoints
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "Serving"}, 503: {"description": "Loading or draining"}})
     async def health():
         if state.ready and not state.draining:
             return {"status": "ok"}
         return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition",
+                              "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: {"description": "Missing or invalid API key",
+                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
     async def models(request: Request):
         _auth(request)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
@@ -179,7 +182,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength)
         return DEFAULT_ARM, SteeringSpec()
 
-    @app.post("/v1/chat/completions")
+    chat_api = openapi_chat_completions()
+    components = chat_api.pop("x-components")
+
+    @app.post("/v1/chat/completions", openapi_extra=chat_api, responses={})
     async def chat(request: Request):
         arrival = time.monotonic()
         _auth(request)
@@ -321,6 +327,16 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         finally:  # the client went away (the stream is cancelled) or we are done
             run.abort("disconnected")
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -92,6 +92,26 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def openapi_chat_completions() -> dict:
+    """The chat route's OpenAPI (request body and responses): the body is parsed by hand (so that
+    oversized or invalid bodies get OpenAI-shaped 413/400 errors), so FastAPI cannot infer it."""
+    ref = "#/components/schemas/{model}"
+    request = ChatCompletionRequest.model_json_schema(ref_template=ref)
+    error = ErrorResponse.model_json_schema(ref_template=ref)
+    components = {**request.pop("$defs", {}), **error.pop("$defs", {}),
+                  "ChatCompletionRequest": request, "ErrorResponse": error}
+    err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    errors = {str(c): {"description": d, **err} for c, d in (
+        (400, "Invalid request"), (401, "Missing or invalid API key"), (404, "Unknown model"), (413, "Body or image too large"),
+        (429, "Queue full"), (500, "Generation or steering failed"), (503, "Loading or draining"), (504, "Deadline passed"))}
+    ok = {"description": "A chat.completion object, or a text/event-stream of chat.completion.chunk objects",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
+                      "text/event-stream": {"schema": {"type": "string"}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+            "responses": {"200": ok, **errors}, "x-components": components}
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
