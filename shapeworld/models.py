@@ -168,6 +168,9 @@ def to_llava_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_vlm(model: LlavaForConditionalGeneration, path: Path, meta: dict | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # save_pretrained(model) would record it; we save the config on its own (the weights are rewritten
+    # below), and without ``architectures`` vLLM resolves the folder to a pooling LlavaModel
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
     model.generation_config.save_pretrained(path)
     llava_processor().save_pretrained(path)

