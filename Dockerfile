@@ -15,29 +15,32 @@ WORKDIR /app
 
 FROM base AS deps-cpu
 # The CPU build of torch (the default wheel on Linux is the much larger CUDA build).
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 FROM base AS deps-gpu
-RUN pip install torch==2.13.0
+# vLLM brings the CUDA build of torch it was built against.
 
+# hadolint ignore=DL3006
 FROM deps-${VARIANT} AS final
 ARG VARIANT
+WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY decoding ./decoding
 COPY reward_models ./reward_models
 COPY shapeworld ./shapeworld
 COPY models ./models
-RUN if [ "$VARIANT" = "gpu" ]; then pip install '.[vllm]'; else pip install .; fi
+# hadolint ignore=DL3013
+RUN if [ "$VARIANT" = "gpu" ]; then pip install --no-cache-dir '.[vllm]'; else pip install --no-cache-dir .; fi
 # The embedded models live in /app/models; a volume mounted there (or VLM_STEER_MODEL and friends)
 # replaces them.
 ENV VLM_STEER_MODEL=/app/models/shapeworld/vlm \
     VLM_STEER_REWARD_MODEL=/app/models/shapeworld/reward \
     VLM_STEER_VERIFIER=/app/models/shapeworld/verifier
-USER vlmsteer
+USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"VLM_STEER_PORT\", \"8000\")}/health', timeout=2)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('VLM_STEER_PORT', '8000') + '/health', timeout=2)"]
 # SIGTERM drains in-flight streams (VLM_STEER_DRAIN_TIMEOUT seconds) and exits 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["vlm-steer", "serve"]

@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0  # first: the machine's CPU build, which the range below accepts
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
