@@ -213,8 +213,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                 seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop or ()),
                 top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
             gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
-        try:  # on the worker thread: the processor's torch work shares the engine's thread pool
-            rows = await asyncio.wrap_future(state.scheduler.call(lambda: [state.engine.encode(g) for g in gens]))
+        try:
+            rows = [state.engine.encode(g) for g in gens]
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         prompt_tokens = len(rows[0].prompt_ids)

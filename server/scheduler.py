@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,7 +66,6 @@ class Scheduler:
         self.max_queue = max_queue
         self.on_step = on_step
         self.waiting: deque[Ticket] = deque()
-        self.calls: deque[tuple[Callable, Future]] = deque()
         self.running: dict[str, Ticket] = {}
         self._cv = threading.Condition()
         self._stop = False
@@ -84,8 +82,6 @@ class Scheduler:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
-        while self.calls:
-            self.calls.popleft()[1].cancel()
 
     def submit(self, row, sink: Sink) -> Ticket:
         """Queue an encoded row (``engine.encode(request)``); raises QueueFull beyond ``max_queue``."""
@@ -96,24 +92,6 @@ class Scheduler:
             self.waiting.append(t)
             self._cv.notify_all()
             return t
-
-    def call(self, fn: Callable) -> Future:
-        """Run ``fn`` on the worker thread between two steps (encoding a request: its torch work then
-        shares the worker's thread pool instead of contending with it from another thread)."""
-        fut: Future = Future()
-        with self._cv:
-            self.calls.append((fn, fut))
-            self._cv.notify_all()
-        return fut
-
-    def _run_calls(self) -> None:
-        while self.calls:
-            fn, fut = self.calls.popleft()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:  # handed to the caller
-                    fut.set_exception(e)
 
     def cancel(self, ticket: Ticket) -> None:
         with self._cv:
@@ -133,10 +111,8 @@ class Scheduler:
 
     def _admit(self, batch, room: int):
         with self._cv:
-            while not self.waiting and not self.calls and batch is None and not self._stop:
+            while not self.waiting and batch is None and not self._stop:
                 self._cv.wait(timeout=0.5)
-        self._run_calls()  # encode requests first: they may be the ones to admit now
-        with self._cv:
             take = []
             while self.waiting and len(take) < room:
                 t = self.waiting.popleft()
@@ -171,10 +147,7 @@ class Scheduler:
         batch = None
         while not self._stop:
             room = self.max_batch - (len(batch.rows) if batch else 0)
-            if room > 0:
-                batch = self._admit(batch, room)
-            else:
-                self._run_calls()
+            batch = self._admit(batch, room) if room > 0 else batch
             if batch is None:
                 continue
             batch, failed = self.engine.without_failed(batch)  # a steering method's advance may have failed
