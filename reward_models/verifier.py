@@ -40,16 +40,6 @@ class Verifier:
             out = self.model.text_model(input_ids=t.input_ids.to(self.device), attention_mask=t.attention_mask.to(self.device))
             self.text = F.normalize(self.model.text_projection(out.pooler_output), dim=-1)
 
-    def is_tower_of(self, vlm) -> bool:
-        """Whether ``vlm``'s vision tower is this verifier's vision model (same weights): then the VLM's
-        own forward already computed what ``scores_from_pooled`` needs."""
-        tower = getattr(getattr(vlm, "model", None), "vision_tower", None)
-        if tower is None:
-            return False
-        mine, theirs = self.model.vision_model.state_dict(), tower.vision_model.state_dict() if hasattr(tower, "vision_model") else tower.state_dict()
-        return mine.keys() == theirs.keys() and all(
-            mine[k].shape == theirs[k].shape and torch.equal(mine[k].to(theirs[k]), theirs[k]) for k in mine)
-
     @torch.inference_mode()
     def scores_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """[n_images, n_phrases] from the vision tower's pooled outputs [n_images, hidden]."""

@@ -66,6 +66,20 @@ class SteeringFailed(RuntimeError):
 
 
 
+def same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:
+    """Whether two modules hold the same parameters and buffers (names, shapes, values)."""
+    if a is None or b is None:
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k]), sb[k]) for k in sa)
+
+
+def vision_tower(model) -> torch.nn.Module | None:
+    """A Llava model's vision tower (its CLIP vision transformer), or None."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    return getattr(tower, "vision_model", tower)
+
+
 def strength_of(method: type[SteeringMethod], value: float | None) -> float:
     """The strength a request asked for, or the method's default; out of range raises ValueError."""
     if value is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.methods.base import SteeringMethod, register
+from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.steer_math import token_bonus
 
 YES_WORDS, NO_WORDS = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")
@@ -103,7 +103,7 @@ class Fisao(SteeringMethod):
         self.yes_ids, self.no_ids = first(YES_WORDS), first(NO_WORDS)
         # FiSAO's verifier is the VLM's own vision encoder: when the weights are the same, reuse the
         # pooled output of the prefill's vision pass instead of running the tower again
-        self.shared_tower = self.verifier.is_tower_of(resources.target.model)
+        self.shared_tower = same_weights(self.verifier.model.vision_model, vision_tower(resources.target.model))
 
     def _question(self, request) -> int:
         text = " ".join(p.get("text", "") for m in request.messages[-1:] if m["role"] == "user"

@@ -9,17 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from decoding.methods.base import SteeringMethod, register
+from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.steer_math import tita
-
-
-def same_tower(a, b) -> bool:
-    """Whether two Llava models have the same vision tower weights (the reward model is built so)."""
-    ta, tb = (getattr(getattr(m, "model", None), "vision_tower", None) for m in (a, b))
-    if ta is None or tb is None:
-        return False
-    sa, sb = ta.state_dict(), tb.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k]), sb[k]) for k in sa)
 
 
 def same_inputs(a, b) -> bool:
@@ -42,7 +33,7 @@ class Tita(SteeringMethod):
         # The reward model sees the same image and prompt: when its processor and vision tower are the
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
         self.reuse_inputs = same_inputs(resources.target, self.rm)
-        self.reuse_tower = self.reuse_inputs and same_tower(resources.target.model, self.rm.model)
+        self.reuse_tower = self.reuse_inputs and same_weights(vision_tower(resources.target.model), vision_tower(self.rm.model))
 
     @property
     def rm(self):
