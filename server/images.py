@@ -51,8 +51,9 @@ def decode_data_url(url: str, max_bytes: int, max_pixels: int) -> Image.Image:
     return _open(data, max_pixels)
 
 
-def _public_address(host: str) -> None:
-    """Refuse hosts that resolve to loopback, private, link-local, reserved or multicast addresses."""
+def _public_address(host: str) -> str:
+    """The host's address, refusing hosts that resolve to any loopback, private, link-local, reserved
+    or multicast address."""
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror:
@@ -61,19 +62,27 @@ def _public_address(host: str) -> None:
         ip = ipaddress.ip_address(info[4][0])
         if not ip.is_global or ip.is_multicast:
             raise APIError(400, f"image host {host!r} resolves to a non-public address", param="messages")
+    return infos[0][4][0]
 
 
-async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, max_bytes: int, max_pixels: int) -> Image.Image:
+async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, max_bytes: int, max_pixels: int,
+                    transport: httpx.AsyncBaseTransport | None = None) -> Image.Image:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise APIError(400, f"unsupported image URL scheme {parts.scheme!r}", param="messages")
     host = (parts.hostname or "").lower()
     if host not in {h.lower() for h in allowed_hosts}:
         raise APIError(400, f"image URLs from host {host!r} are not allowed", param="messages")
-    _public_address(host)  # before any connection is made
+    ip = _public_address(host)  # before any connection is made
+    # Connect to the address just checked (not to a second lookup, which DNS rebinding could turn
+    # private), naming the host in the Host header and in TLS (SNI and certificate check).
+    netloc = (f"[{ip}]" if ":" in ip else ip) + (f":{parts.port}" if parts.port else "")
+    target = parts._replace(netloc=netloc).geturl()
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-            async with client.stream("GET", url) as resp:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport) as client:
+            async with client.stream("GET", target, headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
+                                     extensions=extensions) as resp:
                 if resp.status_code != 200:
                     raise APIError(400, f"image URL answered {resp.status_code}", param="messages")
                 buf = bytearray()

@@ -81,3 +81,29 @@ def test_allow_listed_hosts_resolving_to_private_addresses_are_refused_before_co
                        timeout=30)
         assert r.status_code == 400 and "non-public" in r.json()["error"]["message"]
     assert connects == []
+
+
+def test_fetch_connects_to_the_checked_address_not_a_second_lookup(monkeypatch):
+    """DNS rebinding: the address checked is the one connected to (the request never reaches the network
+    here: a mock transport records it)."""
+    import asyncio
+    import socket
+
+    from server import images
+
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))],
+                    [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]])  # a rebinding DNS server
+    monkeypatch.setattr(images.socket, "getaddrinfo", lambda *a, **k: next(answers))
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=_png())
+
+    img = asyncio.run(images.fetch_url("https://images.example.com:8443/cat.png", ["images.example.com"], 5, 2**20, 10**6,
+                                       transport=httpx.MockTransport(handler)))
+    assert img.size == (64, 64)
+    (req,) = seen
+    assert req.url.host == "93.184.216.34" and req.url.port == 8443 and req.url.path == "/cat.png"
+    assert req.headers["host"] == "images.example.com:8443"
+    assert req.extensions["sni_hostname"] == "images.example.com"
