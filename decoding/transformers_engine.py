@@ -99,6 +99,7 @@ class TransformersEngine:
         self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
                         if all(getattr(self.resources, need) is not None for need in cls.needs)}
         self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
+        self.verb_seconds: dict[str, float] = {}  # per method and verb, since last pop_verb_seconds()
         self._tower_out: list = []
         tower = getattr(self.model.model, "vision_tower", None)
         if tower is not None:  # keep what the tower computed: the verifier and the reward model share it
@@ -111,10 +112,18 @@ class TransformersEngine:
         try:
             return fn(*args)
         finally:
-            self.steering_seconds[name] = self.steering_seconds.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.steering_seconds[name] = self.steering_seconds.get(name, 0.0) + dt
+            verb = f"{name}.{getattr(fn, '__name__', 'call')}"  # e.g. tita.advance: where a method's time goes
+            self.verb_seconds[verb] = self.verb_seconds.get(verb, 0.0) + dt
 
     def pop_steering_seconds(self) -> dict[str, float]:
         out, self.steering_seconds = self.steering_seconds, {}
+        return out
+
+    def pop_verb_seconds(self) -> dict[str, float]:
+        """Steering time per method and verb (``tita.start``, ``tita.steer``, ``tita.advance``, ...)."""
+        out, self.verb_seconds = self.verb_seconds, {}
         return out
 
     @property
@@ -215,7 +224,6 @@ class TransformersEngine:
     def _fail(name: str, rows: list[Row], e: Exception) -> None:
         for r in rows:
             r.error = r.error or SteeringFailed(name, e)
-            r.finish_reason = "error"
 
     @torch.inference_mode()
     def steer(self, batch: Batch) -> torch.Tensor:

@@ -24,6 +24,14 @@ def _data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _body(model: str, image_url: str, max_tokens: int, method: str = "none") -> dict:
+    """A streaming greedy caption request with usage."""
+    return {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "steering": {"method": method},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": CAPTION_PROMPT}]}]}
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after: int | None, api_key: str | None) -> dict:
     t0 = time.perf_counter()
     out = {"status": None, "ttft": None, "latency": None, "tokens": 0, "disconnected": False, "stopped": False}
@@ -67,11 +75,7 @@ async def run_load(url: str, concurrency: int, requests: int, methods: list[str]
     images = [_data_url(s.image()) for s in make_scenes("bait", 32, seed)]
     jobs = []
     for k in range(requests):
-        method = methods[k % len(methods)]
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "steering": {"method": method},
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[k % len(images)]}},
-                                                          {"type": "text", "text": CAPTION_PROMPT}]}]}
+        body = _body(model, images[k % len(images)], max_tokens, methods[k % len(methods)])
         jobs.append((body, rng.randint(1, 3) if rng.random() < disconnect_fraction else None))
     queue: asyncio.Queue = asyncio.Queue()
     for j in jobs:
@@ -140,11 +144,7 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
             seconds["engine"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for i in idx:
-                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True},
-                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i]}},
-                                                                  {"type": "text", "text": CAPTION_PROMPT}]}]}
-                r = await _one(client, url, body, None, None)
+                r = await _one(client, url, _body(model, urls[i], max_tokens), None, None)
                 if r["status"] != 200:
                     raise RuntimeError(f"request failed: {r['status']}")
                 tokens["http"] += r["tokens"] + r["stopped"]

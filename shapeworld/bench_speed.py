@@ -18,6 +18,7 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
     images = [s.image() for s in scenes]
     seconds = dict.fromkeys(methods, 0.0)
     steering = {m: {} for m in methods}  # where the time of steered runs goes, per steering component
+    verbs = {m: {} for m in methods}  # and per component's verb (start: prefill-time work, steer, advance)
     tokens = dict.fromkeys(methods, 0)
     sampling = SamplingParams(max_tokens=max_tokens)
     engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=sampling)])  # warm-up
@@ -26,11 +27,14 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
             reqs = [GenerationRequest.single_turn(CAPTION_PROMPT, [im], sampling=sampling, steering=SteeringSpec(m))
                     for im in images[i : i + batch]]
             engine.pop_steering_seconds()
+            engine.pop_verb_seconds()
             t0 = time.perf_counter()
             out = engine.generate(reqs, max_batch=batch)
             seconds[m] += time.perf_counter() - t0
             for name, sec in engine.pop_steering_seconds().items():
                 steering[m][name] = steering[m].get(name, 0.0) + sec
+            for name, sec in engine.pop_verb_seconds().items():
+                verbs[m][name] = verbs[m].get(name, 0.0) + sec
             tokens[m] += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
     base = tokens.get("none", 0) / seconds["none"] if "none" in seconds else None
     result = {}
@@ -39,7 +43,8 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
         result[m] = {"tokens_per_second": tps, "tokens": tokens[m], "seconds": seconds[m],
                      "ratio_to_none": tps / base if base else None,
                      "steering_seconds": steering[m],
-                     "steering_share": {k: v / seconds[m] for k, v in steering[m].items()}}
+                     "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
+                     "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()}}
     return {"n": n, "seed": seed, "batch": batch, "split": split, "engine": engine.name, "methods": result}
 
 
@@ -49,5 +54,7 @@ def format_speed(report: dict) -> str:
     for m, r in report["methods"].items():
         ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"
         share = ", ".join(f"{k} {v:.0%}" for k, v in r["steering_share"].items())
+        if r["verb_share"]:
+            share += " (" + ", ".join(f"{k} {v:.0%}" for k, v in r["verb_share"].items()) + ")"
         lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7}  {share}")
     return "\n".join(lines)

@@ -73,14 +73,12 @@ class PhraseTrie:
         overrides the tokens it names."""
         n = len(token_ids)
         out = torch.zeros(n, self.vocab + 1)
-        rows = torch.arange(n)
-        for level in range(self.depth):
-            nodes = torch.tensor([self.nodes_at(t, level) for t in token_ids])
-            hit = nodes >= 0
-            if not hit.any():
-                continue
-            r, j = rows[hit], nodes[hit]
-            out[r] = out[r].scatter(1, self.tokens[j], node_rewards[r, j])
+        out.scatter_(1, self.tokens[0].expand(n, -1), node_rewards[:, 0])  # the root: every row
+        for level in range(1, self.depth):
+            hits = [(i, j) for i, t in enumerate(token_ids) if (j := self.nodes_at(t, level)) >= 0]
+            if hits:
+                r, j = torch.tensor(hits).T
+                out[r[:, None], self.tokens[j]] = node_rewards[r, j]
         return out[:, : self.vocab]
 
 

@@ -34,8 +34,7 @@ class Vcd(SteeringMethod):
 
     def start(self, rows):
         noised = [dataclasses.replace(r, pixel_values=None if r.pixel_values is None else diffusion_noise(r.pixel_values),
-                                      token_ids=[], logprobs=[], steer={}, image_features=None, image_pooled=None)
-                  for r in rows]
+                                      token_ids=[], logprobs=[], steer={}) for r in rows]
         return self.target.prefill(noised, steer=False)
 
     def steer(self, state, rows, logits, strength):
