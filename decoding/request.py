@@ -61,3 +61,23 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     steered_tokens: int = 0
+
+
+# What a running request reports, in order: Delta..., then Finished or Failed.
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    completion: Completion
+
+
+@dataclass
+class Failed:
+    error: Exception

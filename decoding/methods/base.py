@@ -80,6 +80,24 @@ def vision_tower(model) -> torch.nn.Module | None:
     return getattr(tower, "vision_model", tower)
 
 
+def resolve(spec, usable: dict[str, type[SteeringMethod]], why_not=None) -> dict[str, float]:
+    """method -> strength for a steering spec ("none", a registered name, or names joined by '+'), in
+    application order; raises ValueError for an unknown or unusable method or an out-of-range strength.
+    ``usable``: the methods this engine can run; ``why_not(name)``: why a registered one is not usable."""
+    if spec.method == "none":
+        return {}
+    parts = spec.method.split("+")
+    for p in parts:
+        if p not in REGISTRY:
+            raise ValueError(f"unknown steering method {spec.method!r}; available: {['none', *usable]}")
+        if p not in usable:
+            reason = why_not(p) if why_not else f"needs {', '.join(REGISTRY[p].needs)}, not configured"
+            raise ValueError(f"steering method {p!r} {reason}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"steering method {spec.method!r} names a method twice")
+    return {name: strength_of(REGISTRY[name], spec.strength) for name in usable if name in parts}
+
+
 def strength_of(method: type[SteeringMethod], value: float | None) -> float:
     """The strength a request asked for, or the method's default; out of range raises ValueError."""
     if value is None:

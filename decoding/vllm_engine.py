@@ -1,0 +1,264 @@
+"""The vLLM engine: vLLM's AsyncLLM (continuous batching, paged KV cache, tensor parallelism) with the
+steering of ``decoding.vllm_steering`` registered as a logits processor and switched on per request.
+
+This side (the server's process) turns a request into vLLM inputs: the prompt text and images, vLLM
+sampling parameters and, for steered requests, ``extra_args`` with what the worker-side processor needs:
+FiSAO's verifier rewards are computed here at admission (the verifier runs in this process) and sent
+as a compact table; TITA's image is sent so the processor can prefill its reward model. AsyncLLM runs
+on its own event loop in a background thread, so any caller (several test servers, a benchmark) can
+share one engine; ``run`` streams a request's events to a thread-safe sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import os
+import tempfile
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
+from decoding.request import Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob
+from decoding.vllm_steering import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
+
+
+@dataclass
+class VLLMRow:
+    """A request as vLLM takes it, plus what the server reads back."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    prompt: dict  # {"prompt": text, "multi_modal_data": {"image": [...]}}
+    params: object  # vllm.SamplingParams
+    steer: dict[str, float] = field(default_factory=dict)
+    slot: int = 0
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class VLLMEngine:
+    name = "vllm"
+    supported = METHODS  # steering methods that run inside vLLM (VCD needs a second target pass: not here)
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
+                 reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
+                 max_batch: int = 16, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 max_model_len: int | None = None, engine_args: dict | None = None):
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+            raise ValueError("vlm-steer's steering processor implements vLLM's V1 runner interface; "
+                             "unset VLLM_USE_V2_MODEL_RUNNER or set VLLM_USE_V2_MODEL_RUNNER=0")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        self.model_path = str(model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        config = AutoConfig.from_pretrained(self.model_path)
+        text = getattr(config, "text_config", config)
+        self.vocab_size = text.vocab_size
+        self.max_context = max_model_len or getattr(text, "max_position_embeddings", 4096)
+        self.model = None  # the weights live in vLLM's worker
+        self.eos_id = self.tokenizer.eos_token_id
+        self.eos_ids = {self.eos_id}
+        verifier = None
+        if reward_path is not None:
+            reward_tok = AutoTokenizer.from_pretrained(reward_path)
+            if reward_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
+                                 "TITA needs identical tokenizers")
+            os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
+        else:
+            os.environ.pop(REWARD_ENV, None)
+        if verifier_path is not None:
+            from reward_models.verifier import Verifier
+
+            verifier = Verifier(verifier_path, device="cpu")
+        self.resources = Resources(self, reward_path, verifier)  # the reward model itself lives in vLLM's worker
+        self.methods = {name: REGISTRY[name](self.resources) if name == "fisao" else REGISTRY[name]
+                        for name in self.supported if all(getattr(self.resources, n) is not None for n in REGISTRY[name].needs)}
+        self._counter_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-counters-", delete=False)
+        self.counters = Counters(self._counter_file.name)
+        os.environ[COUNTERS_ENV] = self._counter_file.name
+        self._slots = itertools.count()
+        self._seconds_seen = [0.0] * len(METHODS)
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from decoding.vllm_steering import SteeringLogitsProcessor
+
+        on_cpu = device == "cpu"
+        args = AsyncEngineArgs(
+            model=self.model_path, dtype=dtype, max_model_len=self.max_context, max_num_seqs=max_batch,
+            tensor_parallel_size=tensor_parallel_size, logits_processors=[SteeringLogitsProcessor],
+            gpu_memory_utilization=gpu_memory_utilization or (0.15 if on_cpu else 0.9),
+            logprobs_mode="processed_logprobs", disable_log_stats=False, **(engine_args or {}))
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vlm-steer-vllm", daemon=True)
+        self._thread.start()
+        self.llm = self._call(self._make(args))
+
+    async def _make(self, args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(args)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        os.unlink(self._counter_file.name)
+
+    # ------------------------------------------------------------ what the server asks of an engine
+
+    @property
+    def available_methods(self) -> list[str]:
+        return ["none", *self.methods]
+
+    def resolve(self, spec: SteeringSpec) -> dict[str, float]:
+        def why_not(name: str) -> str:
+            if name not in self.supported:
+                return f"is not available on the vllm engine (it supports {', '.join(self.supported)})"
+            return f"needs {', '.join(REGISTRY[name].needs)}, not configured"
+
+        return resolve(spec, self.methods, why_not)
+
+    def pop_steering_seconds(self) -> dict[str, float]:
+        out = {}
+        for k, name in enumerate(METHODS):
+            total = float(self.counters.t[1 + k])
+            if total > self._seconds_seen[k]:
+                out[name], self._seconds_seen[k] = total - self._seconds_seen[k], total
+        return out
+
+    @property
+    def steps(self) -> int:
+        """Engine steps since start (counted by the steering processor, which runs at every step)."""
+        return int(self.counters.t[0])
+
+    def encode(self, request: GenerationRequest, steer: bool = True) -> VLLMRow:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        steering = self.resolve(request.steering) if steer else {}
+        text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        ids = self.processor(images=request.images or None, text=text)["input_ids"][0]
+        prompt = {"prompt": text}
+        if request.images:
+            prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+        slot = next(self._slots) % SLOTS
+        self.counters.slot(slot).zero_()
+        extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}} if steering else None
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None,
+            logprobs=s.top_logprobs, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        return VLLMRow(request, list(ids), prompt, params, steering, slot)
+
+    def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:
+        out = {}
+        if "tita" in steering:
+            if not request.images:
+                raise ValueError("tita on the vllm engine needs an image in the request")
+            out["tita"] = {"strength": steering["tita"], "images": [_png(im) for im in request.images]}
+        if "fisao" in steering:
+            out["fisao"] = {"strength": steering["fisao"], **self._fisao_table(request)}
+        return out
+
+    def _fisao_table(self, request: GenerationRequest) -> dict:
+        """The request's verifier rewards as [suffix ids, token ids, values] per phrase-trie node, and the
+        first-answer-token rewards of a yes/no question about an object."""
+        fisao = self.methods["fisao"]
+        row = type("R", (), {"request": request, "image_pooled": None})()
+        state = fisao.start([row])
+        trie = fisao.trie
+        table = []
+        for prefix, j in trie.index.items():
+            tokens = trie.tokens[j]
+            valid = tokens < trie.vocab
+            table.append([list(prefix), tokens[valid].tolist(), state.node_rewards[0, j][valid].tolist()])
+        out = {"table": table}
+        q = int(state.question[0])
+        if q >= 0:
+            r = float(state.rewards[0, q])
+            out["first"] = [fisao.yes_ids + fisao.no_ids, [r] * len(fisao.yes_ids) + [-r] * len(fisao.no_ids)]
+        return out
+
+    # ------------------------------------------------------------ running requests
+
+    def run(self, row: VLLMRow, sink) -> Future:
+        """Stream a row's events (Delta..., then Finished or Failed) to ``sink``; cancel the future to abort."""
+        return asyncio.run_coroutine_threadsafe(self._stream(row, sink), self.loop)
+
+    async def _stream(self, row: VLLMRow, sink) -> None:
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        text = ""
+        k = row.request.sampling.top_logprobs
+        try:
+            async for out in self.llm.generate(row.prompt, row.params, row.request.request_id):
+                o = out.outputs[0]
+                ids = list(o.token_ids)
+                lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
+                if out.finished and o.finish_reason == "stop" and o.stop_reason is None and ids and ids[-1] in self.eos_ids:
+                    ids = ids[:-1]  # the EOS token is not part of the completion (as in the transformers engine)
+                piece = o.text if text else o.text.lstrip()  # as the tokenizer decodes a whole completion
+                token_ids += ids
+                logprobs += lps
+                text += piece
+                if piece or ids:
+                    sink(Delta(piece, ids, lps))
+                if out.finished:
+                    steered, failed = (int(v) for v in self.counters.slot(row.slot).tolist())
+                    if failed:
+                        sink(Failed(SteeringFailed(METHODS[failed - 1], RuntimeError("the steering processor failed"))))
+                        return
+                    sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
+                                             len(row.prompt_ids), logprobs if k is not None else None, steered)))
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # vLLM refused the request (ValueError: bad parameters) or failed
+            sink(Failed(e))
+
+    @staticmethod
+    def _logprob(token: int, d: dict, k: int) -> TokenLogprob:
+        chosen = d[token].logprob if token in d else float("nan")
+        top = sorted(((t, v) for t, v in d.items() if v.rank is not None and v.rank <= k), key=lambda tv: tv[1].rank)
+        return TokenLogprob(token, chosen, [(t, v.logprob) for t, v in top][:k])
+
+    def generate(self, requests: list[GenerationRequest], max_batch: int | None = None) -> list[Completion]:
+        """Complete every request (vLLM batches them); results in request order."""
+        results: dict[int, object] = {}
+        done = threading.Event()
+
+        def sink_for(i):
+            def sink(ev):
+                if isinstance(ev, (Finished, Failed)):
+                    results[i] = ev
+                    if len(results) == len(requests):
+                        done.set()
+            return sink
+
+        futures = [self.run(self.encode(r), sink_for(i)) for i, r in enumerate(requests)]
+        done.wait()
+        for f in futures:
+            f.result()
+        out = []
+        for i in range(len(requests)):
+            if isinstance(results[i], Failed):
+                raise results[i].error
+            out.append(results[i].completion)
+        return out

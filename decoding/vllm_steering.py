@@ -1,0 +1,240 @@
+"""Steering inside vLLM: one V1 logits processor, registered at engine start, active per request.
+
+A request opts in through ``SamplingParams.extra_args["vlm_steer"]`` (built by ``decoding.vllm_engine``):
+``{"slot": int, "eos": int, "tita": {"strength": f, "images": [png bytes]},
+"fisao": {"strength": f, "table": [[prefix ids, token ids, values], ...], "first": [token ids, values]}}``.
+The processor runs in vLLM's worker process, so everything a method needs travels in those arguments:
+FiSAO's per-request verifier rewards as a compact table (a token's bonus given the row's last tokens),
+TITA's image (the processor owns the reward model and its KV cache, prefilled from the request's
+prompt ids and image and fed the chosen token once per engine step, batched over the rows using it).
+The math is ``decoding.steer_math``'s, as in the transformers engine. What the server needs back (steered
+tokens, failures, steering time, engine steps) goes through a small shared counter file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from decoding.steer_math import tita, token_bonus
+
+ARG = "vlm_steer"
+REWARD_ENV = "VLM_STEER_REWARD_MODEL"  # the reward model folder (the server's own setting)
+COUNTERS_ENV = "VLM_STEER_COUNTERS"  # the shared counter file
+METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry
+FISAO_ALPHA = 0.01  # decoding.methods.fisao.Fisao.alpha (checked equal by a test)
+SLOTS = 1 << 16
+HEADER = 8  # [0] engine steps, [1 + k] seconds spent by METHODS[k]
+FIELDS = 2  # per slot: steered tokens, failed method (index + 1, 0 = none)
+
+
+class Counters:
+    """float64 counters in a file mapped by the server and the worker (both read and write)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path) or os.path.getsize(path) < self.nbytes:
+            with open(path, "wb") as f:
+                f.truncate(self.nbytes)
+        self.t = torch.from_file(path, shared=True, size=HEADER + FIELDS * SLOTS, dtype=torch.float64)
+
+    nbytes = 8 * (HEADER + FIELDS * SLOTS)
+
+    def slot(self, k: int) -> torch.Tensor:
+        return self.t[HEADER + FIELDS * k : HEADER + FIELDS * (k + 1)]
+
+
+def validate(args) -> None:
+    """Refuse malformed steering arguments (vLLM turns the ValueError into HTTP 400)."""
+    if not isinstance(args, dict) or not isinstance(args.get("slot"), int) or not 0 <= args["slot"] < SLOTS:
+        raise ValueError(f"extra_args[{ARG!r}] must be a dict with an integer 'slot' in [0, {SLOTS})")
+    for name in args.keys() - {"slot", "eos"}:
+        if name not in METHODS:
+            raise ValueError(f"unknown steering method {name!r} for the vLLM engine; available: {list(METHODS)}")
+        strength = args[name].get("strength") if isinstance(args[name], dict) else None
+        if not isinstance(strength, (int, float)) or strength < 0:
+            raise ValueError(f"steering {name!r} needs a non-negative 'strength'")
+    if "fisao" in args:
+        for entry in args["fisao"].get("table", []):
+            if len(entry) != 3 or len(entry[1]) != len(entry[2]):
+                raise ValueError("fisao 'table' entries are [prefix ids, token ids, values]")
+    if "tita" in args and not args["tita"].get("images"):
+        raise ValueError("tita needs the request's image ('images')")
+
+
+@dataclass
+class _Request:
+    """One steered request in vLLM's persistent batch."""
+
+    args: dict
+    prompt_ids: list[int]
+    output_ids: list[int]  # vLLM's live list of generated tokens
+    fisao: dict | None = None  # level -> {suffix: (token ids, values)}
+    pixel_values: torch.Tensor | None = None
+    consumed: int = -1  # output tokens the reward model has been fed (-1: not prefilled)
+    failed: bool = False
+    rm_row: object = field(default=None, repr=False)
+
+
+def _fisao_table(spec: dict) -> dict[int, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]:
+    levels: dict[int, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for prefix, tokens, values in spec["table"]:
+        levels.setdefault(len(prefix), {})[tuple(prefix)] = (torch.tensor(tokens, dtype=torch.long),
+                                                             torch.tensor(values, dtype=torch.float32))
+    return levels
+
+
+class SteeringLogitsProcessor(LogitsProcessor):
+    """TITA and FiSAO for the rows whose ``extra_args`` ask for them; other rows are untouched."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        extra = sampling_params.extra_args or {}
+        if ARG in extra:
+            validate(extra[ARG])
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.device = device
+        self.rows: dict[int, _Request] = {}
+        self.counters = Counters(os.environ[COUNTERS_ENV]) if os.environ.get(COUNTERS_ENV) else None
+        self.rm = None
+        self.rm_batch = None
+        self.rm_reqs: list[_Request] = []
+        reward = os.environ.get(REWARD_ENV)
+        if reward:
+            from decoding.transformers_engine import TransformersEngine
+
+            dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+            self.rm = TransformersEngine(reward, device=str(device), dtype=dtype)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------ batch bookkeeping
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self.rows.pop(i, None)
+        for i, params, prompt_ids, output_ids in batch_update.added:
+            args = (params.extra_args or {}).get(ARG) if params is not None else None
+            if args is None or not (args.keys() & set(METHODS)):
+                self.rows.pop(i, None)
+                continue
+            req = _Request(args, list(prompt_ids or []), output_ids)
+            if "fisao" in args:
+                req.fisao = _fisao_table(args["fisao"])
+            if "tita" in args:
+                if self.rm is None:
+                    req.failed = True
+                else:
+                    from PIL import Image
+
+                    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in args["tita"]["images"]]
+                    req.pixel_values = self.rm.processor.image_processor(images=images, return_tensors="pt").pixel_values
+            self.rows[i] = req
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if rb is not None and direction == MoveDirectionality.SWAP:
+                self.rows[a] = rb
+
+    # ------------------------------------------------------------ each step
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.counters is not None:
+            self.counters.t[0] += 1
+        live = {i: r for i, r in self.rows.items() if i < logits.shape[0] and not r.failed}
+        if not live:
+            return logits
+        before = logits.argmax(-1)
+        scores = logits
+        for k, name in enumerate(METHODS):
+            idx = [i for i, r in live.items() if name in r.args and not r.failed]
+            if not idx:
+                continue
+            t0 = time.perf_counter()
+            try:
+                part = getattr(self, "_" + name)([live[i] for i in idx], scores[idx])
+                scores = scores.clone() if scores is logits else scores
+                scores[idx] = part.to(scores.dtype)
+            except Exception:  # only these rows fail: they end now and the server reports the failure
+                for i in idx:
+                    self._fail(live[i], k)
+            if self.counters is not None:
+                self.counters.t[1 + k] += time.perf_counter() - t0
+        changed = (scores.argmax(-1) != before).tolist()
+        for i, r in live.items():
+            if r.failed:
+                eos = r.args.get("eos", 0)
+                scores = scores.clone() if scores is logits else scores
+                scores[i] = float("-inf")
+                scores[i, eos] = 0.0
+            elif changed[i] and self.counters is not None:
+                self.counters.slot(r.args["slot"])[0] += 1
+        return scores
+
+    def _fail(self, req: _Request, k: int) -> None:
+        req.failed = True
+        if self.counters is not None:
+            self.counters.slot(req.args["slot"])[1] = k + 1
+
+    # ------------------------------------------------------------ the methods
+
+    def _fisao(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        bonus = torch.zeros(len(reqs), vocab + 1)
+        for n, r in enumerate(reqs):  # shallow suffixes first: a deeper match overrides the tokens it names
+            for level in sorted(r.fisao):
+                if level > len(r.output_ids):
+                    continue
+                hit = r.fisao[level].get(tuple(r.output_ids[len(r.output_ids) - level :]) if level else ())
+                if hit is not None:
+                    bonus[n, hit[0]] = hit[1]
+            first = r.args["fisao"].get("first")
+            if first and not r.output_ids:  # "is there an X ?": the first answer token
+                bonus[n, torch.tensor(first[0], dtype=torch.long)] = torch.tensor(first[1], dtype=torch.float32)
+        strength = torch.tensor([r.args["fisao"]["strength"] for r in reqs], device=logits.device)
+        return token_bonus(logits, bonus[:, :vocab].to(logits.device), strength, FISAO_ALPHA)
+
+    def _tita(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        self._sync_reward_model(reqs)
+        pos = {id(r): j for j, r in enumerate(self.rm_reqs)}
+        reward = self.rm_batch.logits[[pos[id(r)] for r in reqs]]
+        strength = torch.tensor([r.args["tita"]["strength"] for r in reqs], device=logits.device)
+        return tita(logits, reward.to(logits.device), strength)
+
+    def _sync_reward_model(self, reqs: list[_Request]) -> None:
+        """Bring the reward model's rows to the tokens each request has generated: rows that left drop out,
+        rows one token behind take one batched step, new (or resumed) rows are prefilled."""
+        rm = self.rm
+        alive = {id(r) for r in reqs}
+        keep = [j for j, r in enumerate(self.rm_reqs) if id(r) in alive]
+        need = [len(self.rm_reqs[j].output_ids) - self.rm_reqs[j].consumed for j in keep]
+        if keep and all(n == 1 for n in need):
+            self.rm_batch = rm.select(self.rm_batch, keep)
+            self.rm_reqs = [self.rm_reqs[j] for j in keep]
+            rm.decode_one_token(self.rm_batch, torch.tensor([r.output_ids[-1] for r in self.rm_reqs]), steer=False)
+            for r in self.rm_reqs:
+                r.consumed += 1
+        else:  # rows already in step stay; any other row is prefilled again from its tokens so far
+            stay = [j for j, n in zip(keep, need) if n == 0]
+            self.rm_batch = rm.select(self.rm_batch, stay) if stay else None
+            self.rm_reqs = [self.rm_reqs[j] for j in stay]
+        fresh = [r for r in reqs if all(r is not s for s in self.rm_reqs)]
+        if fresh:
+            from decoding.transformers_engine import Row
+
+            rows = [Row(None, r.prompt_ids + list(r.output_ids), r.pixel_values) for r in fresh]
+            new = rm.prefill(rows, steer=False)
+            for r in fresh:
+                r.consumed = len(r.output_ids)
+            self.rm_batch = new if self.rm_batch is None else rm.merge(self.rm_batch, new)
+            self.rm_reqs = self.rm_reqs + fresh
