@@ -174,7 +174,10 @@ class VLLMEngine:
                 raise ValueError("tita on the vllm engine needs an image in the request")
             out["tita"] = {"strength": steering["tita"], "images": [_png(im) for im in request.images]}
         if "fisao" in steering:
-            out["fisao"] = {"strength": steering["fisao"], **self._fisao_table(request)}
+            try:
+                out["fisao"] = {"strength": steering["fisao"], **self._fisao_table(request)}
+            except Exception as e:  # the verifier failed: this request fails, clearly, and alone
+                raise SteeringFailed("fisao", e) from e
         return out
 
     def _fisao_table(self, request: GenerationRequest) -> dict:
@@ -230,8 +233,10 @@ class VLLMEngine:
                     return
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # vLLM refused the request (ValueError: bad parameters) or failed
-            sink(Failed(e))
+        except Exception as e:  # vLLM refused the request (its client errors become ValueError: HTTP 400) or failed
+            from vllm.exceptions import VLLMClientError
+
+            sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
 
     @staticmethod
     def _logprob(token: int, d: dict, k: int) -> TokenLogprob:

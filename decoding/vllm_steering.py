@@ -128,16 +128,12 @@ class SteeringLogitsProcessor(LogitsProcessor):
                 self.rows.pop(i, None)
                 continue
             req = _Request(args, list(prompt_ids or []), output_ids)
-            if "fisao" in args:
-                req.fisao = _fisao_table(args["fisao"])
-            if "tita" in args:
-                if self.rm is None:
-                    req.failed = True
-                else:
-                    from PIL import Image
-
-                    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in args["tita"]["images"]]
-                    req.pixel_values = self.rm.processor.image_processor(images=images, return_tensors="pt").pixel_values
+            for k, name in enumerate(METHODS):  # a request whose steering cannot start fails alone
+                if name in args:
+                    try:
+                        getattr(self, f"_start_{name}")(req)
+                    except Exception:
+                        self._fail(req, k)
             self.rows[i] = req
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -151,32 +147,28 @@ class SteeringLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.counters is not None:
             self.counters.t[0] += 1
-        live = {i: r for i, r in self.rows.items() if i < logits.shape[0] and not r.failed}
-        if not live:
+        rows = {i: r for i, r in self.rows.items() if i < logits.shape[0]}
+        if not rows:
             return logits
         before = logits.argmax(-1)
-        scores = logits
+        scores = logits.clone()
         for k, name in enumerate(METHODS):
-            idx = [i for i, r in live.items() if name in r.args and not r.failed]
+            idx = [i for i, r in rows.items() if name in r.args and not r.failed]
             if not idx:
                 continue
             t0 = time.perf_counter()
             try:
-                part = getattr(self, "_" + name)([live[i] for i in idx], scores[idx])
-                scores = scores.clone() if scores is logits else scores
-                scores[idx] = part.to(scores.dtype)
+                scores[idx] = getattr(self, "_" + name)([rows[i] for i in idx], scores[idx]).to(scores.dtype)
             except Exception:  # only these rows fail: they end now and the server reports the failure
                 for i in idx:
-                    self._fail(live[i], k)
+                    self._fail(rows[i], k)
             if self.counters is not None:
                 self.counters.t[1 + k] += time.perf_counter() - t0
         changed = (scores.argmax(-1) != before).tolist()
-        for i, r in live.items():
-            if r.failed:
-                eos = r.args.get("eos", 0)
-                scores = scores.clone() if scores is logits else scores
+        for i, r in rows.items():
+            if r.failed:  # never served unsteered: the row ends at once (end of sequence)
                 scores[i] = float("-inf")
-                scores[i, eos] = 0.0
+                scores[i, r.args.get("eos", 0)] = 0.0
             elif changed[i] and self.counters is not None:
                 self.counters.slot(r.args["slot"])[0] += 1
         return scores
@@ -187,6 +179,17 @@ class SteeringLogitsProcessor(LogitsProcessor):
             self.counters.slot(req.args["slot"])[1] = k + 1
 
     # ------------------------------------------------------------ the methods
+
+    def _start_fisao(self, req: _Request) -> None:
+        req.fisao = _fisao_table(req.args["fisao"])
+
+    def _start_tita(self, req: _Request) -> None:
+        if self.rm is None:
+            raise RuntimeError(f"no reward model: the engine was started without {REWARD_ENV}")
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in req.args["tita"]["images"]]
+        req.pixel_values = self.rm.processor.image_processor(images=images, return_tensors="pt").pixel_values
 
     def _fisao(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]

@@ -236,6 +236,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             rows = [state.engine.encode(g) for g in gens]
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
+        except SteeringFailed as e:  # an engine that starts steering at admission (vllm: FiSAO's verifier)
+            on_failure(e)
+            raise _engine_error(e) from None
         prompt_tokens = len(rows[0].prompt_ids)
         if prompt_tokens + max_tokens > state.engine.max_context:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "

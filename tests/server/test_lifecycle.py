@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from tests.conftest import ENGINE
 from tests.server.conftest import free_port, start
 from tests.server.test_chat import image_message
 
@@ -15,10 +16,10 @@ from tests.server.test_chat import image_message
 def test_sigterm_drains_in_flight_stream_and_exits_zero():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-                             "--served-model-name", "shapeworld", "--log-level", "warning"])
+                             "--served-model-name", "shapeworld", "--log-level", "warning", "--engine", ENGINE])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while time.time() < deadline:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
