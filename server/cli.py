@@ -120,7 +120,13 @@ def _bench_load(args: argparse.Namespace) -> None:
     from server.bench_load import format_load, run_load
     from shapeworld.bench import write_json
 
-    if args.overhead:  # the server vs this process's own engine, interleaved, concurrency 1
+    if args.engines:  # servers of each engine started here, interleaved rounds at each concurrency
+        from server.bench_load import format_engines, run_engines
+
+        rep = asyncio.run(run_engines(args.engines.split(","), [int(c) for c in str(args.concurrency).split(",")],
+                                      args.requests, args.methods.split(","), max_tokens=args.max_tokens))
+        print(format_engines(rep))
+    elif args.overhead:  # the server vs this process's own engine, interleaved, concurrency 1
         from decoding.transformers_engine import TransformersEngine
         from server.bench_load import format_overhead, run_overhead
 
@@ -128,7 +134,7 @@ def _bench_load(args: argparse.Namespace) -> None:
         rep = asyncio.run(run_overhead(args.url, engine, args.requests, model=args.model_name, max_tokens=args.max_tokens))
         print(format_overhead(rep))
     else:
-        rep = asyncio.run(run_load(args.url, args.concurrency, args.requests, args.methods.split(","), model=args.model_name,
+        rep = asyncio.run(run_load(args.url, int(args.concurrency), args.requests, args.methods.split(","), model=args.model_name,
                                    max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
                                    api_key=args.api_key))
         print(format_load(rep))
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ld = bsub.add_parser("load", help="load generator against a running server (streaming, mixed methods)")
     ld.add_argument("--url", default="http://127.0.0.1:8000")
-    ld.add_argument("--concurrency", type=int, default=8)
+    ld.add_argument("--concurrency", default="8", help="clients at once (with --engines: a comma-separated list)")
     ld.add_argument("--requests", type=int, default=64)
     ld.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
     ld.add_argument("--model-name", default="vlm")
@@ -205,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of clients that hang up mid-stream")
     ld.add_argument("--api-key", default=None)
     ld.add_argument("--json", default=None)
+    ld.add_argument("--engines", default=None,
+                    help="start a server per engine here (e.g. transformers,vllm) and compare them, interleaved")
     ld.add_argument("--overhead", action="store_true",
                     help="compare with this process's own engine at concurrency 1 (interleaved rounds, method none)")
     _model_args(ld)

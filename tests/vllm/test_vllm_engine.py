@@ -54,13 +54,6 @@ def test_vcd_is_refused_plainly(steering_engine):
         steering_engine.resolve(SteeringSpec("vcd"))
 
 
-def test_worker_side_fisao_alpha_is_the_methods():
-    from decoding.methods.fisao import Fisao
-    from decoding.vllm_steering import FISAO_ALPHA
-
-    assert FISAO_ALPHA == Fisao.alpha
-
-
 def _run(engine, row) -> object:
     done = cf.Future()
     engine.run(row, lambda ev: done.set_result(ev) if isinstance(ev, (Finished, Failed)) else None)

@@ -1,0 +1,35 @@
+"""The server/worker contract of the vllm engine, which needs no vLLM: argument validation and the shared
+counter file (two mappings of one file see each other's writes, as the server and vLLM's worker do)."""
+
+import pytest
+
+from decoding.vllm_protocol import Counters, validate
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"tita": {"strength": 0.5, "images": [b"x"]}}, "slot"),
+    ({"slot": -1}, "slot"),
+    ({"slot": 1, "telepathy": {"strength": 1}}, "unknown steering method"),
+    ({"slot": 1, "fisao": {"strength": "strong", "table": []}}, "strength"),
+    ({"slot": 1, "fisao": {"strength": -1, "table": []}}, "strength"),
+    ({"slot": 1, "fisao": {"strength": 1, "table": [[[], [5, 6], [1.0]]]}}, "table"),
+    ({"slot": 1, "tita": {"strength": 0.5, "images": []}}, "image"),
+])
+def test_malformed_steering_arguments_are_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        validate(args)
+
+
+def test_well_formed_arguments_pass():
+    validate({"slot": 3, "eos": 2, "tita": {"strength": 0.6, "images": [b"png"]},
+              "fisao": {"strength": 6.0, "table": [[[], [5, 6], [-1.0, 0.0]]], "first": [[7, 8], [1.0, -1.0]]}})
+
+
+def test_counters_are_shared_between_mappings(tmp_path):
+    path = str(tmp_path / "counters")
+    server, worker = Counters(path), Counters(path)
+    worker.slot(7)[0] += 3
+    worker.t[0] += 1
+    assert server.slot(7).tolist() == [3.0, 0.0] and float(server.t[0]) == 1.0
+    server.slot(7).zero_()
+    assert worker.slot(7).tolist() == [0.0, 0.0]
