@@ -189,7 +189,8 @@ async def run_engines(engines: list[str], concurrencies: list[int], requests: in
             procs[e], urls[e] = _serve(e, port, model, max_batch), f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(timeout=5) as client:
             for e, url in urls.items():
-                for _ in tqdm(range(1200), desc=f"starting {e}", leave=False):
+                print(f"waiting for the {e} server ({url}) ...", flush=True)
+                for _ in range(1200):
                     if procs[e].poll() is not None:
                         raise RuntimeError(f"the {e} server exited with {procs[e].returncode}")
                     try:
