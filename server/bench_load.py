@@ -124,44 +124,49 @@ def format_load(r: dict) -> str:
 
 
 async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld", max_tokens: int = 40,
-                       rounds: int = 4, seed: int = 1234) -> dict:
+                       seed: int = 1234) -> dict:
     """What the server adds over its engine at concurrency 1: the same requests (greedy captions of bait
     scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming,
-    interleaved round by round so that both see the same machine. Tokens are decode steps on both
-    sides (the end-of-sequence step included)."""
+    alternating request by request (and which goes first) so that both see the same machine, whose
+    speed drifts. Both sides are warmed up first. Tokens are decode steps on both sides (the
+    end-of-sequence step included)."""
     from decoding.request import GenerationRequest, SamplingParams
 
     scenes = make_scenes("bait", requests, seed)
     images = [s.image() for s in scenes]
     urls = [_data_url(im) for im in images]
-    engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=SamplingParams(max_tokens=max_tokens))])
     seconds = {"engine": 0.0, "http": 0.0}
     tokens = {"engine": 0, "http": 0}
-    per_round = max(1, requests // rounds)
+
     async with httpx.AsyncClient(timeout=300) as client:
-        for start in range(0, requests, per_round):
-            idx = range(start, min(requests, start + per_round))
-            t0 = time.perf_counter()
-            for i in idx:
-                c = engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, [images[i]],
-                                                                   sampling=SamplingParams(max_tokens=max_tokens))])[0]
-                tokens["engine"] += len(c.token_ids) + (c.finish_reason == "stop")
-            seconds["engine"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i in idx:
-                r = await _one(client, url, _body(model, urls[i], max_tokens), None, None)
-                if r["status"] != 200:
-                    raise RuntimeError(f"request failed: {r['status']}")
-                tokens["http"] += r["tokens"] + r["stopped"]
-            seconds["http"] += time.perf_counter() - t0
+        async def via_http(i: int) -> int:
+            r = await _one(client, url, _body(model, urls[i], max_tokens), None, None)
+            if r["status"] != 200:
+                raise RuntimeError(f"request failed: {r['status']}")
+            return r["tokens"] + r["stopped"]
+
+        async def via_engine(i: int) -> int:
+            c = engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, [images[i]],
+                                                               sampling=SamplingParams(max_tokens=max_tokens))])[0]
+            return len(c.token_ids) + (c.finish_reason == "stop")
+
+        for i in range(min(4, requests)):  # warm-up
+            await via_engine(i)
+            await via_http(i)
+        sides = {"engine": via_engine, "http": via_http}
+        for i in tqdm(range(requests), desc="overhead", leave=False):
+            for side in (("engine", "http") if i % 2 == 0 else ("http", "engine")):
+                t0 = time.perf_counter()
+                tokens[side] += await sides[side](i)
+                seconds[side] += time.perf_counter() - t0
     tps = {k: tokens[k] / seconds[k] for k in seconds}
-    return {"url": url, "requests": requests, "rounds": rounds, "max_tokens": max_tokens, "tokens": tokens,
+    return {"url": url, "requests": requests, "max_tokens": max_tokens, "tokens": tokens,
             "seconds": seconds, "tokens_per_second": tps, "http_over_engine": tps["http"] / tps["engine"]}
 
 
 def format_overhead(r: dict) -> str:
     t = r["tokens_per_second"]
-    return (f"overhead at concurrency 1 (n={r['requests']}, {r['rounds']} interleaved rounds): engine {t['engine']:.1f} tok/s, "
+    return (f"overhead at concurrency 1 (n={r['requests']}, alternating request by request): engine {t['engine']:.1f} tok/s, "
             f"HTTP {t['http']:.1f} tok/s, HTTP / engine {r['http_over_engine']:.2f}")
 
 
