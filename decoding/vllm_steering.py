@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -46,7 +46,6 @@ class _Request:
     pixel_values: torch.Tensor | None = None
     consumed: int = -1  # output tokens the reward model has been fed (-1: not prefilled)
     failed: bool = False
-    rm_row: object = field(default=None, repr=False)
 
 
 def _fisao_table(spec: dict) -> dict[int, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]:

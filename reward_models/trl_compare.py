@@ -13,7 +13,7 @@ import copy, sys, time
 import numpy as np, torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from reward_models.tita_train import RewardTrainConfig, dpo, make_pairs, sequence_logps
-from shapeworld.train_vlm import Prompts, vision_features
+from shapeworld.train_vlm import Prompts
 from shapeworld.world import make_scenes
 from shapeworld.models import MODELS_DIR
 from decoding.transformers_engine import TransformersEngine
@@ -29,7 +29,6 @@ hpairs = make_pairs(engine, held, cfg, rng)
 print(len(pairs), "pairs,", len(hpairs), "held-out")
 load = lambda: AutoModelForImageTextToText.from_pretrained(MODELS_DIR / "reward")
 ref = load().eval()
-render = lambda ss: np.stack([np.asarray(s.image(), dtype=np.float32) for s in ss])
 proc = AutoProcessor.from_pretrained(MODELS_DIR / "reward")
 
 def feats_of(model, ss):
