@@ -80,10 +80,10 @@ def vision_tower(model) -> torch.nn.Module | None:
     return getattr(tower, "vision_model", tower)
 
 
-def resolve(spec, usable: dict[str, type[SteeringMethod]], why_not=None) -> dict[str, float]:
+def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
     """method -> strength for a steering spec ("none", a registered name, or names joined by '+'), in
     application order; raises ValueError for an unknown or unusable method or an out-of-range strength.
-    ``usable``: the methods this engine can run; ``why_not(name)``: why a registered one is not usable."""
+    ``usable``: the methods this engine can run (by name); ``why_not(name)``: why a registered one is not."""
     if spec.method == "none":
         return {}
     parts = spec.method.split("+")
