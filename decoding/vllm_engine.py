@@ -239,8 +239,6 @@ class VLLMEngine:
                     sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
                                              len(row.prompt_ids), logprobs if k is not None else None, steered)))
                     return
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # vLLM refused the request (its client errors become ValueError: HTTP 400) or failed
             from vllm.exceptions import VLLMClientError
 
