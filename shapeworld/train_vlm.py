@@ -218,8 +218,10 @@ class QAMonitor:
 
 def train_steps(model, scenes, cfg: VLMTrainConfig, rng: np.random.Generator) -> dict:
     feats = vision_features(model, render_all(scenes, "render training scenes"))
-    slot_objects = torch.from_numpy(patch_labels(scenes, model.config.vision_config.patch_size))
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(OBJECTS) + 1) if cfg.grounding_weight else None
+    probe = slot_objects = None
+    if cfg.grounding_weight:  # labels and probe only when the loss is on (the default run skips both)
+        slot_objects = torch.from_numpy(patch_labels(scenes, model.config.vision_config.patch_size))
+        probe = torch.nn.Linear(model.config.text_config.hidden_size, len(OBJECTS) + 1)
     prompts = Prompts()
     monitor = QAMonitor(model, prompts, cfg.monitor_seed)
     trainable = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
