@@ -32,7 +32,7 @@ from decoding.request import GenerationRequest, SamplingParams
 from decoding.transformers_engine import TransformersEngine
 from shapeworld.data import render_all
 from shapeworld.models import MODELS_DIR, LMShape, count_parameters, save_vlm, vlm_config
-from shapeworld.text import CAPTION_PROMPT, NO, YES, caption, parse_objects, parse_yes_no, question
+from shapeworld.text import CAPTION_PROMPT, NO, YES, caption, no_answer, parse_objects, parse_yes_no, question
 from shapeworld.train_vlm import (
     IGNORE, Prompts, VLMTrainConfig, answer_logits, collate, sample_conversation, vision_features,
 )
@@ -112,8 +112,7 @@ def _plant(objs, rng) -> list:
 def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) -> list[tuple[int, str, str, str]]:
     """(scene index, prompt, chosen, rejected)."""
     images = [s.image() for s in scenes]
-    greedy = SamplingParams(max_tokens=40)
-    one = SamplingParams(max_tokens=1)
+    greedy = SamplingParams(max_tokens=40)  # answers too: a no may name the near misses
 
     def run(reqs, desc):
         out = []
@@ -128,11 +127,11 @@ def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) 
         said = parse_objects(c)
         pool = said if said and rng.random() < 0.5 else list(OBJECTS)
         asked.append(pool[int(rng.integers(len(pool)))])
-    qa_clean = run([GenerationRequest.single_turn(question(o), [im], sampling=one) for o, im in zip(asked, images)], "answers (clean)")
+    qa_clean = run([GenerationRequest.single_turn(question(o), [im], sampling=greedy) for o, im in zip(asked, images)], "answers (clean)")
     if cfg.pairs in ("self", "both"):
         views = [augmented_view(im, rng, cfg.noise) for im in images]
         noisy = run([GenerationRequest.single_turn(CAPTION_PROMPT, [v], sampling=greedy) for v in views], "captions (augmented)")
-        qa_noisy = run([GenerationRequest.single_turn(question(o), [v], sampling=one) for o, v in zip(asked, views)], "answers (augmented)")
+        qa_noisy = run([GenerationRequest.single_turn(question(o), [v], sampling=greedy) for o, v in zip(asked, views)], "answers (augmented)")
         for i, (c, n) in enumerate(zip(clean, noisy)):
             if set(parse_objects(c)) != set(parse_objects(n)):
                 pairs.append((i, CAPTION_PROMPT, c, n))
@@ -145,12 +144,12 @@ def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) 
             wrong = c if set(parse_objects(c)) != set(s.objects) else caption(_plant(s.objects, rng))
             pairs.append((i, CAPTION_PROMPT, truth, wrong))
             o = asked[i]
-            right = YES if o in s.objects else NO
-            pairs.append((i, question(o), right, NO if right == YES else YES))
+            yes_no = (YES, NO) if o in s.objects else (no_answer(o, s.objects), YES)
+            pairs.append((i, question(o), *yes_no))
             for p in s.objects:  # the planted partner, asked about where it is missing
                 partner = DEFAULT_BIAS.partner(p)
                 if partner and partner not in s.objects:
-                    pairs.append((i, question(partner), NO, YES))
+                    pairs.append((i, question(partner), no_answer(partner, s.objects), YES))
     return pairs
 
 

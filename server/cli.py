@@ -27,8 +27,10 @@ def _train(args: argparse.Namespace) -> None:
     if args.what in ("vlm", "all"):
         from shapeworld.train_vlm import VLMTrainConfig, train_vlm
 
-        cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm",
-                             grounding_weight=args.grounding_weight)
+        cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm")
+        for name in ("lr", "grounding_weight", "grounding_warmup"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
         cfg.steps = args.steps or cfg.steps
         train_vlm(cfg)
     if args.what in ("reward", "all"):
@@ -173,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
-    t.add_argument("--grounding-weight", type=float, default=0.0,
-                   help="vlm: weight of the per-image-slot object loss on the projector (0: the committed model)")
+    t.add_argument("--grounding-weight", type=float, default=None,
+                   help="vlm: weight of the per-image-slot object loss on the projector (0: off)")
+    t.add_argument("--grounding-warmup", type=int, default=None,
+                   help="vlm: projector-only steps on that loss before the language model trains")
+    t.add_argument("--lr", type=float, default=None, help="vlm: override the peak learning rate")
     t.add_argument("--steps", type=int, default=None, help="override the number of training (or DPO) steps")
     t.add_argument("--pairs", default="both", choices=["self", "labelled", "both"],
                    help="reward model preference pairs: self-generated, ground-truth labelled, or both")

@@ -17,6 +17,13 @@ def question(obj: Obj) -> str:
     return f"is there a {phrase(obj)} ?"
 
 
+def no_answer(asked: Obj, objects: list[Obj]) -> str:
+    """'no , there is a red square .': a no that names the present objects sharing the asked colour or
+    shape (a plain 'no' when none does)."""
+    near = [o for o in objects if o[0] == asked[0] or o[1] == asked[1]]
+    return f"{NO} , there is {caption(near)}" if near else NO
+
+
 def parse_objects(text: str) -> list[Obj]:
     """Object mentions in generated text, in order (a colour word followed by a shape word)."""
     words = text.replace(".", " . ").replace("?", " ? ").replace(",", " , ").split()
