@@ -34,7 +34,7 @@ from shapeworld.data import render_all
 from shapeworld.models import MODELS_DIR, LMShape, count_parameters, save_vlm, vlm_config
 from shapeworld.text import CAPTION_PROMPT, NO, YES, caption, no_answer, parse_objects, parse_yes_no, question
 from shapeworld.train_vlm import (
-    IGNORE, Prompts, VLMTrainConfig, answer_logits, collate, sample_conversation, vision_features,
+    IGNORE, RECIPES, Prompts, VLMTrainConfig, answer_logits, collate, sample_conversation, vision_features,
 )
 from shapeworld.world import DEFAULT_BIAS, OBJECTS, make_scenes
 from shapeworld.train_utils import optimizer_step
@@ -58,6 +58,7 @@ class RewardTrainConfig:
     beta: float = 0.1
     rpo_alpha: float = 1.0  # weight of the NLL of chosen answers (TRL's rpo_alpha): keeps the RM a language model
     noise: float = 0.85  # share of the augmented view that is noise
+    recipe: str = "committed"  # the base's training recipe (shapeworld.train_vlm.RECIPES): its answer style
 
 
 def build_reward_model(base: LlavaForConditionalGeneration, lm: LMShape) -> LlavaForConditionalGeneration:
@@ -79,7 +80,7 @@ def augmented_view(img: Image.Image, rng: np.random.Generator, noise: float) -> 
 
 def distill(rm, base, feats, scenes, cfg: RewardTrainConfig, rng) -> None:
     prompts = Prompts()
-    vcfg = VLMTrainConfig()
+    vcfg = VLMTrainConfig(**RECIPES[cfg.recipe])
     params = [p for p in rm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.distill_lr, weight_decay=0.05, betas=(0.9, 0.98))
     bar = trange(cfg.distill_steps, desc="distill reward model")
@@ -112,7 +113,9 @@ def _plant(objs, rng) -> list:
 def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) -> list[tuple[int, str, str, str]]:
     """(scene index, prompt, chosen, rejected)."""
     images = [s.image() for s in scenes]
-    greedy = SamplingParams(max_tokens=40)  # answers too: a no may name the near misses
+    greedy = SamplingParams(max_tokens=40)
+    explains = VLMTrainConfig(**RECIPES[cfg.recipe]).explain_no  # a no that names the near misses
+    answer = greedy if explains else SamplingParams(max_tokens=1)
 
     def run(reqs, desc):
         out = []
@@ -127,11 +130,11 @@ def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) 
         said = parse_objects(c)
         pool = said if said and rng.random() < 0.5 else list(OBJECTS)
         asked.append(pool[int(rng.integers(len(pool)))])
-    qa_clean = run([GenerationRequest.single_turn(question(o), [im], sampling=greedy) for o, im in zip(asked, images)], "answers (clean)")
+    qa_clean = run([GenerationRequest.single_turn(question(o), [im], sampling=answer) for o, im in zip(asked, images)], "answers (clean)")
     if cfg.pairs in ("self", "both"):
         views = [augmented_view(im, rng, cfg.noise) for im in images]
         noisy = run([GenerationRequest.single_turn(CAPTION_PROMPT, [v], sampling=greedy) for v in views], "captions (augmented)")
-        qa_noisy = run([GenerationRequest.single_turn(question(o), [v], sampling=greedy) for o, v in zip(asked, views)], "answers (augmented)")
+        qa_noisy = run([GenerationRequest.single_turn(question(o), [v], sampling=answer) for o, v in zip(asked, views)], "answers (augmented)")
         for i, (c, n) in enumerate(zip(clean, noisy)):
             if set(parse_objects(c)) != set(parse_objects(n)):
                 pairs.append((i, CAPTION_PROMPT, c, n))
@@ -144,12 +147,12 @@ def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) 
             wrong = c if set(parse_objects(c)) != set(s.objects) else caption(_plant(s.objects, rng))
             pairs.append((i, CAPTION_PROMPT, truth, wrong))
             o = asked[i]
-            yes_no = (YES, NO) if o in s.objects else (no_answer(o, s.objects), YES)
-            pairs.append((i, question(o), *yes_no))
+            no = no_answer(o, s.objects) if explains else NO
+            pairs.append((i, question(o), *((YES, NO) if o in s.objects else (no, YES))))
             for p in s.objects:  # the planted partner, asked about where it is missing
                 partner = DEFAULT_BIAS.partner(p)
                 if partner and partner not in s.objects:
-                    pairs.append((i, question(partner), no_answer(partner, s.objects), YES))
+                    pairs.append((i, question(partner), no_answer(partner, s.objects) if explains else NO, YES))
     return pairs
 
 

@@ -25,9 +25,9 @@ def _train(args: argparse.Namespace) -> None:
 
         print(json.dumps(calibrate(out / "verifier"), indent=2))
     if args.what in ("vlm", "all"):
-        from shapeworld.train_vlm import VLMTrainConfig, train_vlm
+        from shapeworld.train_vlm import RECIPES, VLMTrainConfig, train_vlm
 
-        cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm")
+        cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm", **RECIPES[args.recipe])
         for name in ("lr", "grounding_weight", "grounding_warmup"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.what in ("reward", "all"):
         from reward_models.tita_train import RewardTrainConfig, train_reward
 
-        cfg = RewardTrainConfig(seed=args.seed + 1, base=out / "vlm", out=out / "reward", pairs=args.pairs)
+        cfg = RewardTrainConfig(seed=args.seed + 1, base=out / "vlm", out=out / "reward", pairs=args.pairs,
+                                recipe=args.recipe)
         cfg.dpo_steps = args.steps or cfg.dpo_steps
         train_reward(cfg)
 
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
+    t.add_argument("--recipe", default="committed", choices=["committed", "bound-qa"],
+                   help="vlm (and the reward model distilled from it): the committed model's recipe, or bound-qa")
     t.add_argument("--grounding-weight", type=float, default=None,
                    help="vlm: weight of the per-image-slot object loss on the projector (0: off)")
     t.add_argument("--grounding-warmup", type=int, default=None,

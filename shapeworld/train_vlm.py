@@ -35,9 +35,9 @@ IGNORE = -100
 class VLMTrainConfig:
     seed: int = 0
     scenes: int = 40000
-    steps: int = 1500
+    steps: int = 2000
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup: int = 150
     weight_decay: float = 0.05
     caption_fraction: float = 0.4
@@ -45,10 +45,10 @@ class VLMTrainConfig:
     hard_negative_fraction: float = 0.5
     # Share of the negative questions asked about a "cross" object when the scene allows one: the colour
     # of one present object with the shape of another (only bound colour and shape tell it absent).
-    cross_negative_fraction: float = 0.5
+    cross_negative_fraction: float = 0.0
     # A no names the present objects that share the asked colour or shape ("no , there is a red square
     # ."): the words after the answer train the same look-up that the answer needs.
-    explain_no: bool = True
+    explain_no: bool = False
     verifier: Path = MODELS_DIR / "verifier"
     out: Path = MODELS_DIR / "vlm"
     lm: LMShape = LMShape()
@@ -63,10 +63,21 @@ class VLMTrainConfig:
     # Grounding loss: a linear probe (training only, not saved) must read each image slot's object
     # (colour x shape, or background) from the projector's output, which puts colour and shape bound
     # together into the image tokens.
-    grounding_weight: float = 1.0
+    grounding_weight: float = 0.0
     # Projector-only steps on the grounding loss before the language model trains (0: none), so the
     # language model learns from image tokens that already carry each slot's object.
-    grounding_warmup: int = 500
+    grounding_warmup: int = 0
+
+
+# Named training recipes (`vlm-steer train vlm --recipe NAME`); the defaults above are "committed", the
+# recipe of the committed model. "bound-qa" binds colour to shape in yes/no answers (grounding loss,
+# cross negatives, no-answers that name the near misses). Measured against the committed model on
+# tuning seed 60, n=300 (README "Known gap"): POPE-random F1 0.667 -> 0.948, but caption recall 0.925 -> 0.837.
+RECIPES: dict[str, dict] = {
+    "committed": {},
+    "bound-qa": dict(scenes=30000, steps=1500, lr=1e-3, caption_fraction=0.5, questions_per_conversation=3,
+                     cross_negative_fraction=0.5, explain_no=True, grounding_weight=1.0, grounding_warmup=500),
+}
 
 def lr_at(step: int, cfg: VLMTrainConfig) -> float:
     """Linear warm-up, constant through the question-only steps, then cosine down to 5%."""
@@ -154,7 +165,7 @@ def sample_question(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig)
     if rng.random() < 0.5:
         return question(objs[int(rng.integers(len(objs)))]), YES
     cross = [(p[0], q[1]) for p in objs for q in objs if p != q and (p[0], q[1]) not in objs]
-    if cross and rng.random() < cfg.cross_negative_fraction:  # colour of one object, shape of another
+    if cfg.cross_negative_fraction and cross and rng.random() < cfg.cross_negative_fraction:  # (no draw when off)
         obj = cross[int(rng.integers(len(cross)))]
     else:
         absent = [o for o in OBJECTS if o not in objs]
