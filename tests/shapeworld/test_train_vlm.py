@@ -39,7 +39,7 @@ def test_a_no_names_the_present_objects_that_share_the_asked_colour_or_shape():
 def test_negative_questions_ask_about_cross_objects_when_the_scene_allows_one():
     objs = [("red", "square"), ("blue", "circle")]
     scene = SimpleNamespace(objects=objs)  # all sample_question reads of a scene
-    cfg = VLMTrainConfig(cross_negative_fraction=1.0)
+    cfg = VLMTrainConfig(cross_negative_fraction=1.0, explain_no=True)
     rng = np.random.default_rng(0)
     asked = dict(sample_question(scene, rng, cfg) for _ in range(200))
     assert set(asked) == {question(o) for o in objs + [("red", "circle"), ("blue", "square")]}
