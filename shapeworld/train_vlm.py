@@ -79,6 +79,7 @@ RECIPES: dict[str, dict] = {
                      cross_negative_fraction=0.5, explain_no=True, grounding_weight=1.0, grounding_warmup=500),
 }
 
+
 def lr_at(step: int, cfg: VLMTrainConfig) -> float:
     """Linear warm-up, constant through the question-only steps, then cosine down to 5%."""
     if step < cfg.warmup:
