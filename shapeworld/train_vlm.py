@@ -165,8 +165,9 @@ def sample_question(scene: Scene, rng: np.random.Generator, cfg: VLMTrainConfig)
     objs = scene.objects
     if rng.random() < 0.5:
         return question(objs[int(rng.integers(len(objs)))]), YES
-    cross = [(p[0], q[1]) for p in objs for q in objs if p != q and (p[0], q[1]) not in objs]
-    if cfg.cross_negative_fraction and cross and rng.random() < cfg.cross_negative_fraction:  # (no draw when off)
+    cross = ([(p[0], q[1]) for p in objs for q in objs if p != q and (p[0], q[1]) not in objs]
+             if cfg.cross_negative_fraction else [])  # off: neither the list nor a random draw
+    if cross and rng.random() < cfg.cross_negative_fraction:
         obj = cross[int(rng.integers(len(cross)))]
     else:
         absent = [o for o in OBJECTS if o not in objs]
