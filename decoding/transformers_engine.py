@@ -68,6 +68,21 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+def new_generator(s) -> torch.Generator | None:
+    """A sampling row's own random generator (seeded when the request gives a seed); None when greedy."""
+    if s.greedy:
+        return None
+    return torch.Generator().manual_seed(s.seed if s.seed is not None else torch.seed())
+
+
+def encode_row(processor, request: GenerationRequest, steering: dict[str, float]) -> Row:
+    """A request as a row: chat template, prompt ids and pixels (what needs only the processor)."""
+    text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
+    out = processor(images=request.images or None, text=text, return_tensors="pt")
+    return Row(request, out["input_ids"][0].tolist(), out.get("pixel_values"), new_generator(request.sampling),
+               steer=steering)
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -137,15 +152,7 @@ class TransformersEngine:
     # ------------------------------------------------------------ requests -> rows
 
     def encode(self, request: GenerationRequest, steer: bool = True) -> Row:
-        steering = self.resolve(request.steering) if steer else {}
-        text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
-        out = self.processor(images=request.images or None, text=text, return_tensors="pt")
-        pixels = out.get("pixel_values")
-        s = request.sampling
-        gen = None
-        if not s.greedy:
-            gen = torch.Generator().manual_seed(s.seed if s.seed is not None else torch.seed())
-        return Row(request, out["input_ids"][0].tolist(), pixels, gen, steer=steering)
+        return encode_row(self.processor, request, self.resolve(request.steering) if steer else {})
 
     # ------------------------------------------------------------ the verbs
 

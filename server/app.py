@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, completion_id, now, openapi_chat_completions
 from server.scheduler import Delta, Failed, Finished, QueueFull, Scheduler
 from server.settings import Settings
+from server.sse import EventStreamResponse, Last
 
 
 class State:
@@ -77,8 +78,14 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.engine = engine or await asyncio.to_thread(load_engine, settings)
-        state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
+        if engine is None and settings.engine == "transformers" and settings.engine_process:
+            from server.engine_process import ProcessScheduler
+
+            state.scheduler = ProcessScheduler(settings, on_step=on_step, on_failure=on_failure)
+            state.engine = await asyncio.to_thread(state.scheduler.load)
+        else:
+            state.engine = engine or await asyncio.to_thread(load_engine, settings)
+            state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
         state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
         state.scheduler.start()
         state.ready = True
@@ -114,9 +121,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @app.get("/health", responses={200: {"description": "Serving"}, 503: {"description": "Loading or draining"}})
     async def health():
-        if state.ready and not state.draining:
+        if state.ready and not state.draining and getattr(state.scheduler, "alive", True):
             return {"status": "ok"}
-        return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+        status = "draining" if state.draining else "loading" if not state.ready else "engine down"
+        return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition",
@@ -253,7 +261,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         tickets = []
         try:
             for i, row in enumerate(rows):
-                tickets.append(state.scheduler.submit(row, lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+                tickets.append(state.scheduler.submit(row, _sink(loop, events, i)))
         except QueueFull as e:
             for t in tickets:
                 state.scheduler.cancel(t)
@@ -262,8 +270,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         run = _Run(state, tickets, events, labels, arrival, prompt_tokens, arrival + settings.request_timeout)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(run, cid, settings.model_name, steering_info, include_usage, req.n),
-                                     media_type="text/event-stream", headers=headers)
+            return EventStreamResponse(_stream(run, cid, settings.model_name, steering_info, include_usage, req.n),
+                                       headers=headers)
         return await _complete(run, request, cid, settings.model_name, steering_info, headers)
 
     def _logprobs(tok, items) -> dict | None:
@@ -276,19 +284,15 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     async def _complete(run: "_Run", request: Request, cid, model, steering_info, headers):
         done: dict[int, object] = {}
-        watcher = asyncio.create_task(_disconnected(request))
+        watcher = asyncio.create_task(_disconnected(request, run.events))
         try:
             while len(done) < len(run.tickets):
-                getter = asyncio.create_task(run.events.get())
-                finished, _ = await asyncio.wait({getter, watcher}, timeout=max(0.0, run.deadline - time.monotonic()),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                if getter not in finished:
-                    getter.cancel()
-                    run.abort("disconnected" if watcher in finished else "deadline")
-                    if watcher in finished:
+                i, ev = await run.events.get()
+                if i is None:  # the deadline passed or the client went away
+                    run.abort(ev)
+                    if ev == DISCONNECTED:
                         return Response(status_code=499)
                     raise APIError(504, "the request did not finish within its deadline")
-                i, ev = getter.result()
                 run.observe(i, ev)
                 if isinstance(ev, Failed):
                     run.abort("failed")
@@ -297,6 +301,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                     done[i] = ev.completion
         finally:
             watcher.cancel()
+            run.close()
         tok = state.engine.tokenizer
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": _logprobs(tok, c.logprobs), "finish_reason": c.finish_reason}
@@ -317,37 +322,44 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         finished = 0
         steered = 0
         gen_tokens = 0
+        out = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                      for i in range(n)], steering={**steering_info, "steered_tokens": 0})]
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                         for i in range(n)], steering={**steering_info, "steered_tokens": 0})
-            while finished < n:
-                try:
-                    i, ev = await asyncio.wait_for(run.events.get(), timeout=max(0.0, run.deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    run.abort("deadline")
-                    yield "data: " + json.dumps(APIError(504, "the request did not finish within its deadline").body()) + "\n\n"
+            first = True
+            while True:
+                if out and not first and run.events.empty():  # what is ready goes out in one write
+                    yield "".join(out)  # (the role chunk with the first event)
+                    out.clear()
+                i, ev = await run.events.get()
+                first = False
+                if i is None:  # the deadline passed
+                    run.abort(ev)
+                    out.append("data: " + json.dumps(APIError(504, "the request did not finish within its deadline").body()) + "\n\n")
                     break
                 run.observe(i, ev)
                 if isinstance(ev, Delta):
                     lp = _logprobs(tok, ev.logprobs) if run.tickets[i].request.sampling.top_logprobs is not None else None
-                    yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
+                    out.append(chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]))
                 elif isinstance(ev, Finished):
                     finished += 1
                     steered += ev.completion.steered_tokens
                     gen_tokens += len(ev.completion.token_ids)
                     extra = {"steering": {**steering_info, "steered_tokens": steered}} if finished == n else {}
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.completion.finish_reason}], **extra)
+                    out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.completion.finish_reason}], **extra))
+                    if finished == n:
+                        if include_usage:
+                            out.append(chunk([], usage={"prompt_tokens": run.prompt_tokens, "completion_tokens": gen_tokens,
+                                                        "total_tokens": run.prompt_tokens + gen_tokens}))
+                        break
                 elif isinstance(ev, Failed):
                     run.abort("failed")
-                    yield "data: " + json.dumps(_engine_error(ev.error).body()) + "\n\n"
+                    out.append("data: " + json.dumps(_engine_error(ev.error).body()) + "\n\n")
                     break
-            else:
-                if include_usage:
-                    yield chunk([], usage={"prompt_tokens": run.prompt_tokens, "completion_tokens": gen_tokens,
-                                           "total_tokens": run.prompt_tokens + gen_tokens})
-            yield "data: [DONE]\n\n"
+            out.append("data: [DONE]\n\n")
+            yield Last("".join(out))
         finally:  # the client went away (the stream is cancelled) or we are done
             run.abort("disconnected")
+            run.close()
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -370,10 +382,29 @@ def _engine_error(e: Exception) -> APIError:
     return APIError(500, f"generation failed ({type(e).__name__})")
 
 
-async def _disconnected(request: Request) -> None:
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, i: int):
+    """Where a scheduler delivers choice ``i``'s events: straight into the queue when called on the event
+    loop (the engine process's reader), through ``call_soon_threadsafe`` from a worker thread."""
+    def sink(ev) -> None:
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            events.put_nowait((i, ev))
+        else:
+            loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+    return sink
+
+
+DEADLINE, DISCONNECTED = "deadline", "disconnected"  # (None, reason) in a request's event queue
+
+
+async def _disconnected(request: Request, events: asyncio.Queue) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            events.put_nowait((None, DISCONNECTED))
             return
 
 
@@ -384,9 +415,12 @@ class _Run:
         self.state, self.tickets, self.events, self.labels = state, tickets, events, labels
         self.arrival, self.prompt_tokens, self.deadline = arrival, prompt_tokens, deadline
         self.last_token: dict[int, float] = {}
+        loop = asyncio.get_running_loop()  # one timer for the deadline, rather than a timeout per event
+        self.timer = loop.call_later(max(0.0, deadline - time.monotonic()), events.put_nowait, (None, DEADLINE))
         self.open = set(range(len(tickets)))
         m = state.metrics
         m.prompt_tokens.labels(**labels).inc(prompt_tokens * len(tickets))
+        self.itl, self.generation_tokens = m.itl.labels(**labels), m.generation_tokens.labels(**labels)  # per token
 
     def observe(self, i: int, ev) -> None:
         m, t, now_ = self.state.metrics, self.tickets[i], time.monotonic()
@@ -396,9 +430,9 @@ class _Run:
                 if t.started is not None:
                     m.queue.labels(**self.labels).observe(t.started - t.submitted)
             else:
-                m.itl.labels(**self.labels).observe((now_ - self.last_token[i]) / max(1, len(ev.token_ids)))
+                self.itl.observe((now_ - self.last_token[i]) / max(1, len(ev.token_ids)))
             self.last_token[i] = now_
-            m.generation_tokens.labels(**self.labels).inc(len(ev.token_ids))
+            self.generation_tokens.inc(len(ev.token_ids))
         elif isinstance(ev, Finished):
             self.open.discard(i)
             m.e2e.labels(**self.labels).observe(now_ - self.arrival)
@@ -406,6 +440,9 @@ class _Run:
             m.steered.labels(**self.labels).inc(ev.completion.steered_tokens)
         elif isinstance(ev, Failed):
             self.open.discard(i)
+
+    def close(self) -> None:
+        self.timer.cancel()
 
     def abort(self, reason: str) -> None:
         if not self.open:

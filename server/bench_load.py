@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import httpx
 import numpy as np
 from tqdm import tqdm
@@ -37,21 +38,40 @@ def _body(model: str, image_url: str, max_tokens: int, method: str = "none") -> 
                                                       {"type": "text", "text": CAPTION_PROMPT}]}]}
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after: int | None, api_key: str | None) -> dict:
+def _session(concurrency: int) -> aiohttp.ClientSession:
+    """The load generator's HTTP client: aiohttp (a C HTTP parser), since it shares the machine with the
+    server under test and should take as little of it as it can (as vLLM's serving benchmark does)."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                 connector=aiohttp.TCPConnector(limit=max(1, concurrency)))
+
+
+async def _sse_data(r: aiohttp.ClientResponse):
+    """The ``data:`` payloads of a server-sent event stream, as bytes."""
+    buf = b""
+    async for piece in r.content.iter_any():
+        buf += piece
+        *events, buf = buf.split(b"\n\n")
+        for ev in events:
+            for line in ev.split(b"\n"):
+                if line.startswith(b"data: "):
+                    yield line[6:]
+
+
+async def _one(client: aiohttp.ClientSession, url: str, body: dict, disconnect_after: int | None, api_key: str | None) -> dict:
     t0 = time.perf_counter()
     out = {"status": None, "ttft": None, "latency": None, "tokens": 0, "disconnected": False, "stopped": False}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
-            out["status"] = r.status_code
-            if r.status_code != 200:
-                await r.aread()
+        async with client.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            out["status"] = r.status
+            if r.status != 200:
+                await r.read()
                 return out
             chunks = 0
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for data in _sse_data(r):
+                if data == b"[DONE]":
                     continue
-                msg = json.loads(line[6:])
+                msg = json.loads(data)
                 if "error" in msg:
                     out["status"] = msg["error"].get("code", 500)
                     return out
@@ -67,7 +87,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, disconnect_after
                 if disconnect_after is not None and chunks >= disconnect_after:
                     out["disconnected"] = True
                     return out
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # a hang-up above closes the connection itself
         out["status"] = type(e).__name__
     out["latency"] = time.perf_counter() - t0
     return out
@@ -93,7 +113,7 @@ async def run_load(url: str, concurrency: int, requests: int, methods: list[str]
             results.append(await _one(client, url, body, cut, api_key))
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=300) as client:
+    async with _session(concurrency) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     done = [r for r in results if r["status"] == 200 and not r["disconnected"]]
@@ -124,12 +144,16 @@ def format_load(r: dict) -> str:
 
 
 async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld", max_tokens: int = 40,
-                       seed: int = 1234) -> dict:
+                       seed: int = 1234, block: int = 8) -> dict:
     """What the server adds over its engine at concurrency 1: the same requests (greedy captions of bait
-    scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming,
-    alternating request by request (and which goes first) so that both see the same machine, whose
-    speed drifts. Both sides are warmed up first. Tokens are decode steps on both sides (the
-    end-of-sequence step included)."""
+    scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming, in
+    alternating blocks of ``block`` requests (and which side goes first alternates) so that both see
+    the same machine, whose speed drifts, and each side runs warm, as a busy server does. The engine
+    side runs with one intra-op thread, its fastest setting at batch 1 (a second thread only waits at
+    barriers and, spinning, slows what runs next). Both sides are warmed up first. Tokens are decode
+    steps on both sides (the end-of-sequence step included)."""
+    import torch
+
     from decoding.request import GenerationRequest, SamplingParams
 
     scenes = make_scenes("bait", requests, seed)
@@ -137,8 +161,10 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
     urls = [_data_url(im) for im in images]
     seconds = {"engine": 0.0, "http": 0.0}
     tokens = {"engine": 0, "http": 0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
 
-    async with httpx.AsyncClient(timeout=300) as client:
+    async with _session(1) as client:
         async def via_http(i: int) -> int:
             r = await _one(client, url, _body(model, urls[i], max_tokens), None, None)
             if r["status"] != 200:
@@ -150,23 +176,28 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
                                                                sampling=SamplingParams(max_tokens=max_tokens))])[0]
             return len(c.token_ids) + (c.finish_reason == "stop")
 
-        for i in range(min(4, requests)):  # warm-up
-            await via_engine(i)
-            await via_http(i)
-        sides = {"engine": via_engine, "http": via_http}
-        for i in tqdm(range(requests), desc="overhead", leave=False):
-            for side in (("engine", "http") if i % 2 == 0 else ("http", "engine")):
-                t0 = time.perf_counter()
-                tokens[side] += await sides[side](i)
-                seconds[side] += time.perf_counter() - t0
+        try:
+            for i in range(min(4, requests)):  # warm-up
+                await via_engine(i)
+                await via_http(i)
+            sides = {"engine": via_engine, "http": via_http}
+            starts = range(0, requests, block)
+            for k, start in enumerate(tqdm(starts, desc="overhead", leave=False)):
+                for side in (("engine", "http") if k % 2 == 0 else ("http", "engine")):
+                    t0 = time.perf_counter()
+                    for i in range(start, min(start + block, requests)):
+                        tokens[side] += await sides[side](i)
+                    seconds[side] += time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
     tps = {k: tokens[k] / seconds[k] for k in seconds}
     return {"url": url, "requests": requests, "max_tokens": max_tokens, "tokens": tokens,
-            "seconds": seconds, "tokens_per_second": tps, "http_over_engine": tps["http"] / tps["engine"]}
+            "block": block, "seconds": seconds, "tokens_per_second": tps, "http_over_engine": tps["http"] / tps["engine"]}
 
 
 def format_overhead(r: dict) -> str:
     t = r["tokens_per_second"]
-    return (f"overhead at concurrency 1 (n={r['requests']}, alternating request by request): engine {t['engine']:.1f} tok/s, "
+    return (f"overhead at concurrency 1 (n={r['requests']}, alternating blocks of {r['block']}): engine {t['engine']:.1f} tok/s, "
             f"HTTP {t['http']:.1f} tok/s, HTTP / engine {r['http_over_engine']:.2f}")
 
 

