@@ -59,7 +59,7 @@ def make_scheduler(engine, s: Settings, **callbacks):
         from server.vllm_scheduler import EngineScheduler
 
         return EngineScheduler(engine, s.max_batch, s.max_queue, **callbacks)
-    return Scheduler(engine, s.max_batch, s.max_queue, **callbacks)
+    return Scheduler(engine, s.max_batch, s.max_queue, prefill_delay=s.prefill_delay, **callbacks)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:

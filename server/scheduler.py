@@ -42,8 +42,11 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, on_step: Callable[["Scheduler"], None] | None = None,
-                 on_failure: Callable[[Exception], None] | None = None, inbox: Callable[[bool], None] | None = None):
+                 on_failure: Callable[[Exception], None] | None = None, inbox: Callable[[bool], None] | None = None,
+                 prefill_delay: float = 0.0):
         self.engine = engine
+        self.prefill_delay = prefill_delay  # see ``_due``
+        self._last_prefill = 0.0  # seconds the last prefill took
         self.inbox = inbox  # run() in a loop that takes its requests itself: inbox(block) submits, cancels, stops
         self.on_failure = on_failure
         self.max_batch = max_batch
@@ -98,12 +101,23 @@ class Scheduler:
 
     # ------------------------------------------------------------ the loop
 
+    def _due(self, batch, room: int) -> bool:
+        """Whether waiting rows join now. While a batch decodes, they may wait up to ``prefill_delay``
+        times the last prefill's duration for others, so that more are prefilled in one forward (a
+        prefill costs several decode steps and grows less than linearly with its rows; vLLM's
+        scheduler delay factor). Idle, or with enough waiting to fill the batch, they join at once."""
+        if batch is None or self.prefill_delay <= 0 or len(self.waiting) >= room:
+            return True
+        return time.monotonic() - self.waiting[0].submitted >= self.prefill_delay * self._last_prefill
+
     def _admit(self, batch, room: int):
         if self.inbox is not None:  # between steps: whatever came in; idle: wait for it
             self.inbox(batch is None and not self.waiting)
         with self._cv:
             while self.inbox is None and not self.waiting and batch is None and not self._stop:
                 self._cv.wait(timeout=0.5)
+            if not self.waiting or not self._due(batch, room):
+                return batch
             take = []
             while self.waiting and len(take) < room:
                 t = self.waiting.popleft()
@@ -117,7 +131,9 @@ class Scheduler:
         if not rows:
             return batch
         try:
+            t0 = time.monotonic()
             new, failed = self.engine.without_failed(self.engine.prefill(rows))
+            self._last_prefill = time.monotonic() - t0
         except Exception as e:
             for r in rows:
                 self.running.pop(r.request.request_id).sink(Failed(e))

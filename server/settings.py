@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     """vllm engine: context length (default: the model's)."""
     max_batch: int = Field(16, ge=1)
     """Rows decoded together at most (iteration-level batching)."""
+    prefill_delay: float = Field(1.0, ge=0)
+    """transformers engine: while a batch decodes, new requests may wait up to this many times the last
+    prefill's duration for others to be prefilled with them (vLLM's scheduler delay factor; 0: at once).
+    A lone request never waits."""
     max_queue: int = Field(64, ge=0)
     """Requests waiting for a row at most; beyond it, 429 with Retry-After."""
     max_tokens_default: int = Field(64, ge=1)
