@@ -20,6 +20,7 @@ import asyncio
 import copy
 import itertools
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import struct
@@ -239,7 +240,7 @@ class ProcessScheduler:
         except RuntimeError:
             self._reader.start()
             return
-        pipe = open(self._events.fileno(), "rb", buffering=0, closefd=False)
+        pipe = open(os.dup(self._events.fileno()), "rb", buffering=0)  # the transport closes its own copy
         self._connecting = loop.create_task(loop.connect_read_pipe(  # events wait in the pipe meanwhile
             lambda: _Frames(lambda b: self._dispatch(pickle.loads(b)), self._engine_gone), pipe))
 
