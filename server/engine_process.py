@@ -24,7 +24,6 @@ import os
 import pickle
 import signal
 import struct
-import threading
 import time
 from typing import Callable
 
@@ -76,10 +75,8 @@ def _portable(e: Exception) -> Exception:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _send(conn, lock: threading.Lock, msg) -> None:
-    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    with lock:
-        conn.send_bytes(data)
+def _send(conn, msg) -> None:
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _Frames(asyncio.Protocol):
@@ -115,13 +112,12 @@ def _engine_main(settings, commands, events) -> None:
     (or until the parent goes away: the pipe closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains and then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    lock = threading.Lock()
     try:
         from server.app import load_engine
 
         engine = load_engine(settings)
     except Exception as e:
-        _send(events, lock, ("error", f"{type(e).__name__}: {e}"))
+        _send(events, ("error", f"{type(e).__name__}: {e}"))
         return
     outbox: list = []
     failures: list = []
@@ -144,7 +140,7 @@ def _engine_main(settings, commands, events) -> None:
         stats = {"steps": sched.steps, "steering_seconds": engine.pop_steering_seconds()}
         done, outbox[:] = outbox[:], []
         errors, failures[:] = failures[:], []
-        _send(events, lock, ("events", done, stats, errors))
+        _send(events, ("events", done, stats, errors))
 
     tickets: dict[int, Ticket] = {}
 
@@ -185,7 +181,7 @@ def _engine_main(settings, commands, events) -> None:
     # One thread: the step loop takes the parent's commands between steps (no hand-over to a worker).
     sched = Scheduler(engine, settings.max_batch, max_queue=1 << 30, on_step=flush,
                       on_failure=lambda e: failures.append(_portable(e)), inbox=inbox, prefill_delay=settings.prefill_delay)
-    _send(events, lock, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context}))
+    _send(events, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context}))
     fit_threads(0)
     try:
         sched.run()
@@ -205,11 +201,8 @@ class ProcessScheduler:
         self._events, events = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_engine_main, args=(settings, commands, events), name="vlm-steer-engine", daemon=True)
         self._child_ends = (commands, events)
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
         self._tickets: dict[int, Ticket] = {}
         self._ids = itertools.count()
-        self._reader = threading.Thread(target=self._read, name="vlm-steer-engine-reader", daemon=True)
         self.engine: EngineFrontend | None = None
         self.steps = 0
         self.alive = False
@@ -234,27 +227,22 @@ class ProcessScheduler:
         return self.engine
 
     def start(self) -> None:
-        """Read the engine's events on the running event loop (the server), else on a reader thread."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._reader.start()
-            return
+        """Read the engine's events on the running event loop (called from the server's lifespan).
+        Everything else (submit, cancel, stop) runs on that loop too: no locks."""
+        loop = asyncio.get_running_loop()
         pipe = open(os.dup(self._events.fileno()), "rb", buffering=0)  # the transport closes its own copy
         self._connecting = loop.create_task(loop.connect_read_pipe(  # events wait in the pipe meanwhile
             lambda: _Frames(lambda b: self._dispatch(pickle.loads(b)), self._engine_gone), pipe))
 
     def stop(self) -> None:
         try:
-            _send(self._commands, self._send_lock, ("stop",))
+            _send(self._commands, ("stop",))
         except OSError:
             pass
         self._proc.join(timeout=30)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=5)
-        if self._reader.is_alive():
-            self._reader.join(timeout=5)
 
     # ------------------------------------------------------------ requests
 
@@ -267,12 +255,11 @@ class ProcessScheduler:
         return len(self._tickets) - self.num_waiting
 
     def submit(self, row, sink: Sink) -> Ticket:
-        with self._lock:
-            if self.num_waiting >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-            t = Ticket(row, sink)
-            t.id = next(self._ids)
-            self._tickets[t.id] = t
+        if self.num_waiting >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+        t = Ticket(row, sink)
+        t.id = next(self._ids)
+        self._tickets[t.id] = t
         if not self.alive:
             self._tickets.pop(t.id, None)
             sink(Failed(RuntimeError("the engine process is not running")))
@@ -280,27 +267,18 @@ class ProcessScheduler:
         wire = copy.copy(row)  # pixels travel as a numpy array: pickling a tensor goes through torch.save
         if wire.pixel_values is not None:
             wire.pixel_values = wire.pixel_values.numpy()
-        _send(self._commands, self._send_lock, ("submit", t.id, wire))
+        _send(self._commands, ("submit", t.id, wire))
         return t
 
     def cancel(self, ticket: Ticket) -> None:
         ticket.cancelled = True
         if self._tickets.pop(getattr(ticket, "id", -1), None) is not None and self.alive:
             try:
-                _send(self._commands, self._send_lock, ("cancel", ticket.id))
+                _send(self._commands, ("cancel", ticket.id))
             except OSError:
                 pass
 
     # ------------------------------------------------------------ events from the engine
-
-    def _read(self) -> None:
-        """Reader thread (when started outside an event loop)."""
-        while True:
-            try:
-                self._dispatch(pickle.loads(self._events.recv_bytes()))
-            except (EOFError, OSError):
-                break
-        self._engine_gone()
 
     def _dispatch(self, msg) -> None:
         _, events, stats, errors = msg
