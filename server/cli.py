@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
-    t.add_argument("--recipe", default="committed", choices=["committed", "bound-qa"],
-                   help="vlm (and the reward model distilled from it): the committed model's recipe, or bound-qa")
+    t.add_argument("--recipe", default="committed", choices=["committed", "plain", "bound-qa"],
+                   help="vlm (and the reward model distilled from it): the committed model's recipe, or an earlier "
+                        "one (shapeworld.train_vlm.RECIPES)")
     t.add_argument("--grounding-weight", type=float, default=None,
                    help="vlm: weight of the per-image-slot object loss on the projector (0: off)")
     t.add_argument("--grounding-warmup", type=int, default=None,
