@@ -45,9 +45,9 @@ class RewardTrainConfig:
     seed: int = 1
     base: Path = MODELS_DIR / "vlm"
     out: Path = MODELS_DIR / "reward"
-    lm: LMShape = LMShape(layers=2)
+    lm: LMShape = LMShape(layers=3)
     distill_scenes: int = 12000
-    distill_steps: int = 400
+    distill_steps: int = 600
     distill_batch: int = 64
     distill_lr: float = 1.5e-3
     pairs: str = "both"  # self | labelled | both
