@@ -16,6 +16,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
+    ignore_eos: bool = False  # go on past the end-of-sequence token (vLLM's option; for benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,8 @@ softmax(scores / T)). A row with strength 0 gets its logits back unchanged up to
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,7 +31,7 @@ def token_bonus(logits: torch.Tensor, bonus: torch.Tensor, strength: torch.Tenso
     the verifier reward of the object phrase that v would emit or complete (0 for other tokens).
     Tokens outside the set are left as they are, so a bonus cannot inject an implausible object."""
     logp = logits.float().log_softmax(-1)
-    inside = plausible(logits, alpha)
+    inside = logp >= logp.max(-1, keepdim=True).values + math.log(alpha)  # plausible(logits, alpha), reusing logp
     return logp + torch.where(inside, strength.reshape(-1, 1) * bonus, 0.0)
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from decoding.kv_cache import GrowingCache
+from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import sample_tokens, token_logprobs
@@ -48,7 +50,7 @@ class Batch:
     """Running rows and their shared KV cache (left-padded to a common length)."""
 
     rows: list[Row]
-    cache: DynamicCache
+    cache: GrowingCache
     mask: torch.Tensor  # [B, T] 1 = real token
     next_pos: torch.Tensor  # [B] position id of each row's next token
     logits: torch.Tensor  # [B, V] next-token logits
@@ -113,6 +115,8 @@ class TransformersEngine:
         self.resources = Resources(self, reward, verifier)
         self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
                         if all(getattr(self.resources, need) is not None for need in cls.needs)}
+        text_model = self.model.get_decoder()  # the language model under the image-text wrapper
+        self._decoder = LlamaDecoder(text_model, self.model.get_output_embeddings()) if supported(text_model) else None
         self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
         self.verb_seconds: dict[str, float] = {}  # per method and verb, since last pop_verb_seconds()
         self._tower_out: list = []
@@ -180,7 +184,7 @@ class TransformersEngine:
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         reuse = reuse_features and bool(pixels) and all(r.image_features is not None for r in rows if r.pixel_values is not None)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         self._tower_out.clear()
         inputs = ({"inputs_embeds": self._embeds_from_features(ids.to(self.device), rows)} if reuse else
                   {"input_ids": ids.to(self.device),
@@ -230,8 +234,11 @@ class TransformersEngine:
             if idx:
                 rows = [batch.rows[i] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
-                scores = scores.clone() if scores is batch.logits else scores
                 try:
+                    if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
+                        scores = self._timed(name, method.steer, batch.states[name], rows, scores, strength)
+                        continue
+                    scores = scores.clone() if scores is batch.logits else scores
                     scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
                 except Exception as e:
                     self._fail(name, rows, e)
@@ -244,16 +251,14 @@ class TransformersEngine:
     @torch.inference_mode()
     def decode_one_token(self, batch: Batch, tokens: torch.Tensor, steer: bool = True) -> None:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
-        out = self.model(
-            input_ids=tokens.view(-1, 1).to(self.device),
-            attention_mask=batch.mask,
-            position_ids=batch.next_pos.view(-1, 1),
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        batch.cache = out.past_key_values
+        if self._decoder is not None:  # a decode step has no image: straight to the language model
+            logits = self._decoder(tokens.to(self.device), batch.mask, batch.next_pos, batch.cache)
+        else:
+            out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=batch.mask,
+                             position_ids=batch.next_pos.view(-1, 1), past_key_values=batch.cache, use_cache=True)
+            batch.cache, logits = out.past_key_values, out.logits[:, -1]
         batch.next_pos = batch.next_pos + 1
-        batch.logits = out.logits[:, -1].float()
+        batch.logits = logits.float()
         if steer:
             for name, state in batch.states.items():
                 idx = batch.rows_using(name)
@@ -294,7 +299,7 @@ class TransformersEngine:
         """One batch from two: the shorter cache is left-padded (masked) to the longer one."""
         ta, tb = a.mask.shape[1], b.mask.shape[1]
         t = max(ta, tb)
-        cache = DynamicCache()
+        cache = GrowingCache()
         for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
             k = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(lb.keys, (0, 0, t - tb, 0))])
             v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
@@ -329,7 +334,7 @@ class TransformersEngine:
 
     def _append(self, row: Row, tok: int) -> None:
         s = row.request.sampling
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not s.ignore_eos:
             row.finish_reason = "stop"
             return
         row.token_ids.append(tok)

@@ -58,6 +58,7 @@ class RewardTrainConfig:
     beta: float = 0.1
     rpo_alpha: float = 1.0  # weight of the NLL of chosen answers (TRL's rpo_alpha): keeps the RM a language model
     noise: float = 0.85  # share of the augmented view that is noise
+    omissions: bool = True  # labelled pairs also reject the true caption less one object (keeps recall)
     recipe: str = "committed"  # the base's training recipe (shapeworld.train_vlm.RECIPES): its answer style
 
 
@@ -146,6 +147,9 @@ def make_pairs(engine: TransformersEngine, scenes, cfg: RewardTrainConfig, rng) 
             truth = caption(s.objects)
             wrong = c if set(parse_objects(c)) != set(s.objects) else caption(_plant(s.objects, rng))
             pairs.append((i, CAPTION_PROMPT, truth, wrong))
+            if cfg.omissions and len(s.objects) > 1:  # saying less is not the way to be right
+                drop = int(rng.integers(len(s.objects)))
+                pairs.append((i, CAPTION_PROMPT, truth, caption([o for j, o in enumerate(s.objects) if j != drop])))
             o = asked[i]
             no = no_answer(o, s.objects) if explains else NO
             pairs.append((i, question(o), *((YES, NO) if o in s.objects else (no, YES))))

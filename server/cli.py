@@ -93,7 +93,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
     from shapeworld.bench import write_json
     from shapeworld.bench_speed import format_speed, run_speed
 
-    rep = run_speed(_engine(args), args.methods.split(","), args.n, args.seed, batch=args.batch)
+    rep = run_speed(_engine(args), args.methods.split(","), args.n, args.seed, batch=args.batch,
+                    ignore_eos=args.ignore_eos)
     print(format_speed(rep))
     if args.json:
         write_json(rep, Path(args.json))
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--ignore-eos", action="store_true",
+                   help="every request generates 40 tokens (vLLM's benchmark convention): methods compared per "
+                        "decoding step, not by the length of their answers")
     s.add_argument("--json", default=None)
     _model_args(s)
     s.set_defaults(func=_bench_speed)

@@ -60,6 +60,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
     steering: Steering | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
 
     @field_validator("stop")
     @classmethod

@@ -13,14 +13,16 @@ from shapeworld.world import make_scenes
 
 
 def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max_tokens: int = 40,
-              split: str = "bait") -> dict:
+              split: str = "bait", ignore_eos: bool = False) -> dict:
+    """With ``ignore_eos`` every request generates ``max_tokens`` tokens (vLLM's benchmark convention), so
+    that methods are compared per decoding step, not by how long their answers come out."""
     scenes = make_scenes(split, n, seed)
     images = [s.image() for s in scenes]
     seconds = dict.fromkeys(methods, 0.0)
     steering = {m: {} for m in methods}  # where the time of steered runs goes, per steering component
     verbs = {m: {} for m in methods}  # and per component's verb (start: prefill-time work, steer, advance)
     tokens = dict.fromkeys(methods, 0)
-    sampling = SamplingParams(max_tokens=max_tokens)
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=sampling)])  # warm-up
     for i in tqdm(range(0, n, batch), desc="speed"):
         for m in methods:
@@ -42,19 +44,22 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
         tps = tokens[m] / seconds[m]
         result[m] = {"tokens_per_second": tps, "tokens": tokens[m], "seconds": seconds[m],
                      "ratio_to_none": tps / base if base else None,
+                     "tokens_per_request": tokens[m] / n,
                      "steering_seconds": steering[m],
                      "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
                      "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()}}
-    return {"n": n, "seed": seed, "batch": batch, "split": split, "engine": engine.name, "methods": result}
+    return {"n": n, "seed": seed, "batch": batch, "split": split, "ignore_eos": ignore_eos, "engine": engine.name,
+            "methods": result}
 
 
 def format_speed(report: dict) -> str:
-    lines = [f"speed: n={report['n']} seed={report['seed']} batch={report['batch']} (interleaved)",
-             f"{'method':<12} {'tok/s':>8} {'x none':>7}  where steering time goes (share of wall time)"]
+    fixed = ", ignore_eos" if report.get("ignore_eos") else ""
+    lines = [f"speed: n={report['n']} seed={report['seed']} batch={report['batch']} (interleaved{fixed})",
+             f"{'method':<12} {'tok/s':>8} {'x none':>7} {'tok/req':>7}  where steering time goes (share of wall time)"]
     for m, r in report["methods"].items():
         ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"
         share = ", ".join(f"{k} {v:.0%}" for k, v in r["steering_share"].items())
         if r["verb_share"]:
             share += " (" + ", ".join(f"{k} {v:.0%}" for k, v in r["verb_share"].items()) + ")"
-        lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7}  {share}")
+        lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7} {r['tokens_per_request']:>7.1f}  {share}")
     return "\n".join(lines)

@@ -130,8 +130,8 @@ class Fisao(SteeringMethod):
 
     def steer(self, state, rows, logits, strength):
         bonus = self.trie.bonus([r.token_ids for r in rows], state.node_rewards)
-        first = torch.tensor([not r.token_ids for r in rows]) & (state.question >= 0)
-        if first.any():  # the first answer token of "is there an X ?": +r(X) on yes, -r(X) on no
+        first = [not r.token_ids for r in rows]
+        if any(first) and bool((first := torch.tensor(first) & (state.question >= 0)).any()):  # the first answer token of "is there an X ?": +r(X) on yes, -r(X) on no
             i = first.nonzero()[:, 0]
             r = state.rewards[i, state.question[i]][:, None]
             bonus[i[:, None], torch.tensor(self.yes_ids)] = r

@@ -24,7 +24,7 @@ def same_inputs(a, b) -> bool:
 @register
 class Tita(SteeringMethod):
     name = "tita"
-    default_strength = 0.8
+    default_strength = 0.9
     strength_range = (0.0, 1.0)
     needs = ("reward",)
 

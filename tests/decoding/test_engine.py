@@ -67,3 +67,12 @@ def test_unknown_steering_is_refused(engine):
     r.steering = SteeringSpec("telepathy")
     with pytest.raises(ValueError, match="telepathy"):
         engine.generate([r])
+
+
+def test_ignore_eos_runs_to_max_tokens(engine):
+    natural = engine.generate([_req(0, max_tokens=40)])[0]
+    assert natural.finish_reason == "stop" and len(natural.token_ids) < 30
+    forced = engine.generate([_req(0, max_tokens=30, ignore_eos=True)])[0]
+    assert forced.finish_reason == "length" and len(forced.token_ids) == 30
+    assert forced.token_ids[: len(natural.token_ids)] == natural.token_ids
+    assert forced.token_ids[len(natural.token_ids)] in engine.eos_ids  # the end token is kept, and passed

@@ -58,7 +58,7 @@ def test_validation(steering_engine):
     with pytest.raises(ValueError, match="twice"):
         steering_engine.resolve(SteeringSpec("tita+tita"))
     assert steering_engine.resolve(SteeringSpec("fisao+tita", 0.5)) == {"tita": 0.5, "fisao": 0.5}
-    assert steering_engine.resolve(SteeringSpec("tita")) == {"tita": 0.8}
+    assert steering_engine.resolve(SteeringSpec("tita")) == {"tita": 0.9}
 
 
 def test_methods_needing_absent_resources_are_refused(engine):

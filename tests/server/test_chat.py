@@ -89,6 +89,9 @@ def test_stop_and_max_tokens(client):
     word = full.split()[1]
     r = create(client, 0, stop=[word])
     assert r.choices[0].finish_reason == "stop" and word not in r.choices[0].message.content
+    r = create(client, 0, max_tokens=30, extra_body={"ignore_eos": True})  # vLLM's extension: past the end
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 30
+    assert r.choices[0].message.content.startswith(full)
 
 
 @pytest.mark.parametrize("kw,status,match", [
