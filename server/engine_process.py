@@ -22,6 +22,7 @@ import itertools
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import struct
 import time
@@ -156,10 +157,13 @@ def _engine_main(settings, commands, events) -> None:
                 flush(sched)
         return sink
 
+    poller = select.poll()  # one poll object for the life of the loop (Connection.poll builds one per call)
+    poller.register(commands.fileno(), select.POLLIN)
+
     def inbox(block: bool) -> None:
         """The parent's commands: all that are there, waiting for the first one when idle."""
         try:
-            while commands.poll(None if block else 0):
+            while poller.poll(None if block else 0):
                 block = False
                 msg = pickle.loads(commands.recv_bytes())
                 if msg[0] == "submit":
