@@ -37,3 +37,12 @@ def test_bench_speed_reports_ratios(tmp_path):
     assert rep["methods"]["none"]["ratio_to_none"] == 1.0
     assert 0 < rep["methods"]["tita"]["ratio_to_none"]
     assert "tita" in rep["methods"]["tita"]["steering_seconds"]
+
+
+def test_bench_speed_ignore_eos_generates_max_tokens(tmp_path):
+    out = tmp_path / "speed.json"
+    main(["bench", "speed", "--methods", "none,fisao", "--n", "4", "--batch", "4", "--ignore-eos", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["ignore_eos"] is True
+    for m in ("none", "fisao"):  # every request runs to 40 tokens, whatever its captions say
+        assert rep["methods"][m]["tokens_per_request"] == 40.0
