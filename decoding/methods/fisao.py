@@ -130,9 +130,9 @@ class Fisao(SteeringMethod):
 
     def steer(self, state, rows, logits, strength):
         bonus = self.trie.bonus([r.token_ids for r in rows], state.node_rewards)
-        first = [not r.token_ids for r in rows]
-        if any(first) and bool((first := torch.tensor(first) & (state.question >= 0)).any()):  # the first answer token of "is there an X ?": +r(X) on yes, -r(X) on no
-            i = first.nonzero()[:, 0]
+        first = [j for j, r in enumerate(rows) if not r.token_ids and state.question[j] >= 0]
+        if first:  # the first answer token of "is there an X ?": +r(X) on yes, -r(X) on no
+            i = torch.tensor(first)
             r = state.rewards[i, state.question[i]][:, None]
             bonus[i[:, None], torch.tensor(self.yes_ids)] = r
             bonus[i[:, None], torch.tensor(self.no_ids)] = -r
