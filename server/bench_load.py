@@ -149,8 +149,9 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
     scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming, in
     alternating blocks of ``block`` requests (and which side goes first alternates) so that both see
     the same machine, whose speed drifts, and each side runs warm, as a busy server does. The engine
-    side runs with one intra-op thread, its fastest setting at batch 1 (a second thread only waits at
-    barriers and, spinning, slows what runs next). Both sides are warmed up first. Tokens are decode
+    side decodes with one intra-op thread, its fastest setting at batch 1 (a second thread only waits at
+    barriers and, spinning, slows what runs next), and prefills on every core, as the server's engine
+    process does. Both sides are warmed up first. Tokens are decode
     steps on both sides (the end-of-sequence step included)."""
     import torch
 
@@ -163,6 +164,7 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
     tokens = {"engine": 0, "http": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    engine.prefill_threads = threads  # what the server's engine process does
 
     async with _session(1) as client:
         async def via_http(i: int) -> int:

@@ -125,7 +125,8 @@ def _engine_main(settings, commands, events) -> None:
 
     import torch
 
-    threads = max(1, torch.get_num_threads() - 1)  # one core is left to the API process
+    engine.prefill_threads = torch.get_num_threads()  # prefill on every core (a burst; compute-bound)
+    threads = max(1, torch.get_num_threads() - 1)  # decode steps leave one core to the API process
 
     def fit_threads(rows: int) -> None:
         """One intra-op thread for small batches (on a small model more only wait at every op's barrier,
