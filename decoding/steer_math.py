@@ -6,14 +6,16 @@ softmax(scores / T)). A row with strength 0 gets its logits back unchanged up to
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
 def plausible(logits: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """The plausibility set {v : p(v) >= alpha * max p} (VCD's adaptive cut-off), as a bool mask."""
-    logp = logits.float().log_softmax(-1)
+    return _plausible_logp(logits.float().log_softmax(-1), alpha)
+
+
+def _plausible_logp(logp: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """``plausible`` for log-probabilities already computed."""
     alpha = torch.as_tensor(alpha, dtype=logp.dtype, device=logp.device).reshape(-1, 1)
     cut = logp.max(-1, keepdim=True).values + torch.log(alpha.clamp_min(1e-30))
     return logp >= cut
@@ -31,7 +33,7 @@ def token_bonus(logits: torch.Tensor, bonus: torch.Tensor, strength: torch.Tenso
     the verifier reward of the object phrase that v would emit or complete (0 for other tokens).
     Tokens outside the set are left as they are, so a bonus cannot inject an implausible object."""
     logp = logits.float().log_softmax(-1)
-    inside = logp >= logp.max(-1, keepdim=True).values + math.log(alpha)  # plausible(logits, alpha), reusing logp
+    inside = _plausible_logp(logp, alpha)
     return logp + torch.where(inside, strength.reshape(-1, 1) * bonus, 0.0)
 
 
@@ -41,4 +43,4 @@ def vcd(clean_logits: torch.Tensor, noised_logits: torch.Tensor, strength: torch
     ln = noised_logits.float().log_softmax(-1)
     a = strength.reshape(-1, 1)
     out = (1 + a) * lc - a * ln
-    return out.masked_fill(~plausible(clean_logits, beta), float("-inf"))
+    return out.masked_fill(~_plausible_logp(lc, beta), float("-inf"))
