@@ -17,6 +17,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k best
     ignore_eos: bool = False  # go on past the end-of-sequence token (vLLM's option; for benchmarks)
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted once per time it has been generated so far
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

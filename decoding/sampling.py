@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties (as vLLM applies them, after logits processors): each
+    token's logit less ``presence`` if it has been generated and ``frequency`` times how often.
+    ``counts`` [rows, vocab]: generated tokens so far; ``presence``, ``frequency`` [rows]."""
+    return logits - presence.unsqueeze(-1) * (counts > 0) - frequency.unsqueeze(-1) * counts
+
+
+def output_counts(token_ids: list[list[int]], vocab: int, device=None) -> torch.Tensor:
+    """[rows, vocab] how often each token occurs in each row's generated tokens."""
+    counts = torch.zeros(len(token_ids), vocab, device=device)
+    for i, ids in enumerate(token_ids):
+        if ids:
+            counts[i].index_add_(0, torch.tensor(ids, device=device), torch.ones(len(ids), device=device))
+    return counts
+
+
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) every token outside the smallest set whose probability reaches ``top_p`` (per row)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)

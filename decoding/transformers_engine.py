@@ -21,7 +21,7 @@ from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
-from decoding.sampling import sample_tokens, token_logprobs
+from decoding.sampling import apply_penalties, output_counts, sample_tokens, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -330,6 +330,11 @@ class TransformersEngine:
     def sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token from (steered) logits and record it; marks finished rows."""
         params = [r.request.sampling for r in batch.rows]
+        if any(p.penalized for p in params):
+            logits = apply_penalties(
+                logits, output_counts([r.token_ids for r in batch.rows], logits.shape[-1], logits.device),
+                torch.tensor([p.presence_penalty for p in params], device=logits.device),
+                torch.tensor([p.frequency_penalty for p in params], device=logits.device))
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         tokens = sample_tokens(logits, temp, top_p, [r.generator for r in batch.rows])

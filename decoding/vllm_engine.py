@@ -172,7 +172,8 @@ class VLLMEngine:
         s = request.sampling
         params = SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None,
-            logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+            logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
         return VLLMRow(request, list(ids), prompt, params, steering, slot)
 
     def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:

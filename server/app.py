@@ -238,7 +238,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             sampling = SamplingParams(
                 max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
                 seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop or ()),
-                top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos)
+                top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
             gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
         try:
             rows = [state.engine.encode(g) for g in gens]

@@ -76,3 +76,29 @@ def test_ignore_eos_runs_to_max_tokens(engine):
     assert forced.finish_reason == "length" and len(forced.token_ids) == 30
     assert forced.token_ids[: len(natural.token_ids)] == natural.token_ids
     assert forced.token_ids[len(natural.token_ids)] in engine.eos_ids  # the end token is kept, and passed
+
+
+def test_penalties_equal_a_plain_reference_loop(engine):
+    """Greedy with presence and frequency penalties equals a loop of full forwards (no cache, no batch)
+    that subtracts them by hand; a penalty-free row in the same batch generates what it does alone."""
+    import torch
+
+    pen = dict(presence_penalty=2.0, frequency_penalty=2.0)  # this model is sure of itself: the most OpenAI allows
+    reqs = [_req(i, max_tokens=24, **pen) for i in range(3)] + [_req(3, max_tokens=24)]
+    got = engine.generate(reqs)
+    for r, c in zip(reqs[:3], got):
+        row = engine.encode(r, steer=False)
+        ids, out = list(row.prompt_ids), []
+        with torch.inference_mode():
+            for _ in range(24):
+                logits = engine.model(input_ids=torch.tensor([ids]), pixel_values=row.pixel_values).logits[0, -1]
+                counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[-1]).float()
+                tok = int((logits - pen["presence_penalty"] * (counts > 0) - pen["frequency_penalty"] * counts).argmax())
+                if tok in engine.eos_ids:
+                    break
+                out.append(tok)
+                ids.append(tok)
+        assert c.token_ids == out
+    plain = engine.generate([_req(i, max_tokens=24) for i in range(3)])
+    assert any(p.token_ids != c.token_ids for p, c in zip(plain, got))  # the penalty changed something
+    assert got[3].token_ids == engine.generate([reqs[3]])[0].token_ids

@@ -31,3 +31,13 @@ def test_token_logprobs_known_values():
     chosen, top_v, top_i = token_logprobs(logits, torch.tensor([1]), 2)
     assert torch.allclose(chosen, torch.log(torch.tensor([0.25])))
     assert top_i[0, 0].item() == 0 and torch.allclose(top_v[0, 0], torch.log(torch.tensor(0.5)))
+
+
+def test_penalties_known_values():
+    from decoding.sampling import apply_penalties, output_counts
+
+    counts = output_counts([[2, 2, 0], [], [1]], 4)
+    assert counts.tolist() == [[1, 0, 2, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+    logits = torch.zeros(3, 4)
+    out = apply_penalties(logits, counts, torch.tensor([0.5, 0.5, -1.0]), torch.tensor([1.0, 1.0, 0.0]))
+    assert out.tolist() == [[-1.5, 0.0, -2.5, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]

@@ -56,6 +56,19 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(client, steering_engine):
+    """Scene 3's greedy caption names "a green triangle" twice; OpenAI's penalties (at their largest)
+    change it, through the server as in the engine."""
+    import dataclasses
+
+    plain = create(client, 3).choices[0].message.content
+    got = create(client, 3, presence_penalty=2.0, frequency_penalty=2.0).choices[0].message.content
+    req = _engine_request(3)
+    req.sampling = dataclasses.replace(req.sampling, presence_penalty=2.0, frequency_penalty=2.0)
+    assert got == steering_engine.generate([req])[0].text
+    assert got != plain
+
+
 @pytest.mark.parametrize("method", ["tita", "fisao", "tita+fisao", "vcd"])
 def test_steering_per_request_equals_engine(client, steering_engine, method):
     if method not in steering_engine.available_methods and "+" not in method:  # vllm: no VCD, said plainly

@@ -20,8 +20,8 @@ BAIT, RANDOM = make_scenes("bait", 8, 777), make_scenes("random", 6, 778)
 QUESTIONS = [(s, q) for s in make_scenes("bait", 6, 779) for q in questions_for(s, "adversarial")[-1:]]
 
 
-def requests(method: str) -> list[GenerationRequest]:
-    sp = SamplingParams(max_tokens=40)
+def requests(method: str, **sampling) -> list[GenerationRequest]:
+    sp = SamplingParams(max_tokens=40, **sampling)
     caps = [GenerationRequest.single_turn(CAPTION_PROMPT, [s.image()], sampling=sp, steering=SteeringSpec(method))
             for s in BAIT + RANDOM]
     qs = [GenerationRequest.single_turn(question(q.obj), [s.image()], sampling=sp, steering=SteeringSpec(method))
@@ -47,6 +47,19 @@ def test_greedy_outputs_equal_the_transformers_engine(steering_engine, reference
     assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
     if method != "none":
         assert sum(w.steered_tokens for w in want) > 0  # the steering did something to compare
+
+
+@pytest.mark.parametrize("method", ["none", "tita"])
+def test_penalties_equal_the_transformers_engine(steering_engine, reference, method):
+    """OpenAI's presence and frequency penalties: vLLM's sampler applies them after our steering processor,
+    as the transformers engine does."""
+    pen = dict(presence_penalty=2.0, frequency_penalty=2.0)
+    got = steering_engine.generate(requests(method, **pen))
+    want = reference.generate(requests(method, **pen))
+    diff = [(g.text, w.text) for g, w in zip(got, want) if g.token_ids != w.token_ids]
+    assert not diff, f"{len(diff)} of 20 differ: {diff[:3]}"
+    plain = reference.generate(requests(method))
+    assert any(p.token_ids != w.token_ids for p, w in zip(plain, want))  # the penalties changed something
 
 
 def test_vcd_is_refused_plainly(steering_engine):
