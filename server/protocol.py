@@ -61,6 +61,21 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     steering: Steering | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
+    # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None  # {"type": "text"} (the default) is accepted
+    tools: list | None = None
+    tool_choice: str | dict | None = None  # "none" is accepted
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call")
+    @classmethod
+    def _unsupported(cls, v, info):
+        harmless = {"response_format": {"type": "text"}, "tool_choice": "none"}.get(info.field_name)
+        if v and v != harmless:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -56,6 +56,11 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
+def test_harmless_defaults_of_unsupported_fields_are_accepted(client):
+    r = create(client, 0, response_format={"type": "text"}, tool_choice="none")
+    assert r.choices[0].message.content == create(client, 0).choices[0].message.content
+
+
 def test_presence_and_frequency_penalties_reach_the_engine(client, steering_engine):
     """Scene 3's greedy caption names "a green triangle" twice; OpenAI's penalties (at their largest)
     change it, through the server as in the engine."""
@@ -114,6 +119,9 @@ def test_stop_and_max_tokens(client):
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "gpt-9"}, 404, "does not exist"),
+    ({"logit_bias": {"5": 10}}, 400, "logit_bias is not supported"),  # refused, never silently ignored
+    ({"response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools is not supported"),
 ])
 def test_errors_are_openai_shaped(client, kw, status, match):
     model = kw.pop("model", "shapeworld")
