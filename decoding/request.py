@@ -19,6 +19,7 @@ class SamplingParams:
     ignore_eos: bool = False  # go on past the end-of-sequence token (vLLM's option; for benchmarks)
     presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated (OpenAI's)
     frequency_penalty: float = 0.0  # subtracted once per time it has been generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before steering (OpenAI's)
 
     @property
     def penalized(self) -> bool:

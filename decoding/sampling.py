@@ -12,6 +12,19 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
     return logits - presence.unsqueeze(-1) * (counts > 0) - frequency.unsqueeze(-1) * counts
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: each row's (token id, bias) pairs added to its logits [rows, vocab].
+    Returns ``logits`` itself when no row has a bias (no copy)."""
+    if not any(biases):
+        return logits
+    out = logits.clone()
+    for i, pairs in enumerate(biases):
+        if pairs:
+            ids, values = zip(*pairs)
+            out[i].index_add_(0, torch.tensor(ids, device=out.device), torch.tensor(values, dtype=out.dtype, device=out.device))
+    return out
+
+
 def output_counts(token_ids: list[list[int]], vocab: int, device=None) -> torch.Tensor:
     """[rows, vocab] how often each token occurs in each row's generated tokens."""
     counts = torch.zeros(len(token_ids), vocab, device=device)

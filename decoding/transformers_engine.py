@@ -21,7 +21,7 @@ from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
-from decoding.sampling import apply_penalties, output_counts, sample_tokens, token_logprobs
+from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -240,8 +240,9 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def steer(self, batch: Batch) -> torch.Tensor:
-        """Scores to sample from: each method, in registry order, rewrites the rows that use it."""
-        scores = batch.logits
+        """Scores to sample from: each row's ``logit_bias`` added first (vLLM applies it before logits
+        processors), then each method, in registry order, rewrites the rows that use it."""
+        scores = base = apply_logit_bias(batch.logits, [r.request.sampling.logit_bias for r in batch.rows])
         for name, method in self.methods.items():
             idx = batch.rows_using(name)
             if idx:
@@ -251,12 +252,12 @@ class TransformersEngine:
                     if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
                         scores = self._timed(name, method.steer, batch.states[name], rows, scores, strength)
                         continue
-                    scores = scores.clone() if scores is batch.logits else scores
+                    scores = scores.clone() if scores is base else scores
                     scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
                 except Exception as e:
                     self._fail(name, rows, e)
-        if scores is not batch.logits:
-            changed = (scores.argmax(-1) != batch.logits.argmax(-1)).tolist()
+        if scores is not base:
+            changed = (scores.argmax(-1) != base.argmax(-1)).tolist()
             for row, c in zip(batch.rows, changed):
                 row.steered_tokens += int(c)
         return scores
@@ -342,12 +343,14 @@ class TransformersEngine:
         if any(k is not None for k in want):
             chosen, top_v, top_i = token_logprobs(logits, tokens, max(k or 0 for k in want))
         for i, (row, tok) in enumerate(zip(batch.rows, tokens.tolist())):
-            if want[i] is not None:
+            if row.error is not None:
+                continue
+            n = len(row.token_ids)
+            self._append(row, tok)
+            if want[i] is not None and len(row.token_ids) > n:  # a logprob per completion token (not the EOS)
                 k = want[i]
                 top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist()))
                 row.logprobs.append(TokenLogprob(tok, float(chosen[i]), top))
-            if row.error is None:
-                self._append(row, tok)
         return tokens
 
     def _append(self, row: Row, tok: int) -> None:

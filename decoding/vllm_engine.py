@@ -170,8 +170,11 @@ class VLLMEngine:
         self.counters.slot(slot).zero_()
         extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}} if steering else None
         s = request.sampling
+        # top_p 0 (OpenAI: the top token only) is top_k 1 for vLLM, whose top_p lies in (0, 1]
+        top = {"top_p": s.top_p} if s.top_p > 0 else {"top_p": 1.0, "top_k": 1}
         params = SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None,
+            max_tokens=s.max_tokens, temperature=s.temperature, **top, seed=s.seed, stop=list(s.stop) or None,
+            logit_bias=dict(s.logit_bias) or None,
             logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
         return VLLMRow(request, list(ids), prompt, params, steering, slot)
@@ -226,6 +229,7 @@ class VLLMEngine:
                 lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
                 if out.finished and o.finish_reason == "stop" and o.stop_reason is None and ids and ids[-1] in self.eos_ids:
                     ids = ids[:-1]  # the EOS token is not part of the completion (as in the transformers engine)
+                    lps = lps[: len(ids)]
                 piece = o.text if text else o.text.lstrip()  # as the tokenizer decodes a whole completion
                 token_ids += ids
                 logprobs += lps

@@ -7,27 +7,30 @@ images, sampling, steering) -> the scheduler's step loop -> events -> HTTP respo
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
+import traceback
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from decoding.methods import SteeringFailed
+from decoding.request import SteeringSpec
+from server import responses as out
+from server.chat_service import ChatService, check_media_type, parse_request
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM, Experiment
-from server.images import decode_data_url, fetch_url
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, completion_id, now, openapi_chat_completions
 from server.scheduler import Delta, Failed, Finished, QueueFull, Scheduler
 from server.settings import Settings
 from server.sse import EventStreamResponse, Last
+
+log = logging.getLogger("vlm_steer.server")
 
 
 class State:
@@ -37,6 +40,7 @@ class State:
         self.scheduler: Scheduler | None = None
         self.metrics = Metrics(settings.model_name)
         self.experiment = Experiment.load(settings.experiment) if settings.experiment else None
+        self.service: ChatService | None = None
         self.ready = False
         self.draining = False
 
@@ -86,6 +90,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         else:
             state.engine = engine or await asyncio.to_thread(load_engine, settings)
             state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
+        state.service = ChatService(settings, state.engine)
         state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
         state.scheduler.start()
         state.ready = True
@@ -100,9 +105,15 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     # ------------------------------------------------------------ errors in the OpenAI shape
 
+    def _request_id(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         state.metrics.errors.labels(state.metrics.model, str(e.status)).inc()
+        rid = _request_id(request)
+        if rid and "X-Request-Id" not in e.headers:
+            e.headers["X-Request-Id"] = rid
         return e.response()
 
     @app.exception_handler(RequestValidationError)
@@ -115,6 +126,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
+        log_failure(request.method, request.url.path, _request_id(request), e)
         return await _api_error(request, APIError(500, "internal server error"))
 
     # ------------------------------------------------------------ plain endpoints
@@ -141,8 +153,22 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
     async def models(request: Request):
         _auth(request)
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "vlm-steer", "steering_methods": _methods()}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model:path}", responses={
+        401: {"description": "Missing or invalid API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
+        404: {"description": "Unknown model", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
+    async def model(model: str, request: Request):
+        """One model (the openai client's ``models.retrieve``)."""
+        _auth(request)
+        if model != settings.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model")
+        return _model_card()
+
+    def _model_card() -> dict:
+        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlm-steer",
+                "steering_methods": _methods()}
 
     def _methods() -> list[str]:
         return state.engine.available_methods if state.engine else []
@@ -157,6 +183,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     # ------------------------------------------------------------ chat completions
 
     async def _body(request: Request) -> ChatCompletionRequest:
+        check_media_type(request.headers.get("content-type"))
         if int(request.headers.get("content-length") or 0) > settings.max_body_bytes:
             raise APIError(413, f"request body exceeds {settings.max_body_bytes} bytes")
         raw = bytearray()
@@ -164,41 +191,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             raw += chunk
             if len(raw) > settings.max_body_bytes:
                 raise APIError(413, f"request body exceeds {settings.max_body_bytes} bytes")
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "request body is not valid JSON") from None
-        try:
-            return ChatCompletionRequest.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(x) for x in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
-
-    async def _messages(req: ChatCompletionRequest) -> tuple[list[dict], list]:
-        messages, images = [], []
-        for m in req.messages:
-            role = "system" if m.role == "developer" else m.role
-            if isinstance(m.content, list):
-                parts = []
-                for p in m.content:
-                    if p.type == "text":
-                        parts.append({"type": "text", "text": p.text})
-                        continue
-                    if len(images) >= settings.max_images:
-                        raise APIError(400, f"at most {settings.max_images} images per request", param="messages")
-                    url = p.image_url.url
-                    if url.startswith("data:"):
-                        img = decode_data_url(url, settings.max_image_bytes, settings.max_image_pixels)
-                    else:
-                        img = await fetch_url(url, settings.image_url_hosts, settings.image_url_timeout,
-                                              settings.max_image_bytes, settings.max_image_pixels)
-                    images.append(img)
-                    parts.append({"type": "image"})
-                messages.append({"role": role, "content": parts})
-            else:
-                messages.append({"role": role, "content": m.content or ""})
-        return messages, images
+        return parse_request(bytes(raw))
 
     def _arm(req: ChatCompletionRequest) -> tuple[str, SteeringSpec]:
         exp = state.experiment
@@ -215,6 +208,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @app.post("/v1/chat/completions", openapi_extra=chat_api, responses={})
     async def chat(request: Request):
         arrival = time.monotonic()
+        created = now()  # one value for the whole completion, every chunk of a stream included
+        cid = completion_id()
+        request.state.request_id = request.headers.get("x-request-id") or cid
         _auth(request)
         if not state.ready or state.draining:
             raise APIError(503, "the server is not accepting requests (loading or draining)")
@@ -227,63 +223,36 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             strengths = state.engine.resolve(spec)
         except ValueError as e:
             raise APIError(400, str(e), param="steering") from None
-        max_tokens = req.max_completion_tokens or req.max_tokens or settings.max_tokens_default
-        if max_tokens > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds the limit {settings.max_tokens_limit}", param="max_tokens")
-        messages, images = await _messages(req)
-        temperature = 1.0 if req.temperature is None else req.temperature
-        cid = completion_id()
-        gens = []
-        for i in range(req.n):
-            sampling = SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0,
-                seed=None if req.seed is None else req.seed + i, stop=tuple(req.stop or ()),
-                top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos,
-                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
-            gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
         try:
-            rows = [state.engine.encode(g) for g in gens]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+            prepared = await state.service.prepare(req, spec, cid)
         except SteeringFailed as e:  # an engine that starts steering at admission (vllm: FiSAO's verifier)
             on_failure(e)
             raise _engine_error(e) from None
-        prompt_tokens = len(rows[0].prompt_ids)
-        if prompt_tokens + max_tokens > state.engine.max_context:
-            raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
-                                f"limit of {state.engine.max_context}", param="messages")
 
         method = spec.method
         labels = state.metrics.labels(method, arm)
         steering_info = {"method": method, "strength": strengths or None, "arm": arm}
-        headers = {"X-Steering-Arm": arm, "X-Request-Id": request.headers.get("x-request-id") or cid}
+        headers = {"X-Steering-Arm": arm, "X-Request-Id": request.state.request_id}
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         tickets = []
         try:
-            for i, row in enumerate(rows):
+            for i, row in enumerate(prepared.rows):
                 tickets.append(state.scheduler.submit(row, _sink(loop, events, i)))
         except QueueFull as e:
             for t in tickets:
                 state.scheduler.cancel(t)
             raise APIError(429, f"Model is overloaded: {e}", headers={"Retry-After": "1"}) from None
         state.metrics.waiting.labels(state.metrics.model).set(state.scheduler.num_waiting)
-        run = _Run(state, tickets, events, labels, arrival, prompt_tokens, arrival + settings.request_timeout)
+        run = _Run(state, tickets, events, labels, arrival, prepared.prompt_tokens, arrival + settings.request_timeout,
+                   request.state.request_id)
+        reply = _Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(_stream(run, cid, settings.model_name, steering_info, include_usage, req.n),
-                                       headers=headers)
-        return await _complete(run, request, cid, settings.model_name, steering_info, headers)
+            return EventStreamResponse(_stream(run, reply, include_usage, req.n), headers=headers)
+        return await _complete(run, request, reply, headers)
 
-    def _logprobs(tok, items) -> dict | None:
-        if items is None:
-            return None
-        def entry(tid, lp):
-            s = tok.decode([tid])
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-        return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in items]}
-
-    async def _complete(run: "_Run", request: Request, cid, model, steering_info, headers):
+    async def _complete(run: "_Run", request: Request, reply: "_Reply", headers):
         done: dict[int, object] = {}
         watcher = asyncio.create_task(_disconnected(request, run.events))
         try:
@@ -297,67 +266,63 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                 run.observe(i, ev)
                 if isinstance(ev, Failed):
                     run.abort("failed")
-                    raise _engine_error(ev.error)
+                    raise run.error(ev.error)
                 if isinstance(ev, Finished):
                     done[i] = ev.completion
         finally:
             watcher.cancel()
             run.close()
-        tok = state.engine.tokenizer
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _logprobs(tok, c.logprobs), "finish_reason": c.finish_reason}
+        choices = [out.choice(i, c.text, c.finish_reason, out.logprobs_block(reply.tokenizer, c.logprobs))
                    for i, c in sorted(done.items())]
         gen_tokens = sum(len(c.token_ids) for c in done.values())
-        steering = {**steering_info, "steered_tokens": sum(c.steered_tokens for c in done.values())}
-        body = {"id": cid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
-                "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": gen_tokens,
-                          "total_tokens": run.prompt_tokens + gen_tokens}, "steering": steering}
+        steering = {**reply.steering, "steered_tokens": sum(c.steered_tokens for c in done.values())}
+        body = out.completion_body(reply.cid, reply.created, reply.model, choices,
+                                   out.usage(run.prompt_tokens, gen_tokens), steering)
         return JSONResponse(body, headers=headers)
 
-    async def _stream(run: "_Run", cid, model, steering_info, include_usage: bool, n: int):
+    async def _stream(run: "_Run", reply: "_Reply", include_usage: bool, n: int):
         def chunk(choices, **extra):
-            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": now(), "model": model,
-                                          "choices": choices, **extra}) + "\n\n"
+            return out.chunk(reply.cid, reply.created, reply.model, choices, include_usage, **extra)
 
-        tok = state.engine.tokenizer
+        texts = [out.TokenTexts(reply.tokenizer) for _ in range(n)]
         finished = 0
         steered = 0
         gen_tokens = 0
-        out = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                      for i in range(n)], steering={**steering_info, "steered_tokens": 0})]
+        pending = [chunk([out.delta(i, {"role": "assistant", "content": ""}) for i in range(n)],
+                         steering={**reply.steering, "steered_tokens": 0})]
         try:
             first = True
             while True:
-                if out and not first and run.events.empty():  # what is ready goes out in one write
-                    yield "".join(out)  # (the role chunk with the first event)
-                    out.clear()
+                if pending and not first and run.events.empty():  # what is ready goes out in one write
+                    yield "".join(pending)  # (the role chunk with the first event)
+                    pending.clear()
                 i, ev = await run.events.get()
                 first = False
                 if i is None:  # the deadline passed
                     run.abort(ev)
-                    out.append("data: " + json.dumps(APIError(504, "the request did not finish within its deadline").body()) + "\n\n")
+                    pending.append(out.error_event(APIError(504, "the request did not finish within its deadline").body()))
                     break
                 run.observe(i, ev)
                 if isinstance(ev, Delta):
-                    lp = _logprobs(tok, ev.logprobs) if run.tickets[i].request.sampling.top_logprobs is not None else None
-                    out.append(chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]))
+                    wants = run.tickets[i].request.sampling.top_logprobs is not None
+                    lp = {"content": texts[i].entries(ev.logprobs)} if wants else None
+                    pending.append(chunk([out.delta(i, {"content": ev.text}, lp)]))
                 elif isinstance(ev, Finished):
                     finished += 1
                     steered += ev.completion.steered_tokens
                     gen_tokens += len(ev.completion.token_ids)
-                    extra = {"steering": {**steering_info, "steered_tokens": steered}} if finished == n else {}
-                    out.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.completion.finish_reason}], **extra))
+                    extra = {"steering": {**reply.steering, "steered_tokens": steered}} if finished == n else {}
+                    pending.append(chunk([out.delta(i, {}, None, ev.completion.finish_reason)], **extra))
                     if finished == n:
                         if include_usage:
-                            out.append(chunk([], usage={"prompt_tokens": run.prompt_tokens, "completion_tokens": gen_tokens,
-                                                        "total_tokens": run.prompt_tokens + gen_tokens}))
+                            pending.append(chunk([], usage=out.usage(run.prompt_tokens, gen_tokens)))
                         break
                 elif isinstance(ev, Failed):
                     run.abort("failed")
-                    out.append("data: " + json.dumps(_engine_error(ev.error).body()) + "\n\n")
+                    pending.append(out.error_event(run.error(ev.error).body()))
                     break
-            out.append("data: [DONE]\n\n")
-            yield Last("".join(out))
+            pending.append("data: [DONE]\n\n")
+            yield Last("".join(pending))
         finally:  # the client went away (the stream is cancelled) or we are done
             run.abort("disconnected")
             run.close()
@@ -373,6 +338,21 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     app.openapi = openapi
     return app
+
+
+def log_failure(method: str, path: str, request_id: str | None, e: BaseException) -> None:
+    """A 500's traceback in the server log, with the request id (never in the response). An error raised
+    in the engine process carries its traceback as text (``remote_traceback``)."""
+    remote = getattr(e, "remote_traceback", None)
+    detail = "".join(traceback.format_exception(e)) + (f"in the engine process:\n{remote}" if remote else "")
+    log.error("500 on %s %s (request id %s): %s\n%s", method, path, request_id, e, detail.rstrip())
+
+
+class _Reply:
+    """What every response object of one request repeats."""
+
+    def __init__(self, cid: str, created: int, model: str, steering: dict, tokenizer):
+        self.cid, self.created, self.model, self.steering, self.tokenizer = cid, created, model, steering, tokenizer
 
 
 def _engine_error(e: Exception) -> APIError:
@@ -412,8 +392,9 @@ async def _disconnected(request: Request, events: asyncio.Queue) -> None:
 class _Run:
     """One HTTP request's tickets and the bookkeeping its metrics need."""
 
-    def __init__(self, state: State, tickets, events, labels, arrival, prompt_tokens, deadline):
+    def __init__(self, state: State, tickets, events, labels, arrival, prompt_tokens, deadline, request_id=None):
         self.state, self.tickets, self.events, self.labels = state, tickets, events, labels
+        self.request_id = request_id
         self.arrival, self.prompt_tokens, self.deadline = arrival, prompt_tokens, deadline
         self.last_token: dict[int, float] = {}
         loop = asyncio.get_running_loop()  # one timer for the deadline, rather than a timeout per event
@@ -444,6 +425,13 @@ class _Run:
 
     def close(self) -> None:
         self.timer.cancel()
+
+    def error(self, e: Exception) -> APIError:
+        """The HTTP error for a failed choice; a 500 logs its traceback with the request id."""
+        err = _engine_error(e)
+        if err.status >= 500:
+            log_failure("POST", "/v1/chat/completions", self.request_id, e)
+        return err
 
     def abort(self, reason: str) -> None:
         if not self.open:

@@ -148,6 +148,20 @@ def _bench_load(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _bench_health(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from server.bench_health import format_health, run_health
+    from shapeworld.bench import write_json
+
+    w, h = (int(x) for x in args.image_size.lower().split("x"))
+    rep = asyncio.run(run_health(args.url, (w, h), args.requests, model=args.model_name))
+    print(format_health(rep))
+    if args.json:
+        write_json(rep, Path(args.json))
+        print(f"wrote {args.json}")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM (llava-hf layout)")
     p.add_argument("--reward", default=str(MODELS_DIR / "reward"), help="TITA reward model (same tokenizer)")
@@ -233,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare with this process's own engine at concurrency 1 (interleaved rounds, method none)")
     _model_args(ld)
     ld.set_defaults(func=_bench_load)
+
+    hb = bsub.add_parser("health", help="/health latency while costly images are processed, against idle")
+    hb.add_argument("--url", default="http://127.0.0.1:8000")
+    hb.add_argument("--image-size", default="1x20000", help="WIDTHxHEIGHT of a white PNG sent with each request")
+    hb.add_argument("--requests", type=int, default=4, help="such requests at once")
+    hb.add_argument("--model-name", default="vlm")
+    hb.add_argument("--json", default=None)
+    hb.set_defaults(func=_bench_health)
 
     v = bsub.add_parser("verifier", help="verifier scores of correct vs hallucinated mentioned objects (plot)")
     v.add_argument("--n", type=int, default=300)

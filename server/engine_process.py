@@ -26,6 +26,7 @@ import select
 import signal
 import struct
 import time
+import traceback
 from typing import Callable
 
 from decoding.methods import REGISTRY, resolve
@@ -43,13 +44,14 @@ class EngineFrontend:
 
     name = "transformers"
 
-    def __init__(self, model_path, methods: list[str], max_context: int):
+    def __init__(self, model_path, methods: list[str], max_context: int, vocab_size: int):
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(model_path))
         self.tokenizer = self.processor.tokenizer
         self.methods = {m: REGISTRY[m] for m in methods}
         self.max_context = max_context
+        self.vocab_size = vocab_size
         self.steering_seconds: dict[str, float] = {}
 
     @property
@@ -68,12 +70,17 @@ class EngineFrontend:
 
 
 def _portable(e: Exception) -> Exception:
-    """The error itself when it survives pickling, else a RuntimeError that names it."""
+    """The error itself when it survives pickling, else a RuntimeError that names it; either way with
+    its traceback as text (``remote_traceback``: the API process logs it with the request id)."""
+    text = "".join(traceback.format_exception(e))
     try:
+        e.remote_traceback = text
         pickle.loads(pickle.dumps(e))
         return e
     except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
+        out = RuntimeError(f"{type(e).__name__}: {e}")
+        out.remote_traceback = text
+        return out
 
 
 def _send(conn, msg) -> None:
@@ -186,7 +193,8 @@ def _engine_main(settings, commands, events) -> None:
     # One thread: the step loop takes the parent's commands between steps (no hand-over to a worker).
     sched = Scheduler(engine, settings.max_batch, max_queue=1 << 30, on_step=flush,
                       on_failure=lambda e: failures.append(_portable(e)), inbox=inbox, prefill_delay=settings.prefill_delay)
-    _send(events, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context}))
+    _send(events, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context,
+                             "vocab_size": engine.vocab_size}))
     fit_threads(0)
     try:
         sched.run()
@@ -227,7 +235,7 @@ class ProcessScheduler:
             self._proc.join(timeout=10)
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
         info = msg[1]
-        self.engine = EngineFrontend(self.settings.model, info["methods"], info["max_context"])
+        self.engine = EngineFrontend(self.settings.model, info["methods"], info["max_context"], info["vocab_size"])
         self.alive = True
         return self.engine
 

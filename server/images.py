@@ -1,32 +1,77 @@
-"""Images from message parts: base64 ``data:`` URLs, or http(s) URLs from allow-listed hosts only
-(never local files), each with size caps and decompression-bomb and truncation checks."""
+"""Images from message parts: ``data:`` URLs (RFC 2397), or http(s) URLs from allow-listed hosts only
+(never local files), each with size, pixel and aspect-ratio caps, decompression-bomb and truncation
+checks, and a conversion to RGB by each mode's meaning (transparent pixels onto white, as vLLM does).
+
+Decoding is CPU work of up to a few hundred milliseconds: ``load_image`` runs it in a worker thread so
+that the event loop (and ``/health``) never waits for it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import ipaddress
 import socket
 import warnings
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageCms
 
 from server.errors import APIError
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may cost: encoded bytes, decoded pixels, and the ratio of its long side to its short
+    side (a processor resizes the short side to its input size, so the long side's cost grows with it)."""
+
+    max_bytes: int = 4 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_aspect_ratio: float = 20.0
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image with the same meaning as ``img``, whatever its PIL mode: transparency (alpha bands,
+    palette or colour-key transparency) composited onto white (vLLM's ``rgba_to_rgb``), 16-bit and
+    32-bit integer grey scaled to 8 bits (PIL's own conversion clips them at 255), float grey read as
+    0..1 when it lies there (else 0..255), CIELAB through a colour transform; the rest by PIL."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        scale = 65535.0 / 255.0 if mode != "I" or a.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+    elif mode == "LAB":
+        lab_to_srgb = ImageCms.buildTransformFromOpenProfiles(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        img = ImageCms.applyTransform(img, lab_to_srgb)
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > max_pixels:
-                raise APIError(413, f"image of {w}x{h} pixels exceeds the limit of {max_pixels}", param="messages")
+            if w * h > limits.max_pixels:
+                raise APIError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels}", param="messages")
+            if max(w, h) > limits.max_aspect_ratio * max(1, min(w, h)):
+                raise APIError(400, f"image of {w}x{h} pixels: its aspect ratio exceeds the limit of "
+                                    f"{limits.max_aspect_ratio:g} to 1", param="messages")
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -35,20 +80,55 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise APIError(400, f"could not decode image: {type(e).__name__}: {e}", param="messages") from None
 
 
-def decode_data_url(url: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    head, sep, payload = url.partition(",")
-    if not sep or not head.startswith("data:") or ";base64" not in head:
+def is_data_url(url: str) -> bool:
+    return url.lstrip()[:5].lower() == "data:"
+
+
+# What real clients put in base64 payloads beside the standard alphabet: line breaks (MIME-style
+# wrapping), the URL-safe alphabet, missing padding, percent-encoding.
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def parse_data_url(url: str, max_bytes: int) -> bytes:
+    """The bytes of an RFC 2397 ``data:[<media type>][;base64],<data>`` URL. Scheme, media type and the
+    base64 marker are case-insensitive; a media type other than ``image/*`` is refused (400), an empty
+    one or ``application/octet-stream`` is left to the image decoder. Written here because the standard
+    library's ``urllib.request.DataHandler`` matches ``;base64`` case-sensitively and decodes without
+    validating. Raises APIError 400 (malformed) or 413 (over ``max_bytes``)."""
+    _, _, rest = url.strip().partition(":")
+    head, sep, payload = rest.partition(",")
+    if not sep:
         raise APIError(400, "image data URLs must look like data:image/<type>;base64,<data>", param="messages")
-    mime = head[5:].split(";")[0]
-    if not mime.startswith("image/"):
+    params = [p.strip().lower() for p in head.split(";")]
+    mime, is_base64 = params[0], "base64" in params[1:]
+    if mime and mime != "application/octet-stream" and not mime.startswith("image/"):
         raise APIError(400, f"unsupported image MIME type {mime!r}", param="messages")
-    if len(payload) * 3 // 4 > max_bytes:
+    if len(payload) * 3 // 4 > max_bytes if is_base64 else len(payload) > 3 * max_bytes:
         raise APIError(413, f"image exceeds {max_bytes} bytes", param="messages")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, "image data URL is not valid base64", param="messages") from None
-    return _open(data, max_pixels)
+    if not is_base64:
+        data = unquote_to_bytes(payload)
+    else:
+        raw = (unquote_to_bytes(payload) if "%" in payload else payload.encode("ascii", "replace"))
+        raw = b"".join(raw.split()).translate(_URLSAFE).rstrip(b"=")
+        try:
+            data = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "image data URL is not valid base64", param="messages") from None
+    if len(data) > max_bytes:
+        raise APIError(413, f"image exceeds {max_bytes} bytes", param="messages")
+    return data
+
+
+def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
+    """An RGB image from a ``data:`` URL (blocking: CPU work; see ``load_image``)."""
+    return _open(parse_data_url(url, limits.max_bytes), limits)
+
+
+async def load_image(url: str, limits: ImageLimits, allowed_hosts: list[str], timeout: float) -> Image.Image:
+    """An RGB image from a message's ``image_url``; decoding runs in a worker thread."""
+    if is_data_url(url):
+        return await asyncio.to_thread(decode_data_url, url, limits)
+    return await fetch_url(url, allowed_hosts, timeout, limits)
 
 
 def _public_address(host: str) -> str:
@@ -65,7 +145,7 @@ def _public_address(host: str) -> str:
     return infos[0][4][0]
 
 
-async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, max_bytes: int, max_pixels: int,
+async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, limits: ImageLimits,
                     transport: httpx.AsyncBaseTransport | None = None) -> Image.Image:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
@@ -73,7 +153,7 @@ async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, max_byte
     host = (parts.hostname or "").lower()
     if host not in {h.lower() for h in allowed_hosts}:
         raise APIError(400, f"image URLs from host {host!r} are not allowed", param="messages")
-    ip = _public_address(host)  # before any connection is made
+    ip = await asyncio.to_thread(_public_address, host)  # before any connection is made (DNS off the loop)
     # Connect to the address just checked (not to a second lookup, which DNS rebinding could turn
     # private), naming the host in the Host header and in TLS (SNI and certificate check).
     netloc = (f"[{ip}]" if ":" in ip else ip) + (f":{parts.port}" if parts.port else "")
@@ -88,8 +168,8 @@ async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, max_byte
                 buf = bytearray()
                 async for chunk in resp.aiter_bytes():
                     buf += chunk
-                    if len(buf) > max_bytes:
-                        raise APIError(413, f"image exceeds {max_bytes} bytes", param="messages")
+                    if len(buf) > limits.max_bytes:
+                        raise APIError(413, f"image exceeds {limits.max_bytes} bytes", param="messages")
     except httpx.HTTPError as e:
         raise APIError(400, f"could not fetch image URL: {type(e).__name__}", param="messages") from None
-    return _open(bytes(buf), max_pixels)
+    return await asyncio.to_thread(_open, bytes(buf), limits)

@@ -9,73 +9,110 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# Every field is strictly typed, as OpenAI checks them: "2" is not an integer, 1 is not a boolean, and
+# NaN or Infinity is no number (pydantic's lax mode would coerce them and serve the request).
+STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
+
+
 class ImageURL(BaseModel):
+    model_config = STRICT
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ImagePart(BaseModel):
+    model_config = STRICT
     type: Literal["image_url"]
     image_url: ImageURL
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _images_from_users_only(self):
+        if self.role != "user" and isinstance(self.content, list) and any(p.type == "image_url" for p in self.content):
+            raise ValueError(f"image_url parts are only allowed in user messages (this one is from the {self.role})")
+        return self
+
 
 class Steering(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
     method: str = "none"
     strength: float | None = None
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # 0: the top token only
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     user: str | None = None
+    # OpenAI fields that change nothing here, typed so that a wrong type is still a 400
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    # extensions
     steering: Steering | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
     # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
-    logit_bias: dict[str, float] | None = None
     response_format: dict | None = None  # {"type": "text"} (the default) is accepted
     tools: list | None = None
     tool_choice: str | dict | None = None  # "none" is accepted
     functions: list | None = None
     function_call: str | dict | None = None
 
-    @field_validator("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call")
+    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call")
     @classmethod
     def _unsupported(cls, v, info):
         harmless = {"response_format": {"type": "text"}, "tool_choice": "none"}.get(info.field_name)
         if v and v != harmless:
             raise ValueError(f"{info.field_name} is not supported by this server")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        """OpenAI's map of token ids to biases in [-100, 100] (the ids' range is the model's: checked later)."""
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids (decimal integers), not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} is {bias:g}; biases lie in [-100, 100]")
+        return v
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -118,7 +155,7 @@ def openapi_chat_completions() -> dict:
                   "ChatCompletionRequest": request, "ErrorResponse": error}
     err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     errors = {str(c): {"description": d, **err} for c, d in (
-        (400, "Invalid request"), (401, "Missing or invalid API key"), (404, "Unknown model"), (413, "Body or image too large"),
+        (400, "Invalid request"), (401, "Missing or invalid API key"), (404, "Unknown model"), (413, "Body or image too large"), (415, "Body is not application/json"),
         (429, "Queue full"), (500, "Generation or steering failed"), (503, "Loading or draining"), (504, "Deadline passed"))}
     ok = {"description": "A chat.completion object, or a text/event-stream of chat.completion.chunk objects",
           "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},

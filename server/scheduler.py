@@ -130,24 +130,42 @@ class Scheduler:
             self.running[t.request.request_id] = t
         if not rows:
             return batch
-        try:
-            t0 = time.monotonic()
-            new, failed = self.engine.without_failed(self.engine.prefill(rows))
-            self._last_prefill = time.monotonic() - t0
-        except Exception as e:
-            for r in rows:
-                self.running.pop(r.request.request_id).sink(Failed(e))
-            return batch
+        t0 = time.monotonic()
+        new, failed = self._prefill(rows)
+        self._last_prefill = time.monotonic() - t0
         self._fail(failed)
         if new is None:
             return batch
         return new if batch is None else self.engine.merge(batch, new)
 
+    def _prefill(self, rows: list) -> tuple[object | None, list]:
+        """The new rows as a batch (None if none is left) and the rows that failed, each with its
+        ``error``. One forward for all; when it raises, or a steering method fails to start for several
+        rows at once, nobody knows whose input was at fault: the suspects are prefilled one by one, so
+        that one request's fault (its prompt, pixels, or steering) fails that request alone."""
+        try:
+            batch, failed = self.engine.without_failed(self.engine.prefill(rows))
+        except Exception as e:
+            if len(rows) == 1:
+                rows[0].error = e
+                return None, rows
+            batch, failed = None, rows
+        if len(rows) == 1 or not failed:
+            return batch, failed
+        lost = []
+        for r in failed:
+            r.error = None
+            one, bad = self._prefill([r])
+            lost += bad
+            if one is not None:
+                batch = one if batch is None else self.engine.merge(batch, one)
+        return batch, lost
+
     def _fail(self, rows) -> None:
-        """Rows whose steering failed leave with an error (never served unsteered)."""
+        """Rows that failed leave with their error (a row whose steering failed is never served unsteered)."""
         for r in rows:
             self.running.pop(r.request.request_id).sink(Failed(r.error))
-            if self.on_failure:
+            if self.on_failure and hasattr(r.error, "method"):  # a steering method's failure
                 self.on_failure(r.error)
 
     def _loop(self) -> None:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     """Largest decoded image (413 beyond)."""
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     """Largest image in pixels (guards against decompression bombs)."""
+    max_image_aspect_ratio: float = Field(20.0, ge=1)
+    """Largest ratio of an image's long side to its short side (400 beyond): processors resize the short
+    side to their input size, so the cost of the long side grows with this ratio (a 1x20000 image would
+    become 64x1,280,000 pixels for the embedded model)."""
     max_images: int = Field(4, ge=0)
     """Images per request at most."""
     image_url_hosts: list[str] = []

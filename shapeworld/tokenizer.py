@@ -3,7 +3,7 @@ with ``<image>`` as an added special token and a LLaVA-1.5 style chat template."
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from shapeworld.text import VOCABULARY
@@ -42,6 +42,7 @@ def build_tokenizer(for_clip_text: bool = False) -> PreTrainedTokenizerFast:
     while len(vocab) % VOCAB_MULTIPLE:
         vocab[f"<extra_{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Replace(Regex(r"\s+"), " ")  # words split at any whitespace (newlines too)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     single = f"{BOS} $A {EOS}" if for_clip_text else f"{BOS} $A"

@@ -102,3 +102,10 @@ def test_penalties_equal_a_plain_reference_loop(engine):
     plain = engine.generate([_req(i, max_tokens=24) for i in range(3)])
     assert any(p.token_ids != c.token_ids for p, c in zip(plain, got))  # the penalty changed something
     assert got[3].token_ids == engine.generate([reqs[3]])[0].token_ids
+
+
+def test_logprobs_are_one_per_completion_token(engine):
+    """A completion that ends by itself has no logprob entry for its end-of-sequence token."""
+    c = engine.generate([_req(0, max_tokens=64, top_logprobs=2)])[0]
+    assert c.finish_reason == "stop" and len(c.logprobs) == len(c.token_ids)
+    assert [x.token_id for x in c.logprobs] == c.token_ids

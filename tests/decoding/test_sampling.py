@@ -41,3 +41,21 @@ def test_penalties_known_values():
     logits = torch.zeros(3, 4)
     out = apply_penalties(logits, counts, torch.tensor([0.5, 0.5, -1.0]), torch.tensor([1.0, 1.0, 0.0]))
     assert out.tolist() == [[-1.5, 0.0, -2.5, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_logit_bias_known_values():
+    from decoding.sampling import apply_logit_bias
+
+    logits = torch.zeros(3, 5)
+    out = apply_logit_bias(logits, [((1, 2.0), (4, -100.0)), (), ((0, 0.5), (0, 0.25))])
+    assert out.tolist() == [[0, 2, 0, 0, -100], [0] * 5, [0.75, 0, 0, 0, 0]]
+    assert logits.abs().sum() == 0  # a copy: the model's logits are left as they are
+    assert apply_logit_bias(logits, [(), (), ()]) is logits
+
+
+def test_top_p_zero_keeps_the_top_token_only():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    out = top_p_filter(logits, torch.tensor([0.0]))
+    assert torch.isfinite(out).tolist() == [[False, True, False, False]]
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_tokens(logits, torch.tensor([1.5]), torch.tensor([0.0]), [g])) for _ in range(20)} == {1}

@@ -119,7 +119,9 @@ def test_stop_and_max_tokens(client):
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "gpt-9"}, 404, "does not exist"),
-    ({"logit_bias": {"5": 10}}, 400, "logit_bias is not supported"),  # refused, never silently ignored
+    ({"logit_bias": {"99999": 10}}, 400, "outside the vocabulary"),
+    ({"logit_bias": {"5": 101}}, 400, "[-100, 100]"),
+    ({"logit_bias": {"five": 1}}, 400, "token ids"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools is not supported"),
 ])

@@ -42,7 +42,8 @@ CASES = [
     ("not an image", _data("image/png", b"GIF89a this is not really an image"), 400, "could not decode image"),
     ("wrong MIME type", _data("text/html", _png()), 400, "unsupported image MIME type"),
     ("invalid base64", "data:image/png;base64,@@@not-base64@@@", 400, "not valid base64"),
-    ("not a data URL", "data:image/png,rawbytes", 400, "data:image/<type>;base64"),
+    ("raw bytes that are no image", "data:image/png,rawbytes", 400, "could not decode image"),
+    ("no comma", "data:image/png;base64", 400, "data:image/<type>;base64"),
     ("local file", "file:///etc/passwd", 400, "scheme"),
     ("host not allow-listed", "http://images.example.invalid/a.png", 400, "not allowed"),
 ]
@@ -100,7 +101,7 @@ def test_fetch_connects_to_the_checked_address_not_a_second_lookup(monkeypatch):
         seen.append(request)
         return httpx.Response(200, content=_png())
 
-    img = asyncio.run(images.fetch_url("https://images.example.com:8443/cat.png", ["images.example.com"], 5, 2**20, 10**6,
+    img = asyncio.run(images.fetch_url("https://images.example.com:8443/cat.png", ["images.example.com"], 5, images.ImageLimits(2**20, 10**6),
                                        transport=httpx.MockTransport(handler)))
     assert img.size == (64, 64)
     (req,) = seen

@@ -1,0 +1,196 @@
+"""The chat service: an OpenAI chat-completions body into engine rows, with every check that can be made
+before a request reaches the scheduler, in one place that both engines share.
+
+    body bytes -> ``parse_request`` (media type, JSON, Unicode, strict schema)
+               -> ``ChatService.prepare``: messages into the chat template's shape, images (decoded in
+                  worker threads), sampling and steering, the engine's ``encode`` (template, processor,
+                  tokenizer; in a worker thread), token-count and vocabulary checks
+               -> rows the scheduler takes.
+
+Each refusal is an ``APIError`` (400 unless said) naming the field at fault, and it concerns that
+request alone: nothing here touches another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from pydantic import ValidationError
+
+from decoding.methods import SteeringFailed
+from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from server.errors import APIError
+from server.images import ImageLimits, load_image
+from server.protocol import INT64, ChatCompletionRequest
+from server.settings import Settings
+
+JSON_TYPES = ("application/json",)
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Bodies must be JSON: 415 for any other declared media type. A browser page may post a form
+    (``application/x-www-form-urlencoded``, ``multipart/form-data``, ``text/plain``) to a local server
+    without a CORS preflight; refusing those keeps it from driving the server (FastAPI does the same)."""
+    if content_type is None:  # no media type declared: read as JSON (no browser sends a body without one)
+        return
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime not in JSON_TYPES and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise APIError(415, f"the request body must be application/json, not {mime or 'empty'!r}")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unpaired_surrogate(value, path: tuple = ()) -> tuple | None:
+    """The path of the first string (or key) that is not valid Unicode: JSON's ``\\ud800`` escapes decode to
+    lone surrogates that no encoder (tokenizer, UTF-8 response) can take."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _unpaired_surrogate(k, path) or _unpaired_surrogate(v, (*path, k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unpaired_surrogate(v, (*path, i))
+            if found is not None:
+                return found
+    return None
+
+
+def _param(loc, data=None) -> str | None:
+    """A dotted path into the body (``messages.1.content``). Given the body, the steps of ``loc`` that
+    are not in it (pydantic's names of union members, such as ``str`` or ``list[str]``) are left out."""
+    if data is not None:
+        path, node = [], data
+        for x in loc:
+            if isinstance(node, dict) and x in node or isinstance(node, list) and isinstance(x, int) and 0 <= x < len(node):
+                node = node[x]
+                path.append(x)
+        loc = path
+    return ".".join(str(x) for x in loc) or None
+
+
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """The validated request, or APIError 400 naming the field (``messages.1.content``, ``seed``, ...)."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)  # RFC 8259: NaN and Infinity are not JSON
+    except ValueError as e:
+        raise APIError(400, f"request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    bad = _unpaired_surrogate(data)
+    if bad is not None:
+        param = _param(bad)
+        raise APIError(400, f"{param}: not valid Unicode (an unpaired surrogate such as \\ud800)", param=param)
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _param(err["loc"], data)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+
+def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dict], list[str]]:
+    """Messages in the chat template's shape (``developer`` read as ``system``; image parts as
+    ``{"type": "image"}``, filled in order by the returned image URLs). Adjacent text parts of a message
+    are joined with a newline, as vLLM joins them, so that no template glues two words together."""
+    messages, urls = [], []
+    for m in req.messages:
+        role = "system" if m.role == "developer" else m.role
+        if not isinstance(m.content, list):
+            messages.append({"role": role, "content": m.content or ""})
+            continue
+        parts: list[dict] = []
+        for p in m.content:
+            if p.type == "text":
+                if parts and parts[-1]["type"] == "text":
+                    parts[-1] = {"type": "text", "text": parts[-1]["text"] + "\n" + p.text}
+                else:
+                    parts.append({"type": "text", "text": p.text})
+                continue
+            if len(urls) >= max_images:
+                raise APIError(400, f"at most {max_images} images per request", param="messages")
+            urls.append(p.image_url.url)
+            parts.append({"type": "image"})
+        messages.append({"role": role, "content": parts})
+    return messages, urls
+
+
+def derived_seed(seed: int | None, i: int) -> int | None:
+    """Choice ``i``'s seed: the request's plus ``i``, wrapped into the signed 64-bit range."""
+    if seed is None:
+        return None
+    return (seed + i - INT64[0]) % 2**64 + INT64[0]
+
+
+@dataclass
+class Prepared:
+    rows: list  # one engine row per choice
+    prompt_tokens: int
+    max_tokens: int
+
+
+class ChatService:
+    """Turns validated requests into engine rows (see the module docstring)."""
+
+    def __init__(self, settings: Settings, engine):
+        self.settings, self.engine = settings, engine
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio)
+
+    def max_tokens(self, req: ChatCompletionRequest) -> int:
+        s = self.settings
+        max_tokens = req.max_completion_tokens or req.max_tokens or s.max_tokens_default
+        if max_tokens > s.max_tokens_limit:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"max_tokens {max_tokens} exceeds the limit {s.max_tokens_limit}", param=param)
+        return max_tokens
+
+    def _check_bias(self, bias: dict[int, float]) -> None:
+        vocab = self.engine.vocab_size
+        for t in bias:
+            if not 0 <= t < vocab:
+                raise APIError(400, f"logit_bias: token id {t} is outside the vocabulary (0 to {vocab - 1})",
+                               param="logit_bias")
+
+    async def prepare(self, req: ChatCompletionRequest, spec: SteeringSpec, cid: str) -> Prepared:
+        s = self.settings
+        max_tokens = self.max_tokens(req)
+        bias = req.token_bias
+        self._check_bias(bias)
+        messages, urls = chat_messages(req, s.max_images)
+        images = list(await asyncio.gather(*(load_image(u, self.limits, s.image_url_hosts, s.image_url_timeout)
+                                              for u in urls)))
+        temperature = 1.0 if req.temperature is None else req.temperature
+        gens = []
+        for i in range(req.n):
+            sampling = SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                seed=derived_seed(req.seed, i), stop=tuple(req.stop or ()),
+                top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=tuple(sorted(bias.items())))
+            gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
+        rows = await asyncio.to_thread(self._encode, gens)  # template and processor: CPU work, off the loop
+        prompt_tokens = len(rows[0].prompt_ids)
+        if prompt_tokens + max_tokens > self.engine.max_context:
+            raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+                                f"limit of {self.engine.max_context}", param="messages")
+        return Prepared(rows, prompt_tokens, max_tokens)
+
+    def _encode(self, gens: list[GenerationRequest]) -> list:
+        try:
+            return [self.engine.encode(g) for g in gens]
+        except (ValueError, TemplateError) as e:  # the template or processor refused this request's messages
+            raise APIError(400, str(e), param="messages") from None
+        except SteeringFailed:  # an engine that starts steering at admission (vllm: FiSAO's verifier)
+            raise

@@ -1,0 +1,98 @@
+"""Pure builders of the OpenAI response objects: chat.completion, chat.completion.chunk, and logprobs.
+
+Nothing here touches the engine or the network; each builder takes what the route collected and
+returns a JSON-ready dict that never holds NaN or Infinity (OpenAI writes -9999.0 for the log-prob of
+a token that cannot be chosen; JSON has no -Infinity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from decoding.request import TokenLogprob
+
+NO_LOGPROB = -9999.0  # OpenAI's value for a token outside what the sampler may choose
+CONTEXT_TOKENS = 6  # tokens decoded before a token to get its text with its leading space (vLLM's window)
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else NO_LOGPROB
+
+
+class TokenTexts:
+    """Token strings as they appear in one choice's content, for its logprobs (OpenAI's ``token`` and
+    ``bytes``: their concatenation is the content).
+
+    A token decoded alone loses what it contributes in context (a SentencePiece word mark decodes to a
+    leading space only after another token), so each token is decoded after the few tokens before it
+    and its text is the difference (vLLM's incremental detokenization). The first token of a completion
+    has no space to keep, as the content starts without one. Special tokens show their literal text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.ids: list[int] = []  # the choice's tokens so far
+
+    def _text(self, context: list[int], token: int) -> str:
+        if token in self.special:
+            return self.tokenizer.convert_ids_to_tokens(token)
+        if not context:
+            return self.tokenizer.decode([token], skip_special_tokens=True)
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        after = self.tokenizer.decode(context + [token], skip_special_tokens=True)
+        return after[len(before):] if after.startswith(before) else self.tokenizer.decode([token], skip_special_tokens=True)
+
+    def _entry(self, context: list[int], token: int, logprob: float) -> dict:
+        text = self._text(context, token)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+
+    def entries(self, items: list[TokenLogprob]) -> list[dict]:
+        """OpenAI ``logprobs.content`` entries for the next tokens of this choice (in order)."""
+        out = []
+        for x in items:
+            context = [t for t in self.ids[-CONTEXT_TOKENS:] if t not in self.special]
+            entry = self._entry(context, x.token_id, x.logprob)
+            entry["top_logprobs"] = [self._entry(context, t, v) for t, v in x.top]
+            out.append(entry)
+            self.ids.append(x.token_id)
+        return out
+
+
+def logprobs_block(tokenizer, items: list[TokenLogprob] | None) -> dict | None:
+    """A whole choice's ``logprobs`` object (None when the request asked for none)."""
+    return None if items is None else {"content": TokenTexts(tokenizer).entries(items)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(cid: str, created: int, model: str, choices: list[dict], usage_: dict, steering: dict) -> dict:
+    """A ``chat.completion`` object; ``choices`` as built by ``choice``."""
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage_, "steering": steering}
+
+
+def choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chunk(cid: str, created: int, model: str, choices: list[dict], include_usage: bool, **extra) -> str:
+    """One server-sent event holding a ``chat.completion.chunk``. With ``include_usage`` every chunk
+    has a ``usage`` key, null but in the last one (OpenAI's shape)."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = None
+    body.update(extra)
+    return "data: " + json.dumps(body, allow_nan=False) + "\n\n"
+
+
+def delta(index: int, content: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def error_event(body: dict) -> str:
+    return "data: " + json.dumps(body) + "\n\n"
