@@ -176,10 +176,13 @@ def _engine_main(settings, commands, events) -> None:
                 msg = pickle.loads(commands.recv_bytes())
                 if msg[0] == "submit":
                     _, tid, row = msg
-                    if row.pixel_values is not None:
-                        row.pixel_values = torch.from_numpy(row.pixel_values)
-                    row.generator = new_generator(row.request.sampling)
-                    tickets[tid] = sched.submit(row, sink_for(tid))
+                    try:
+                        if row.pixel_values is not None:
+                            row.pixel_values = torch.from_numpy(row.pixel_values)
+                        row.generator = new_generator(row.request.sampling)
+                        tickets[tid] = sched.submit(row, sink_for(tid))
+                    except Exception as e:  # this row could not be taken: its request fails, alone
+                        sink_for(tid)(Failed(e))
                 elif msg[0] == "cancel":
                     t = tickets.pop(msg[1], None)
                     if t is not None:

@@ -64,8 +64,8 @@ class SteeringFailed(RuntimeError):
         super().__init__(f"steering method {method!r} failed ({type(cause).__name__})")
         self.method, self.cause = method, cause
 
-    def __reduce__(self):  # crosses the engine process's pipe with its method and cause
-        return SteeringFailed, (self.method, self.cause)
+    def __reduce__(self):  # crosses the engine process's pipe with its method, cause and attributes
+        return SteeringFailed, (self.method, self.cause), self.__dict__
 
 
 def same_weights(a: torch.nn.Module | None, b: torch.nn.Module | None) -> bool:

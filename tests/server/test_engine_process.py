@@ -156,6 +156,17 @@ def test_errors_cross_the_pipe_with_their_kind():
     assert type(p) is RuntimeError and "Unpicklable: held a lock" in str(p)
 
 
+def test_errors_cross_the_pipe_with_their_traceback():
+    """The API process logs a 500's traceback, also when the error was raised in the engine process."""
+    for make in (lambda: ValueError("bad pixels"), lambda: SteeringFailed("tita", RuntimeError("bad pixels"))):
+        try:
+            raise make()
+        except Exception as e:
+            p = pickle.loads(pickle.dumps(_portable(e)))
+        assert type(p) is type(make()) and "Traceback" in p.remote_traceback and "raise make()" in p.remote_traceback
+        assert getattr(p, "method", None) == getattr(make(), "method", None)
+
+
 def test_prefill_delay_lets_new_rows_wait_for_company(engine):
     s = Scheduler(engine, max_batch=4, prefill_delay=1.0)
     s._last_prefill = 10.0
