@@ -97,6 +97,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         yield
         state.draining = True
         state.scheduler.stop()
+        state.service.close()
         if engine is None and hasattr(state.engine, "close"):  # an engine this app started
             state.engine.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import statistics
 import time
 
@@ -35,7 +36,7 @@ async def _poll(client: httpx.AsyncClient, url: str, until: asyncio.Event | None
 
 def _summary(lat: list[float]) -> dict:
     lat = sorted(lat)
-    return {"polls": len(lat), "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
+    return {"polls": len(lat), "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * lat[math.ceil(0.99 * len(lat)) - 1],
             "max_ms": 1e3 * lat[-1]}
 
 

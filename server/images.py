@@ -2,8 +2,8 @@
 (never local files), each with size, pixel and aspect-ratio caps, decompression-bomb and truncation
 checks, and a conversion to RGB by each mode's meaning (transparent pixels onto white, as vLLM does).
 
-Decoding is CPU work of up to a few hundred milliseconds: ``load_image`` runs it in a worker thread so
-that the event loop (and ``/health``) never waits for it."""
+Decoding is CPU work of up to a few hundred milliseconds: ``load_image`` runs it in a worker thread (the
+server's preprocessing executor) so that the event loop (and ``/health``) never waits for it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import io
 import ipaddress
 import socket
 import warnings
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -124,11 +125,12 @@ def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
     return _open(parse_data_url(url, limits.max_bytes), limits)
 
 
-async def load_image(url: str, limits: ImageLimits, allowed_hosts: list[str], timeout: float) -> Image.Image:
-    """An RGB image from a message's ``image_url``; decoding runs in a worker thread."""
+async def load_image(url: str, limits: ImageLimits, allowed_hosts: list[str], timeout: float,
+                     executor: Executor | None = None) -> Image.Image:
+    """An RGB image from a message's ``image_url``; decoding runs in ``executor`` (default: asyncio's)."""
     if is_data_url(url):
-        return await asyncio.to_thread(decode_data_url, url, limits)
-    return await fetch_url(url, allowed_hosts, timeout, limits)
+        return await asyncio.get_running_loop().run_in_executor(executor, decode_data_url, url, limits)
+    return await fetch_url(url, allowed_hosts, timeout, limits, executor=executor)
 
 
 def _public_address(host: str) -> str:
@@ -146,7 +148,7 @@ def _public_address(host: str) -> str:
 
 
 async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, limits: ImageLimits,
-                    transport: httpx.AsyncBaseTransport | None = None) -> Image.Image:
+                    transport: httpx.AsyncBaseTransport | None = None, executor: Executor | None = None) -> Image.Image:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise APIError(400, f"unsupported image URL scheme {parts.scheme!r}", param="messages")
@@ -172,4 +174,4 @@ async def fetch_url(url: str, allowed_hosts: list[str], timeout: float, limits: 
                         raise APIError(413, f"image exceeds {limits.max_bytes} bytes", param="messages")
     except httpx.HTTPError as e:
         raise APIError(400, f"could not fetch image URL: {type(e).__name__}", param="messages") from None
-    return await asyncio.to_thread(_open, bytes(buf), limits)
+    return await asyncio.get_running_loop().run_in_executor(executor, _open, bytes(buf), limits)

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     """Largest ratio of an image's long side to its short side (400 beyond): processors resize the short
     side to their input size, so the cost of the long side grows with this ratio (a 1x20000 image would
     become 64x1,280,000 pixels for the embedded model)."""
+    preprocess_threads: int = Field(1, ge=1)
+    """Worker threads that decode images and run the processor (off the event loop). Each one holding the
+    interpreter lock delays the event loop, so few is best for `/health` and streaming; more help only
+    when images are large and cores many."""
     max_images: int = Field(4, ge=0)
     """Images per request at most."""
     image_url_hosts: list[str] = []

@@ -36,6 +36,10 @@ class SteeringMethod(ABC):
     default_strength: ClassVar[float]
     strength_range: ClassVar[tuple[float, float]]
     needs: ClassVar[tuple[str, ...]] = ()  # resources that must be present ("reward", "verifier")
+    # Whether ``start`` reads the request's decoded images (``row.request.images``), rather than only the
+    # row's pixels and the target's vision-tower outputs. The engine process receives a request's images
+    # only for rows whose methods read them (a large image costs the API's event loop to pickle and send).
+    reads_images: bool = False
 
     def __init__(self, resources: Resources):
         self.resources = resources

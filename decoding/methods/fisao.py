@@ -102,6 +102,7 @@ class Fisao(SteeringMethod):
         # FiSAO's verifier is the VLM's own vision encoder: when the weights are the same, reuse the
         # pooled output of the prefill's vision pass instead of running the tower again
         self.shared_tower = same_weights(self.verifier.model.vision_model, vision_tower(resources.target.model))
+        self.reads_images = not self.shared_tower  # the verifier's own processor then takes the image
 
     def _question(self, request) -> int:
         text = " ".join(p.get("text", "") for m in request.messages[-1:] if m["role"] == "user"

@@ -34,6 +34,7 @@ class Tita(SteeringMethod):
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
         self.reuse_inputs = same_inputs(resources.target, self.rm)
         self.reuse_tower = self.reuse_inputs and same_weights(vision_tower(resources.target.model), vision_tower(self.rm.model))
+        self.reads_images = not self.reuse_inputs  # the reward model's own processor then encodes the request
 
     @property
     def rm(self):

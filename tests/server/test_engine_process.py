@@ -156,6 +156,23 @@ def test_errors_cross_the_pipe_with_their_kind():
     assert type(p) is RuntimeError and "Unpicklable: held a lock" in str(p)
 
 
+def test_images_cross_the_pipe_only_for_methods_that_read_them(engine):
+    """Rows whose steering reads only pixels and tower outputs leave the decoded images behind (a large
+    image held the event loop for hundreds of ms to pickle and send); the others carry them."""
+    from server.engine_process import EngineFrontend, ProcessScheduler, Withheld
+
+    sched = ProcessScheduler.__new__(ProcessScheduler)
+    sched.engine = EngineFrontend(MODELS_DIR / "vlm", ["tita", "fisao"], 256, 64, image_methods=["fisao"])
+    req = GenerationRequest.single_turn(CAPTION_PROMPT, [SCENES[0].image()])
+    for steer, shipped in (({}, False), ({"tita": 0.9}, False), ({"fisao": 1.0}, True), ({"tita": 0.9, "fisao": 1.0}, True)):
+        row = sched.engine.encode(req)
+        row.steer = steer
+        wire = pickle.loads(pickle.dumps(sched._wire(row)))
+        assert len(wire.request.images) == 1 and (wire.request.images[0] == Withheld((64, 64))) != shipped
+        assert row.request.images[0].size == (64, 64)  # the API process's request is left as it was
+        assert (wire.pixel_values == row.pixel_values.numpy()).all()
+
+
 def test_errors_cross_the_pipe_with_their_traceback():
     """The API process logs a 500's traceback, also when the error was raised in the engine process."""
     for make in (lambda: ValueError("bad pixels"), lambda: SteeringFailed("tita", RuntimeError("bad pixels"))):
