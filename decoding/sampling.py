@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from decoding.request import SAMPLING_EPS
+
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
     """OpenAI's presence and frequency penalties (as vLLM applies them, after logits processors): each
@@ -51,9 +53,10 @@ def sample_tokens(
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    """One token per row: argmax where temperature <= 0, else a draw from softmax(logits / T) cut at top_p."""
+    """One token per row: argmax where temperature < SAMPLING_EPS, else a draw from softmax(logits / T) cut
+    at top_p."""
     greedy = logits.argmax(-1)
-    hot = temperature > 0
+    hot = temperature >= SAMPLING_EPS
     if not bool(hot.any()):
         return greedy
     t = torch.where(hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)

@@ -1,7 +1,9 @@
-"""The FastAPI app: /v1/chat/completions (stream and non-stream), /v1/models, /health, /metrics.
+"""The FastAPI app: the routes (/v1/chat/completions, /v1/models, /health, /metrics), the server's life
+cycle and its errors in the OpenAI shape. The routes stay thin:
 
-Data flows one way: HTTP body -> validated ChatCompletionRequest -> GenerationRequest(s) (prompt,
-images, sampling, steering) -> the scheduler's step loop -> events -> HTTP response.
+    HTTP body -> ``server.chat_service`` (strict schema, messages, images, sampling, the engine's encode:
+    every check before the scheduler) -> the scheduler (``server.engines``) -> ``server.chat_run`` (events
+    into a chat.completion or a stream, built by ``server.responses``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import traceback
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -20,15 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.methods import SteeringFailed
 from decoding.request import SteeringSpec
-from server import responses as out
+from server.chat_run import Reply, Run, complete, engine_error, log_failure, sink_for, stream
 from server.chat_service import ChatService, check_media_type, parse_request
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM, Experiment
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, completion_id, now, openapi_chat_completions
-from server.scheduler import Delta, Failed, Finished, QueueFull, Scheduler
+from server.scheduler import QueueFull, Scheduler
+from server.engines import load_engine, make_scheduler
 from server.settings import Settings
-from server.sse import EventStreamResponse, Last
+from server.sse import EventStreamResponse
 
 log = logging.getLogger("vlm_steer.server")
 
@@ -43,27 +45,6 @@ class State:
         self.service: ChatService | None = None
         self.ready = False
         self.draining = False
-
-
-def load_engine(s: Settings):
-    if s.engine == "vllm":
-        from decoding.vllm_engine import VLLMEngine
-
-        return VLLMEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
-                          max_batch=s.max_batch, tensor_parallel_size=s.tensor_parallel_size,
-                          gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len)
-    from decoding.transformers_engine import TransformersEngine
-
-    return TransformersEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier)
-
-
-def make_scheduler(engine, s: Settings, **callbacks):
-    """Our step loop over the transformers engine; vLLM batches by itself behind the same interface."""
-    if engine.name == "vllm":
-        from server.vllm_scheduler import EngineScheduler
-
-        return EngineScheduler(engine, s.max_batch, s.max_queue, **callbacks)
-    return Scheduler(engine, s.max_batch, s.max_queue, prefill_delay=s.prefill_delay, **callbacks)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -228,7 +209,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             prepared = await state.service.prepare(req, spec, cid)
         except SteeringFailed as e:  # an engine that starts steering at admission (vllm: FiSAO's verifier)
             on_failure(e)
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
 
         method = spec.method
         labels = state.metrics.labels(method, arm)
@@ -239,94 +220,19 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         tickets = []
         try:
             for i, row in enumerate(prepared.rows):
-                tickets.append(state.scheduler.submit(row, _sink(loop, events, i)))
+                tickets.append(state.scheduler.submit(row, sink_for(loop, events, i)))
         except QueueFull as e:
             for t in tickets:
                 state.scheduler.cancel(t)
             raise APIError(429, f"Model is overloaded: {e}", headers={"Retry-After": "1"}) from None
         state.metrics.waiting.labels(state.metrics.model).set(state.scheduler.num_waiting)
-        run = _Run(state, tickets, events, labels, arrival, prepared.prompt_tokens, arrival + settings.request_timeout,
-                   request.state.request_id)
-        reply = _Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer)
+        run = Run(state.metrics, state.scheduler, tickets, events, labels, arrival, prepared.prompt_tokens,
+                  arrival + settings.request_timeout, request.state.request_id)
+        reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(_stream(run, reply, include_usage, req.n), headers=headers)
-        return await _complete(run, request, reply, headers)
-
-    async def _complete(run: "_Run", request: Request, reply: "_Reply", headers):
-        done: dict[int, object] = {}
-        watcher = asyncio.create_task(_disconnected(request, run.events))
-        try:
-            while len(done) < len(run.tickets):
-                i, ev = await run.events.get()
-                if i is None:  # the deadline passed or the client went away
-                    run.abort(ev)
-                    if ev == DISCONNECTED:
-                        return Response(status_code=499)
-                    raise APIError(504, "the request did not finish within its deadline")
-                run.observe(i, ev)
-                if isinstance(ev, Failed):
-                    run.abort("failed")
-                    raise run.error(ev.error)
-                if isinstance(ev, Finished):
-                    done[i] = ev.completion
-        finally:
-            watcher.cancel()
-            run.close()
-        choices = [out.choice(i, c.text, c.finish_reason, out.logprobs_block(reply.tokenizer, c.logprobs))
-                   for i, c in sorted(done.items())]
-        gen_tokens = sum(len(c.token_ids) for c in done.values())
-        steering = {**reply.steering, "steered_tokens": sum(c.steered_tokens for c in done.values())}
-        body = out.completion_body(reply.cid, reply.created, reply.model, choices,
-                                   out.usage(run.prompt_tokens, gen_tokens), steering)
-        return JSONResponse(body, headers=headers)
-
-    async def _stream(run: "_Run", reply: "_Reply", include_usage: bool, n: int):
-        def chunk(choices, **extra):
-            return out.chunk(reply.cid, reply.created, reply.model, choices, include_usage, **extra)
-
-        texts = [out.TokenTexts(reply.tokenizer) for _ in range(n)]
-        finished = 0
-        steered = 0
-        gen_tokens = 0
-        pending = [chunk([out.delta(i, {"role": "assistant", "content": ""}) for i in range(n)],
-                         steering={**reply.steering, "steered_tokens": 0})]
-        try:
-            first = True
-            while True:
-                if pending and not first and run.events.empty():  # what is ready goes out in one write
-                    yield "".join(pending)  # (the role chunk with the first event)
-                    pending.clear()
-                i, ev = await run.events.get()
-                first = False
-                if i is None:  # the deadline passed
-                    run.abort(ev)
-                    pending.append(out.error_event(APIError(504, "the request did not finish within its deadline").body()))
-                    break
-                run.observe(i, ev)
-                if isinstance(ev, Delta):
-                    wants = run.tickets[i].request.sampling.top_logprobs is not None
-                    lp = {"content": texts[i].entries(ev.logprobs)} if wants else None
-                    pending.append(chunk([out.delta(i, {"content": ev.text}, lp)]))
-                elif isinstance(ev, Finished):
-                    finished += 1
-                    steered += ev.completion.steered_tokens
-                    gen_tokens += len(ev.completion.token_ids)
-                    extra = {"steering": {**reply.steering, "steered_tokens": steered}} if finished == n else {}
-                    pending.append(chunk([out.delta(i, {}, None, ev.completion.finish_reason)], **extra))
-                    if finished == n:
-                        if include_usage:
-                            pending.append(chunk([], usage=out.usage(run.prompt_tokens, gen_tokens)))
-                        break
-                elif isinstance(ev, Failed):
-                    run.abort("failed")
-                    pending.append(out.error_event(run.error(ev.error).body()))
-                    break
-            pending.append("data: [DONE]\n\n")
-            yield Last("".join(pending))
-        finally:  # the client went away (the stream is cancelled) or we are done
-            run.abort("disconnected")
-            run.close()
+            return EventStreamResponse(stream(run, reply, include_usage, req.n), headers=headers)
+        return await complete(run, request, reply, headers)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -339,105 +245,3 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     app.openapi = openapi
     return app
-
-
-def log_failure(method: str, path: str, request_id: str | None, e: BaseException) -> None:
-    """A 500's traceback in the server log, with the request id (never in the response). An error raised
-    in the engine process carries its traceback as text (``remote_traceback``)."""
-    remote = getattr(e, "remote_traceback", None)
-    detail = "".join(traceback.format_exception(e)) + (f"in the engine process:\n{remote}" if remote else "")
-    log.error("500 on %s %s (request id %s): %s\n%s", method, path, request_id, e, detail.rstrip())
-
-
-class _Reply:
-    """What every response object of one request repeats."""
-
-    def __init__(self, cid: str, created: int, model: str, steering: dict, tokenizer):
-        self.cid, self.created, self.model, self.steering, self.tokenizer = cid, created, model, steering, tokenizer
-
-
-def _engine_error(e: Exception) -> APIError:
-    if isinstance(e, ValueError):
-        return APIError(400, str(e))
-    if isinstance(e, SteeringFailed):  # said plainly: the request was not served unsteered instead
-        return APIError(500, f"{e}; the request was not served without its steering")
-    return APIError(500, f"generation failed ({type(e).__name__})")
-
-
-def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, i: int):
-    """Where a scheduler delivers choice ``i``'s events: straight into the queue when called on the event
-    loop (the engine process's reader), through ``call_soon_threadsafe`` from a worker thread."""
-    def sink(ev) -> None:
-        try:
-            here = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            here = False
-        if here:
-            events.put_nowait((i, ev))
-        else:
-            loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-    return sink
-
-
-DEADLINE, DISCONNECTED = "deadline", "disconnected"  # (None, reason) in a request's event queue
-
-
-async def _disconnected(request: Request, events: asyncio.Queue) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            events.put_nowait((None, DISCONNECTED))
-            return
-
-
-class _Run:
-    """One HTTP request's tickets and the bookkeeping its metrics need."""
-
-    def __init__(self, state: State, tickets, events, labels, arrival, prompt_tokens, deadline, request_id=None):
-        self.state, self.tickets, self.events, self.labels = state, tickets, events, labels
-        self.request_id = request_id
-        self.arrival, self.prompt_tokens, self.deadline = arrival, prompt_tokens, deadline
-        self.last_token: dict[int, float] = {}
-        loop = asyncio.get_running_loop()  # one timer for the deadline, rather than a timeout per event
-        self.timer = loop.call_later(max(0.0, deadline - time.monotonic()), events.put_nowait, (None, DEADLINE))
-        self.open = set(range(len(tickets)))
-        m = state.metrics
-        m.prompt_tokens.labels(**labels).inc(prompt_tokens * len(tickets))
-        self.itl, self.generation_tokens = m.itl.labels(**labels), m.generation_tokens.labels(**labels)  # per token
-
-    def observe(self, i: int, ev) -> None:
-        m, t, now_ = self.state.metrics, self.tickets[i], time.monotonic()
-        if isinstance(ev, Delta):
-            if i not in self.last_token:
-                m.ttft.labels(**self.labels).observe(now_ - self.arrival)
-                if t.started is not None:
-                    m.queue.labels(**self.labels).observe(t.started - t.submitted)
-            else:
-                self.itl.observe((now_ - self.last_token[i]) / max(1, len(ev.token_ids)))
-            self.last_token[i] = now_
-            self.generation_tokens.inc(len(ev.token_ids))
-        elif isinstance(ev, Finished):
-            self.open.discard(i)
-            m.e2e.labels(**self.labels).observe(now_ - self.arrival)
-            m.success.labels(**self.labels, finished_reason=ev.completion.finish_reason).inc()
-            m.steered.labels(**self.labels).inc(ev.completion.steered_tokens)
-        elif isinstance(ev, Failed):
-            self.open.discard(i)
-
-    def close(self) -> None:
-        self.timer.cancel()
-
-    def error(self, e: Exception) -> APIError:
-        """The HTTP error for a failed choice; a 500 logs its traceback with the request id."""
-        err = _engine_error(e)
-        if err.status >= 500:
-            log_failure("POST", "/v1/chat/completions", self.request_id, e)
-        return err
-
-    def abort(self, reason: str) -> None:
-        if not self.open:
-            return
-        for i in list(self.open):
-            self.state.scheduler.cancel(self.tickets[i])
-        self.state.metrics.aborted.labels(**self.labels, reason=reason).inc(len(self.open))
-        self.open.clear()

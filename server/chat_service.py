@@ -85,6 +85,8 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         data = json.loads(raw, parse_constant=_no_constant)  # RFC 8259: NaN and Infinity are not JSON
     except ValueError as e:
         raise APIError(400, f"request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     bad = _unpaired_surrogate(data)

@@ -132,7 +132,7 @@ def _engine_main(settings, commands, events) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains and then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        from server.app import load_engine
+        from server.engines import load_engine
 
         engine = load_engine(settings)
     except Exception as e:

@@ -459,3 +459,20 @@ def test_an_unexpected_error_in_the_route_is_logged_with_the_request_id(live, mo
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
     assert "req-route-1" in logged and "internal detail" in logged and "Traceback" in logged
     assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_other_request(client, live):
+    """logits / 1e-300 are infinite: vLLM samples greedily below 1e-5, so does this server (before, the
+    draw raised and failed every row of the decode step)."""
+    greedy = [create(client, i).choices[0].message.content for i in (0, 1)]
+    with cf.ThreadPoolExecutor(2) as pool:
+        tiny = pool.submit(post, live, body(0, temperature=1e-300))
+        other = pool.submit(post, live, body(1))
+        assert tiny.result().json()["choices"][0]["message"]["content"] == greedy[0]
+        assert other.result().json()["choices"][0]["message"]["content"] == greedy[1]
+
+
+def test_a_body_nested_too_deeply_is_a_400(live):
+    raw = '{"model": "shapeworld", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert_error(post(live, content=raw, headers={"content-type": "application/json"}), 400, None, "nested too deeply")
+    assert httpx.get(live.url + "/health").status_code == 200
