@@ -98,6 +98,47 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _frame(msg) -> bytes:
+    """``msg`` pickled, in ``Connection.send_bytes``'s framing (what ``recv_bytes`` reads)."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    head = struct.pack("!i", len(data)) if len(data) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(data))
+    return head + data
+
+
+class _CommandWriter:
+    """The parent's commands to the engine, written without ever blocking the event loop. A blocking
+    write waits for the engine to read its commands, while the engine, between two steps, may wait for
+    the event loop to read its events: with both pipes full, neither moves (seen with 20 concurrent long
+    requests: the server hung for good). Frames queue in the write transport's buffer instead and go
+    out as the engine reads them; the event loop keeps reading events meanwhile."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.transport: asyncio.WriteTransport | None = None
+        self.pending: list[bytes] = []  # frames sent before the transport is connected
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        pipe = open(os.dup(self.conn.fileno()), "wb", buffering=0)  # the transport closes its own copy
+        self.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipe)
+        for frame in self.pending:
+            self.transport.write(frame)
+        self.pending.clear()
+
+    def send(self, msg) -> None:
+        if self.transport is None:
+            self.pending.append(_frame(msg))
+        elif self.transport.is_closing():
+            raise OSError("the engine process's command pipe is closed")
+        else:
+            self.transport.write(_frame(msg))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the engine process."""
+        return sum(map(len, self.pending)) + (self.transport.get_write_buffer_size() if self.transport else 0)
+
+
 class _Frames(asyncio.Protocol):
     """The engine's messages on the event loop: ``Connection.send_bytes`` frames (a big-endian 4-byte
     length, or -1 and an 8-byte one) cut out of the pipe's byte stream, however the reads split them."""
@@ -262,13 +303,24 @@ class ProcessScheduler:
         pipe = open(os.dup(self._events.fileno()), "rb", buffering=0)  # the transport closes its own copy
         self._connecting = loop.create_task(loop.connect_read_pipe(  # events wait in the pipe meanwhile
             lambda: _Frames(lambda b: self._dispatch(pickle.loads(b)), self._engine_gone), pipe))
+        self._writer = _CommandWriter(self._commands)
+        self._connecting_writer = loop.create_task(self._writer.connect())
+
+    def _command(self, msg) -> None:
+        self._writer.send(msg)
 
     def stop(self) -> None:
+        """Ask the engine process to stop, wait for it, kill it if it does not stop."""
+        writer = getattr(self, "_writer", None)
         try:
-            _send(self._commands, ("stop",))
+            if writer is None:  # never started on an event loop
+                _send(self._commands, ("stop",))
+            else:
+                writer.send(("stop",))  # with nothing queued before it, written at once
         except OSError:
             pass
-        self._proc.join(timeout=30)
+        unsent = writer is not None and writer.buffered > 0  # cannot go out while this blocks: do not wait long
+        self._proc.join(timeout=2 if unsent else 30)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=5)
@@ -293,7 +345,7 @@ class ProcessScheduler:
             self._tickets.pop(t.id, None)
             sink(Failed(RuntimeError("the engine process is not running")))
             return t
-        _send(self._commands, ("submit", t.id, self._wire(row)))
+        self._command(("submit", t.id, self._wire(row)))
         return t
 
     def _wire(self, row):
@@ -312,7 +364,7 @@ class ProcessScheduler:
         ticket.cancelled = True
         if self._tickets.pop(getattr(ticket, "id", -1), None) is not None and self.alive:
             try:
-                _send(self._commands, ("cancel", ticket.id))
+                self._command(("cancel", ticket.id))
             except OSError:
                 pass
 

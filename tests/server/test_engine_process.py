@@ -101,6 +101,38 @@ def test_client_disconnect_frees_the_row_in_the_engine_process(proc_live):
     assert ok.status_code == 200  # and the engine goes on serving
 
 
+def test_a_burst_of_long_requests_never_deadlocks_the_two_pipes(proc_live):
+    """24 image captions of 40 tokens and 4 requests of 8 choices x 256 tokens at once: the API process
+    once wrote its commands with blocking writes while the engine waited for it to read its events
+    (both pipes full: the server hung for good, /health too). Every request is answered."""
+    import concurrent.futures as cf
+
+    def post(n, max_tokens):
+        body = {"model": "shapeworld", "messages": image_message(n % 8), "max_tokens": max_tokens, "n": 1 if n < 24 else 8,
+                "temperature": 0, "ignore_eos": True}
+        return httpx.post(proc_live.url + "/v1/chat/completions", json=body, timeout=120)
+
+    with cf.ThreadPoolExecutor(28) as pool:
+        futures = [pool.submit(post, n, 40 if n < 24 else 256) for n in range(28)]
+        done, _ = cf.wait(futures, timeout=150)
+    assert len(done) == 28, "requests still hanging: the pipes deadlocked"
+    rs = [f.result() for f in futures]
+    assert [r.status_code for r in rs] == [200] * 28
+    assert [r.json()["usage"]["completion_tokens"] for r in rs] == [40] * 24 + [8 * 256] * 4
+    assert httpx.get(proc_live.url + "/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_the_command_pipe_frames_are_those_recv_bytes_reads():
+    import multiprocessing as mp
+
+    from server.engine_process import _frame
+
+    reader, writer = mp.Pipe(duplex=False)
+    for msg in (("submit", 7, {"x": [1, 2, 3]}), ("cancel", 7), ("stop",)):
+        os.write(writer.fileno(), _frame(msg))
+        assert pickle.loads(reader.recv_bytes()) == msg
+
+
 def test_a_dead_engine_process_fails_requests_and_health():
     with _server() as srv:
         body = {"model": "shapeworld", "messages": image_message(4), "max_tokens": 200, "stream": True,
