@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from dataclasses import dataclass, field
 
@@ -72,6 +73,13 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     steered_tokens: int = 0
+
+
+def tokens_covering(text_ends: list[int], length: int) -> int:
+    """How many tokens produce the first ``length`` characters of a completion, given the text's length
+    after each token: where a stop string cuts the text, the tokens after the cut leave the completion
+    (and its logprobs), as their text is not in it; a token the cut splits stays."""
+    return 0 if length <= 0 else min(len(text_ends), bisect.bisect_left(text_ends, length) + 1)
 
 
 # What a running request reports, in order: Delta..., then Finished or Failed.

@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
-from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
+from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob, tokens_covering
 from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +43,7 @@ class Row:
     image_pooled: torch.Tensor | None = None  # the vision tower's pooled output for the first image (prefill)
     image_features: torch.Tensor | None = None  # [images, patches, hidden] the tower's selected features (prefill)
     error: Exception | None = None  # its steering failed: the row must leave the batch, failed, not served unsteered
+    text_ends: list[int] = field(default_factory=list)  # len(text) after each generated token (stop-string cuts)
 
 
 @dataclass
@@ -360,10 +361,13 @@ class TransformersEngine:
             return
         row.token_ids.append(tok)
         row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        row.text_ends.append(len(row.text))
         for stop in s.stop:
             at = row.text.find(stop)
             if at >= 0:
                 row.text, row.finish_reason = row.text[:at], "stop"
+                keep = tokens_covering(row.text_ends, at)  # the tokens after the cut leave with the stop string
+                del row.token_ids[keep:], row.logprobs[keep:], row.text_ends[keep:]
                 return
         if len(row.token_ids) >= s.max_tokens or len(row.prompt_ids) + len(row.token_ids) >= self.max_context:
             row.finish_reason = "length"

@@ -12,6 +12,7 @@ share one engine; ``run`` streams a request's events to a thread-safe sink.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import io
 import itertools
 import os
@@ -24,7 +25,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
-from decoding.request import Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob
+from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
+                              tokens_covering)
 from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
 
 
@@ -220,8 +222,11 @@ class VLLMEngine:
     async def _stream(self, row: VLLMRow, sink) -> None:
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
+        text_ends: list[int] = []  # with stop strings: the text's length after each token
+        sent = 0  # tokens sent in deltas
         text = ""
         k = row.request.sampling.top_logprobs
+        stops = bool(row.request.sampling.stop)
         try:
             async for out in self.llm.generate(row.prompt, row.params, row.request.request_id):
                 o = out.outputs[0]
@@ -234,8 +239,18 @@ class VLLMEngine:
                 token_ids += ids
                 logprobs += lps
                 text += piece
-                if piece or ids:
-                    sink(Delta(piece, ids, lps))
+                ready = len(token_ids)
+                if stops:  # vLLM holds back text that may become a stop string, not its tokens: hold those too
+                    for j in range(len(text_ends), len(token_ids)):
+                        text_ends.append(len(self.tokenizer.decode(token_ids[: j + 1], skip_special_tokens=True)))
+                    if out.finished and isinstance(o.stop_reason, str):  # cut at a stop string: its tokens leave
+                        ready = tokens_covering(text_ends, len(text))
+                        del token_ids[ready:], logprobs[ready:]
+                    elif not out.finished:
+                        ready = max(sent, bisect.bisect_right(text_ends, len(text)))
+                if piece or ready > sent:
+                    sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready]))
+                    sent = ready
                 if out.finished:
                     steered, failed = (int(v) for v in self.counters.slot(row.slot).tolist())
                     if failed:

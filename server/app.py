@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoding.methods import SteeringFailed
 from decoding.request import SteeringSpec
 from server.chat_run import Reply, Run, complete, engine_error, log_failure, sink_for, stream
-from server.chat_service import ChatService, check_media_type, parse_request
+from server.chat_service import ChatService, check_media_type
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM, Experiment
 from server.metrics import Metrics
@@ -45,6 +45,16 @@ class State:
         self.service: ChatService | None = None
         self.ready = False
         self.draining = False
+
+
+MAX_REQUEST_ID = 128
+
+
+def _client_request_id(request: Request) -> str | None:
+    """The client's ``X-Request-Id`` when it is a reasonable one (at most 128 printable ASCII characters);
+    otherwise the server assigns its own (it is echoed and written to the log)."""
+    rid = request.headers.get("x-request-id")
+    return rid if rid and len(rid) <= MAX_REQUEST_ID and rid.isascii() and rid.isprintable() else None
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -88,7 +98,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     # ------------------------------------------------------------ errors in the OpenAI shape
 
     def _request_id(request: Request) -> str | None:
-        return getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+        return getattr(request.state, "request_id", None) or _client_request_id(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -173,7 +183,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             raw += chunk
             if len(raw) > settings.max_body_bytes:
                 raise APIError(413, f"request body exceeds {settings.max_body_bytes} bytes")
-        return parse_request(bytes(raw))
+        return await state.service.parse(bytes(raw))
 
     def _arm(req: ChatCompletionRequest) -> tuple[str, SteeringSpec]:
         exp = state.experiment
@@ -192,7 +202,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         arrival = time.monotonic()
         created = now()  # one value for the whole completion, every chunk of a stream included
         cid = completion_id()
-        request.state.request_id = request.headers.get("x-request-id") or cid
+        request.state.request_id = _client_request_id(request) or cid
         _auth(request)
         if not state.ready or state.draining:
             raise APIError(503, "the server is not accepting requests (loading or draining)")

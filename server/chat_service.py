@@ -28,6 +28,7 @@ from server.protocol import INT64, ChatCompletionRequest
 from server.settings import Settings
 
 JSON_TYPES = ("application/json",)
+PARSE_INLINE_BYTES = 64 * 1024  # bodies below it are parsed on the event loop (tens of microseconds)
 
 
 def check_media_type(content_type: str | None) -> None:
@@ -112,20 +113,39 @@ def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dic
         if not isinstance(m.content, list):
             messages.append({"role": role, "content": m.content or ""})
             continue
-        parts: list[dict] = []
+        parts: list = []  # {"type": "image"} or a list of adjacent texts (joined at the end: linear time)
         for p in m.content:
             if p.type == "text":
-                if parts and parts[-1]["type"] == "text":
-                    parts[-1] = {"type": "text", "text": parts[-1]["text"] + "\n" + p.text}
+                if parts and isinstance(parts[-1], list):
+                    parts[-1].append(p.text)
                 else:
-                    parts.append({"type": "text", "text": p.text})
+                    parts.append([p.text])
                 continue
             if len(urls) >= max_images:
                 raise APIError(400, f"at most {max_images} images per request", param="messages")
             urls.append(p.image_url.url)
             parts.append({"type": "image"})
-        messages.append({"role": role, "content": parts})
+        messages.append({"role": role, "content": [{"type": "text", "text": "\n".join(p)} if isinstance(p, list) else p
+                                                   for p in parts]})
     return messages, urls
+
+
+def placeholder_tokens(processor) -> list[str]:
+    """The strings a processor expands into image (video, audio) features: ``<image>`` for LLaVA."""
+    return [t for a in ("image_token", "video_token", "audio_token") if isinstance(t := getattr(processor, a, None), str) and t]
+
+
+def check_texts(req: ChatCompletionRequest, placeholders: list[str]) -> None:
+    """Refuse message text that holds a placeholder token: the processor would count it as an image
+    (and fail, or fill it with another image's features). Images go in ``image_url`` parts."""
+    for i, m in enumerate(req.messages):
+        parts = [(f"messages.{i}.content", m.content)] if isinstance(m.content, str) else [
+            (f"messages.{i}.content.{j}.text", p.text) for j, p in enumerate(m.content or []) if p.type == "text"]
+        for param, text in parts:
+            for token in placeholders:
+                if token in text:
+                    raise APIError(400, f"{param}: contains {token!r}, the model's placeholder for an image; send "
+                                        "images as image_url parts", param=param)
 
 
 def derived_seed(seed: int | None, i: int) -> int | None:
@@ -152,7 +172,15 @@ class ChatService:
         # part of the time, and every thread doing so takes turns with the event loop: one thread by
         # default (measured on 2 cores, 4 concurrent 4096x4096 images, `vlm-steer bench health`: /health's
         # worst answer 15-22 ms with one thread, 64-110 ms with four, the same 1.1 s for the four requests).
+        self.placeholders = placeholder_tokens(engine.processor)
         self.executor = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vlm-steer-preprocess")
+
+    async def parse(self, raw: bytes) -> ChatCompletionRequest:
+        """``parse_request``; a large body in the preprocessing thread (200,000 text parts take a second
+        to validate), a small one here (a thread hop would cost more than it)."""
+        if len(raw) < PARSE_INLINE_BYTES:
+            return parse_request(raw)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, parse_request, raw)
 
     def max_tokens(self, req: ChatCompletionRequest) -> int:
         s = self.settings
@@ -174,6 +202,7 @@ class ChatService:
         max_tokens = self.max_tokens(req)
         bias = req.token_bias
         self._check_bias(bias)
+        check_texts(req, self.placeholders)
         messages, urls = chat_messages(req, s.max_images)
         images = list(await asyncio.gather(*(load_image(u, self.limits, s.image_url_hosts, s.image_url_timeout,
                                                         self.executor) for u in urls)))
@@ -200,6 +229,8 @@ class ChatService:
             return [self.engine.encode(g) for g in gens]
         except (ValueError, TemplateError) as e:  # the template or processor refused this request's messages
             raise APIError(400, str(e), param="messages") from None
+        except StopIteration:  # a processor that ran out of images for its placeholders (it cannot cross a Future)
+            raise APIError(400, "the prompt's image placeholders do not match its images", param="messages") from None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

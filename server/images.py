@@ -37,14 +37,22 @@ class ImageLimits:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """An RGB image with the same meaning as ``img``, whatever its PIL mode: transparency (alpha bands,
-    palette or colour-key transparency) composited onto white (vLLM's ``rgba_to_rgb``), 16-bit and
-    32-bit integer grey scaled to 8 bits (PIL's own conversion clips them at 255), float grey read as
+    palette or colour-key transparency, 16-bit grey included) composited onto white (vLLM's
+    ``rgba_to_rgb``), 16-bit grey scaled to 8 bits (PIL's own conversion clips it at 255), 32-bit integer
+    grey from the smallest of 8, 16, 24 or 32 bits that holds its values, float grey read as
     0..1 when it lies there (else 0..255), CIELAB through a colour transform; the rest by PIL."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img).astype(np.float64)
-        scale = 65535.0 / 255.0 if mode != "I" or a.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
+        if mode == "I":  # 32-bit integers of no declared depth: the smallest of 8, 16, 24, 32 bits that holds them
+            bits = next((b for b in (8, 16, 24, 32) if a.max(initial=0) < 2**b), 32)
+        else:
+            bits = 16
+        grey = Image.fromarray(np.clip(np.rint(a * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8), "L")
+        key = img.info.get("transparency")  # a 16-bit grey PNG's colour key (tRNS), in the raw values
+        if isinstance(key, int):
+            grey.putalpha(Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8), "L"))
+        img = grey
     elif mode == "F":
         a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         scale = 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Literal
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # Every field is strictly typed, as OpenAI checks them: "2" is not an integer, 1 is not a boolean, and
 # NaN or Infinity is no number (pydantic's lax mode would coerce them and serve the request).
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+TOKEN_ID = re.compile(r"\s*-?[0-9]{1,18}\s*")  # a logit_bias key: a decimal token id (its range is the model's)
 INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
 
 
@@ -91,6 +93,12 @@ class ChatCompletionRequest(BaseModel):
     functions: list | None = None
     function_call: str | dict | None = None
 
+    @field_validator("n", "stream", "logprobs", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):
+        """OpenAI's schema makes these nullable: null means the default."""
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("response_format", "tools", "tool_choice", "functions", "function_call")
     @classmethod
     def _unsupported(cls, v, info):
@@ -104,7 +112,7 @@ class ChatCompletionRequest(BaseModel):
     def _logit_bias(cls, v):
         """OpenAI's map of token ids to biases in [-100, 100] (the ids' range is the model's: checked later)."""
         for key, bias in (v or {}).items():
-            if not key.isascii() or not key.strip().lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise ValueError(f"keys must be token ids (decimal integers), not {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"the bias of token {key} is {bias:g}; biases lie in [-100, 100]")

@@ -22,40 +22,44 @@ def finite(x: float) -> float:
 
 class TokenTexts:
     """Token strings as they appear in one choice's content, for its logprobs (OpenAI's ``token`` and
-    ``bytes``: their concatenation is the content).
+    ``bytes``: concatenated, the chosen tokens' strings are the content).
 
     A token decoded alone loses what it contributes in context (a SentencePiece word mark decodes to a
-    leading space only after another token), so each token is decoded after the few tokens before it
-    and its text is the difference (vLLM's incremental detokenization). The first token of a completion
-    has no space to keep, as the content starts without one. Special tokens show their literal text."""
+    leading space only after another token), so each token is decoded after the few text tokens before
+    it and its string is the difference (vLLM's incremental detokenization). The first text token of a
+    completion has no space to keep, as the content starts without one. A chosen special token adds
+    nothing to the content (it is decoded with ``skip_special_tokens``): its string is empty; among the
+    alternatives (``top_logprobs``) special tokens show their literal text (``</s>``)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
-        self.ids: list[int] = []  # the choice's tokens so far
+        self.context: list[int] = []  # the choice's text (non-special) tokens so far
 
-    def _text(self, context: list[int], token: int) -> str:
+    def _text(self, context: list[int], token: int, chosen: bool) -> str:
         if token in self.special:
-            return self.tokenizer.convert_ids_to_tokens(token)
+            return "" if chosen else self.tokenizer.convert_ids_to_tokens(token)
+        alone = self.tokenizer.decode([token], skip_special_tokens=True)
         if not context:
-            return self.tokenizer.decode([token], skip_special_tokens=True)
+            return alone
         before = self.tokenizer.decode(context, skip_special_tokens=True)
         after = self.tokenizer.decode(context + [token], skip_special_tokens=True)
-        return after[len(before):] if after.startswith(before) else self.tokenizer.decode([token], skip_special_tokens=True)
+        return after[len(before):] if after.startswith(before) else alone
 
-    def _entry(self, context: list[int], token: int, logprob: float) -> dict:
-        text = self._text(context, token)
+    def _entry(self, context: list[int], token: int, logprob: float, chosen: bool) -> dict:
+        text = self._text(context, token, chosen)
         return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
     def entries(self, items: list[TokenLogprob]) -> list[dict]:
         """OpenAI ``logprobs.content`` entries for the next tokens of this choice (in order)."""
         out = []
         for x in items:
-            context = [t for t in self.ids[-CONTEXT_TOKENS:] if t not in self.special]
-            entry = self._entry(context, x.token_id, x.logprob)
-            entry["top_logprobs"] = [self._entry(context, t, v) for t, v in x.top]
+            context = self.context[-CONTEXT_TOKENS:]
+            entry = self._entry(context, x.token_id, x.logprob, chosen=True)
+            entry["top_logprobs"] = [self._entry(context, t, v, chosen=False) for t, v in x.top]
             out.append(entry)
-            self.ids.append(x.token_id)
+            if x.token_id not in self.special:
+                self.context.append(x.token_id)
         return out
 
 

@@ -8,6 +8,7 @@ that the HTTP layer turns into an asyncio queue.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -213,11 +214,13 @@ class Scheduler:
 
     @staticmethod
     def _emit(t: Ticket, row) -> None:
-        """Send the text that is new since the last delta (held back while a stop string may be forming)."""
-        text = row.text
+        """Send the text that is new since the last delta (held back while a stop string may be forming)
+        and the tokens whose text has been sent (those of held text may yet be cut with the stop string)."""
+        text, tokens = row.text, len(row.token_ids)
         if row.finish_reason is None and row.request.sampling.stop:
             hold = max(len(s) for s in row.request.sampling.stop) - 1
             text = text[: max(t.sent_text, len(text) - hold)]
-        if len(text) > t.sent_text or len(row.token_ids) > t.sent_tokens:
-            t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens :], row.logprobs[t.sent_tokens :]))
-            t.sent_text, t.sent_tokens = len(text), len(row.token_ids)
+            tokens = max(t.sent_tokens, bisect.bisect_right(row.text_ends, len(text)))
+        if len(text) > t.sent_text or tokens > t.sent_tokens:
+            t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens : tokens], row.logprobs[t.sent_tokens : tokens]))
+            t.sent_text, t.sent_tokens = len(text), tokens

@@ -100,3 +100,17 @@ def test_aspect_ratio_limit():
         _roundtrip(Image.new("RGB", (1, 20000), "white"))
     assert e.value.status == 400 and "aspect ratio" in e.value.message
     assert _roundtrip(Image.new("RGB", (20, 400), "white")).size == (20, 400)
+
+
+def test_sixteen_bit_grey_with_a_colour_key_is_composited_onto_white():
+    a = np.full((4, 4), 40 * 257, dtype=np.uint16)
+    a[0, 0] = 1234  # the transparent value
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", transparency=1234)
+    img = decode_data_url("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), ImageLimits())
+    assert _px(img) == (255, 255, 255) and tuple(np.asarray(img)[1, 1]) == (40, 40, 40)
+
+
+def test_32_bit_grey_is_read_at_the_depth_that_holds_it():
+    deep = to_rgb(Image.fromarray(np.array([[0, 2**23, 2**24 - 1]], dtype=np.int32)))
+    assert np.asarray(deep)[0, :, 0].tolist() == [0, 128, 255]

@@ -476,3 +476,85 @@ def test_a_body_nested_too_deeply_is_a_400(live):
     raw = '{"model": "shapeworld", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
     assert_error(post(live, content=raw, headers={"content-type": "application/json"}), 400, None, "nested too deeply")
     assert httpx.get(live.url + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------ found by trying to break it
+
+
+@pytest.mark.parametrize("where", ["user part", "system string"])
+def test_the_image_placeholder_in_text_is_refused(live, where):
+    """``<image>`` typed in a text part made the processor raise StopIteration, which cannot cross a
+    future: the request hung for good. It is the model's image placeholder: a 400 naming the text."""
+    if where == "user part":
+        b = body(0)
+        b["messages"][0]["content"][1]["text"] = "<image> describe the image ."
+        param = "messages.0.content.1.text"
+    else:
+        b = body(0)
+        b["messages"].insert(0, {"role": "system", "content": "you see <image>"})
+        param = "messages.0.content"
+    assert_error(post(live, b, timeout=30), 400, param, "placeholder")
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("key", ["--5", "1" * 5000, "5.0", "0x5", ""])
+def test_malformed_logit_bias_keys_are_a_400(live, key):
+    assert_error(post(live, body(0, logit_bias={key: 1})), 400, "logit_bias", "token ids")
+
+
+def test_null_means_the_default_for_nullable_fields(live):
+    r = post(live, body(0, n=None, stream=None, logprobs=None, ignore_eos=None, max_tokens=None, top_p=None))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("stop", [[" and"], [" red circle"], ["a"], [" and a"], ["red circle"]])
+def test_logprobs_end_where_a_stop_string_cuts_the_content(live, stop):
+    """The tokens after a stop string's cut leave the completion; a token the cut splits (" red" when
+    the stop string is "red circle") stays, the one token whose text goes past the content."""
+    whole = post(live, body(1, stop=stop, logprobs=True, top_logprobs=2)).json()
+    content = whole["choices"][0]["message"]["content"]
+    lps = _content_logprobs(whole)
+    assert whole["choices"][0]["finish_reason"] == "stop" and len(lps) == whole["usage"]["completion_tokens"]
+    joined = "".join(x["token"] for x in lps)
+    if stop[0].startswith((" ", "a")):
+        assert joined == content
+    else:
+        assert joined.startswith(content) and joined.endswith(" red") and "".join(x["token"] for x in lps[:-1]) != content
+    chunks = sse(post(live, body(1, stop=stop, logprobs=True, top_logprobs=2, stream=True)))
+    streamed = [x for c in chunks for ch in c["choices"] if ch.get("logprobs") for x in ch["logprobs"]["content"]]
+    assert streamed == lps
+    assert "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"]) == content
+
+
+def test_logprobs_rebuild_the_content_past_end_of_sequence_tokens(live, steering_engine):
+    r = post(live, body(0, max_tokens=40, ignore_eos=True, logprobs=True, top_logprobs=3)).json()
+    content, lps = r["choices"][0]["message"]["content"], _content_logprobs(r)
+    eos = steering_engine.tokenizer.eos_token
+    assert len(lps) == 40 == r["usage"]["completion_tokens"]
+    assert "".join(x["token"] for x in lps) == content and eos not in content
+    assert any(t["token"] == eos for x in lps for t in x["top_logprobs"])  # alternatives show special tokens
+
+
+def test_a_huge_body_is_parsed_off_the_event_loop(live, monkeypatch):
+    import server.chat_service as service
+
+    threads = []
+    original = service.parse_request
+
+    def spy(raw):
+        threads.append(threading.current_thread())
+        return original(raw)
+
+    monkeypatch.setattr(service, "parse_request", spy)
+    many = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 20000}]}
+    assert_error(post(live, many), 400, "messages", "context")
+    assert post(live, body(0, max_tokens=2)).status_code == 200
+    assert len(threads) == 2 and threads[0] is not live.thread and threads[1] is live.thread  # a small body stays
+
+
+@pytest.mark.parametrize("rid,echoed", [("abc-123", True), ("x" * 129, False), ("tab\there", False)])
+def test_client_request_ids_are_echoed_when_reasonable(live, rid, echoed):
+    r = post(live, body(0, max_tokens=2), headers={"x-request-id": rid})
+    assert (r.headers["x-request-id"] == rid) == echoed
+    assert echoed or r.headers["x-request-id"].startswith("chatcmpl-")
