@@ -103,18 +103,19 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
 
 
-def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dict], list[str]]:
+def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """Messages in the chat template's shape (``developer`` read as ``system``; image parts as
-    ``{"type": "image"}``, filled in order by the returned image URLs). Adjacent text parts of a message
-    are joined with a newline, as vLLM joins them, so that no template glues two words together."""
+    ``{"type": "image"}``, filled in order by the returned (URL, its path in the body) pairs). Adjacent
+    text parts of a message are joined with a newline, as vLLM joins them, so that no template glues two
+    words together."""
     messages, urls = [], []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
         if not isinstance(m.content, list):
             messages.append({"role": role, "content": m.content or ""})
             continue
         parts: list = []  # {"type": "image"} or a list of adjacent texts (joined at the end: linear time)
-        for p in m.content:
+        for j, p in enumerate(m.content):
             if p.type == "text":
                 if parts and isinstance(parts[-1], list):
                     parts[-1].append(p.text)
@@ -123,7 +124,7 @@ def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dic
                 continue
             if len(urls) >= max_images:
                 raise APIError(400, f"at most {max_images} images per request", param="messages")
-            urls.append(p.image_url.url)
+            urls.append((p.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
             parts.append({"type": "image"})
         messages.append({"role": role, "content": [{"type": "text", "text": "\n".join(p)} if isinstance(p, list) else p
                                                    for p in parts]})
@@ -204,8 +205,7 @@ class ChatService:
         self._check_bias(bias)
         check_texts(req, self.placeholders)
         messages, urls = chat_messages(req, s.max_images)
-        images = list(await asyncio.gather(*(load_image(u, self.limits, s.image_url_hosts, s.image_url_timeout,
-                                                        self.executor) for u in urls)))
+        images = list(await asyncio.gather(*(self._image(url, path) for url, path in urls)))
         temperature = 1.0 if req.temperature is None else req.temperature
         gens = []
         for i in range(req.n):
@@ -223,6 +223,15 @@ class ChatService:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                                 f"limit of {self.engine.max_context}", param="messages")
         return Prepared(rows, prompt_tokens, max_tokens)
+
+    async def _image(self, url: str, path: str):
+        """One image part's image; its refusal names the part (``messages.0.content.1.image_url.url``)."""
+        s = self.settings
+        try:
+            return await load_image(url, self.limits, s.image_url_hosts, s.image_url_timeout, self.executor)
+        except APIError as e:
+            e.message, e.param = f"{path}: {e.message}", path
+            raise
 
     def _encode(self, gens: list[GenerationRequest]) -> list:
         try:

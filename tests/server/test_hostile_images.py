@@ -54,7 +54,7 @@ def test_hostile_image_is_refused(live, name, url, status, match):
     r = httpx.post(live.url + "/v1/chat/completions", json={"model": "shapeworld", "messages": _msg(url)}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert match in err["message"] and err["param"] == "messages" and err["code"] == status
+    assert match in err["message"] and err["param"] == "messages.0.content.0.image_url.url" and err["code"] == status
     assert httpx.get(live.url + "/health").status_code == 200
 
 

@@ -76,7 +76,7 @@ def test_text_parts_are_joined_with_a_newline():
     messages, urls = chat_messages(req, max_images=4)
     assert messages == [{"role": "user", "content": [{"type": "text", "text": "a\nb"}, {"type": "image"}, {"type": "text", "text": "c"}]},
                         {"role": "system", "content": "be brief"}, {"role": "user", "content": "d"}]
-    assert urls == ["data:,"]
+    assert urls == [("data:,", "messages.0.content.2.image_url.url")]
 
 
 def test_split_text_parts_answer_as_one(client):
@@ -353,7 +353,8 @@ def test_data_urls_are_parsed_per_rfc_2397(live):
         r = post(live, _with_url(3, url))
         assert r.status_code == 200, (name, r.text)
         assert r.json()["choices"][0]["message"]["content"] == ref, name
-    assert_error(post(live, _with_url(3, "data:text/plain;base64," + _png_b64(SCENES[3].image()))), 400, "messages", "MIME")
+    assert_error(post(live, _with_url(3, "data:text/plain;base64," + _png_b64(SCENES[3].image()))), 400,
+                 "messages.0.content.0.image_url.url", "MIME")
 
 
 def test_transparent_pixels_are_white(live):
@@ -368,7 +369,7 @@ def test_transparent_pixels_are_white(live):
 def test_a_long_thin_image_is_refused_by_its_aspect_ratio(live):
     thin = Image.new("RGB", (1, 20000), "white")  # 162 bytes as PNG, 64 x 1,280,000 pixels once resized
     r = post(live, _with_url(0, data_url(thin)))
-    assert_error(r, 400, "messages", "aspect ratio")
+    assert_error(r, 400, "messages.0.content.0.image_url.url", "aspect ratio")
     ok = post(live, _with_url(0, data_url(Image.new("RGB", (400, 20), "white"))))
     assert ok.status_code == 200, ok.text
 
