@@ -199,6 +199,8 @@ class ChatService:
                                param="logit_bias")
 
     async def prepare(self, req: ChatCompletionRequest, spec: SteeringSpec, cid: str) -> Prepared:
+        """One engine row per choice (``req.n``), or APIError (400 naming the field, 413 for an image too
+        large); ``SteeringFailed`` from an engine that starts steering at encoding (vLLM's FiSAO)."""
         s = self.settings
         max_tokens = self.max_tokens(req)
         bias = req.token_bias
