@@ -86,6 +86,12 @@ def encode_row(processor, request: GenerationRequest, steering: dict[str, float]
                steer=steering)
 
 
+def row_for(row: Row, request: GenerationRequest) -> Row:
+    """Another choice of an encoded request (same messages and images, its own sampling): the prompt ids
+    and pixels are shared, the sampler is its own."""
+    return Row(request, row.prompt_ids, row.pixel_values, new_generator(request.sampling), steer=dict(row.steer))
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -161,6 +167,8 @@ class TransformersEngine:
 
     def encode(self, request: GenerationRequest, steer: bool = True) -> Row:
         return encode_row(self.processor, request, self.resolve(request.steering) if steer else {})
+
+    row_for = staticmethod(row_for)
 
     # ------------------------------------------------------------ the verbs
 

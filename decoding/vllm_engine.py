@@ -159,27 +159,41 @@ class VLLMEngine:
         return int(self.counters.t[0])
 
     def encode(self, request: GenerationRequest, steer: bool = True) -> VLLMRow:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         steering = self.resolve(request.steering) if steer else {}
         text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
         ids = self.processor(images=request.images or None, text=text)["input_ids"][0]
         prompt = {"prompt": text}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+        slot = self._slot()
+        extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}} if steering else None
+        return VLLMRow(request, list(ids), prompt, self._params(request.sampling, extra), steering, slot)
+
+    def row_for(self, row: VLLMRow, request: GenerationRequest) -> VLLMRow:
+        """Another choice of an encoded request (same messages and images, its own sampling): the prompt
+        and the steering arguments (FiSAO's table, TITA's image) are shared; the counter slot is its own."""
+        slot = self._slot()
+        extra = {ARG: {**row.params.extra_args[ARG], "slot": slot}} if row.steer else None
+        return VLLMRow(request, row.prompt_ids, row.prompt, self._params(request.sampling, extra), dict(row.steer), slot)
+
+    def _slot(self) -> int:
         slot = next(self._slots) % SLOTS
         self.counters.slot(slot).zero_()
-        extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}} if steering else None
-        s = request.sampling
+        return slot
+
+    @staticmethod
+    def _params(s, extra: dict | None):
+        """vLLM's sampling parameters for ours."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
         # top_p 0 (OpenAI: the top token only) is top_k 1 for vLLM, whose top_p lies in (0, 1]
         top = {"top_p": s.top_p} if s.top_p > 0 else {"top_p": 1.0, "top_k": 1}
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, **top, seed=s.seed, stop=list(s.stop) or None,
             logit_bias=dict(s.logit_bias) or None,
             logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
-        return VLLMRow(request, list(ids), prompt, params, steering, slot)
 
     def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:
         out = {}

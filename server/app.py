@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from decoding.methods import SteeringFailed
 from decoding.request import SteeringSpec
@@ -206,7 +207,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         _auth(request)
         if not state.ready or state.draining:
             raise APIError(503, "the server is not accepting requests (loading or draining)")
-        req = await _body(request)
+        try:
+            req = await _body(request)
+        except ClientDisconnect:  # the client went away while sending its body: nothing to answer, no fault
+            return Response(status_code=499)
         if req.model != settings.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_name!r}",
                            param="model")

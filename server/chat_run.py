@@ -46,7 +46,7 @@ async def complete(run: "Run", request: Request, reply: "Reply", headers: dict) 
     finally:
         watcher.cancel()
         run.close()
-    choices = [out.choice(i, c.text, c.finish_reason, out.logprobs_block(reply.tokenizer, c.logprobs))
+    choices = [out.choice(i, c.text, c.finish_reason, out.logprobs_block(reply.tokenizer, c.logprobs, c.text))
                for i, c in sorted(done.items())]
     gen_tokens = sum(len(c.token_ids) for c in done.values())
     steering = {**reply.steering, "steered_tokens": sum(c.steered_tokens for c in done.values())}
@@ -60,6 +60,7 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
         return out.chunk(reply.cid, reply.created, reply.model, choices, include_usage, **extra)
 
     texts = [out.TokenTexts(reply.tokenizer) for _ in range(n)]
+    sent = [0] * n  # characters of content sent per choice
     finished = 0
     steered = 0
     gen_tokens = 0
@@ -80,7 +81,8 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
             run.observe(i, ev)
             if isinstance(ev, Delta):
                 wants = run.tickets[i].request.sampling.top_logprobs is not None
-                lp = {"content": texts[i].entries(ev.logprobs)} if wants else None
+                sent[i] += len(ev.text)
+                lp = {"content": texts[i].entries(ev.logprobs, sent[i])} if wants else None
                 pending.append(chunk([out.delta(i, {"content": ev.text}, lp)]))
             elif isinstance(ev, Finished):
                 finished += 1

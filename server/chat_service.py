@@ -71,11 +71,14 @@ def _param(loc, data=None) -> str | None:
     """A dotted path into the body (``messages.1.content``). Given the body, the steps of ``loc`` that
     are not in it (pydantic's names of union members, such as ``str`` or ``list[str]``) are left out."""
     if data is not None:
-        path, node = [], data
+        path, node, took_last = [], data, False
         for x in loc:
-            if isinstance(node, dict) and x in node or isinstance(node, list) and isinstance(x, int) and 0 <= x < len(node):
+            took_last = isinstance(node, dict) and x in node or isinstance(node, list) and isinstance(x, int) and 0 <= x < len(node)
+            if took_last:
                 node = node[x]
                 path.append(x)
+        if loc and not took_last and isinstance(loc[-1], str) and isinstance(node, dict):
+            path.append(loc[-1])  # a required field that is missing
         loc = path
     return ".".join(str(x) for x in loc) or None
 
@@ -97,7 +100,7 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = max(e.errors(), key=lambda x: len(_param(x["loc"], data) or ""))  # the most specific of a union's
         param = _param(err["loc"], data)
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
@@ -202,6 +205,8 @@ class ChatService:
         """One engine row per choice (``req.n``), or APIError (400 naming the field, 413 for an image too
         large); ``SteeringFailed`` from an engine that starts steering at encoding (vLLM's FiSAO)."""
         s = self.settings
+        if req.n > max(1, s.max_queue):
+            raise APIError(400, f"n ({req.n}) exceeds the {s.max_queue} rows the queue can hold", param="n")
         max_tokens = self.max_tokens(req)
         bias = req.token_bias
         self._check_bias(bias)
@@ -236,8 +241,11 @@ class ChatService:
             raise
 
     def _encode(self, gens: list[GenerationRequest]) -> list:
+        """Rows for the choices of one request: the template and processor run once, every further
+        choice shares the encoded prompt and pixels with its own sampler (``engine.row_for``)."""
         try:
-            return [self.engine.encode(g) for g in gens]
+            first = self.engine.encode(gens[0])
+            return [first, *(self.engine.row_for(first, g) for g in gens[1:])]
         except (ValueError, TemplateError) as e:  # the template or processor refused this request's messages
             raise APIError(400, str(e), param="messages") from None
         except StopIteration:  # a processor that ran out of images for its placeholders (it cannot cross a Future)

@@ -32,7 +32,7 @@ from typing import Callable
 
 from decoding.methods import REGISTRY, resolve
 from decoding.request import Delta, Failed, Finished, SteeringSpec
-from decoding.transformers_engine import encode_row, new_generator
+from decoding.transformers_engine import encode_row, new_generator, row_for
 from server.scheduler import QueueFull, Scheduler, Sink, Ticket
 
 
@@ -70,6 +70,8 @@ class EngineFrontend:
     def pop_steering_seconds(self) -> dict[str, float]:
         out, self.steering_seconds = self.steering_seconds, {}
         return out
+
+    row_for = staticmethod(row_for)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from server.errors import APIError
 
@@ -68,11 +68,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# Raster formats clients send; the rest of PIL's decoders (EPS through Ghostscript, WMF, PSD, FITS, ...) are
+# not reachable from a request.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA", "JPEG2000", "AVIF", "QOI")
+
+
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise APIError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels}", param="messages")
@@ -85,7 +90,10 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise APIError(413, f"image rejected: {e}", param="messages") from None
-    except Exception as e:  # not an image, truncated, unsupported format
+    except UnidentifiedImageError:
+        raise APIError(400, f"could not decode image: not an image in a supported format ({', '.join(FORMATS)})",
+                       param="messages") from None
+    except Exception as e:  # truncated, corrupt
         raise APIError(400, f"could not decode image: {type(e).__name__}: {e}", param="messages") from None
 
 

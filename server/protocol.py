@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,7 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # NaN or Infinity is no number (pydantic's lax mode would coerce them and serve the request).
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 TOKEN_ID = re.compile(r"\s*-?[0-9]{1,18}\s*")  # a logit_bias key: a decimal token id (its range is the model's)
-INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
+INT64 = (-(2**63), 2**63 - 1)
+# Values of unimplemented fields that change nothing (so clients that always send them still work)
+NO_OPS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "top_k": (-1, 0), "min_p": (0, 0.0),
+          "min_tokens": (0,), "repetition_penalty": (1, 1.0), "best_of": (1,), "use_beam_search": (False,),
+          "echo": (False,)}  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
 
 
 class ImageURL(BaseModel):
@@ -35,10 +39,13 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class Message(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart] | None = None
+    content: str | list[Part] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -92,6 +99,14 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict | None = None  # "none" is accepted
     functions: list | None = None
     function_call: str | dict | None = None
+    # vLLM's sampling extensions this server does not implement: refused unless at their no-op values
+    top_k: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    repetition_penalty: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    echo: Any = None
 
     @field_validator("n", "stream", "logprobs", "ignore_eos", mode="before")
     @classmethod
@@ -99,12 +114,35 @@ class ChatCompletionRequest(BaseModel):
         """OpenAI's schema makes these nullable: null means the default."""
         return cls.model_fields[info.field_name].default if v is None else v
 
-    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call")
+    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call", "top_k", "min_p",
+                     "min_tokens", "repetition_penalty", "best_of", "use_beam_search", "echo")
     @classmethod
     def _unsupported(cls, v, info):
-        harmless = {"response_format": {"type": "text"}, "tool_choice": "none"}.get(info.field_name)
-        if v and v != harmless:
-            raise ValueError(f"{info.field_name} is not supported by this server")
+        name = info.field_name
+        if v is None or v in NO_OPS.get(name, ()) or (not v and name in ("tools", "tool_choice", "functions", "function_call",
+                                                                        "response_format")):
+            return v
+        raise ValueError(f"{name} is not supported by this server")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, v, info):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _last_message(cls, v):
+        if v and v[-1].role == "assistant":
+            raise ValueError("the last message must not be from the assistant")
         return v
 
     @field_validator("logit_bias")
@@ -131,15 +169,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return v
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        if self.messages[-1].role == "assistant":
-            raise ValueError("the last message must not be from the assistant")
-        return self
 
 
 class ErrorBody(BaseModel):

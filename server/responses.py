@@ -35,6 +35,7 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.special = set(tokenizer.all_special_ids)
         self.context: list[int] = []  # the choice's text (non-special) tokens so far
+        self.length = 0  # characters of content the chosen tokens' strings have covered
 
     def _text(self, context: list[int], token: int, chosen: bool) -> str:
         if token in self.special:
@@ -50,12 +51,18 @@ class TokenTexts:
         text = self._text(context, token, chosen)
         return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
-    def entries(self, items: list[TokenLogprob]) -> list[dict]:
-        """OpenAI ``logprobs.content`` entries for the next tokens of this choice (in order)."""
+    def entries(self, items: list[TokenLogprob], content_length: int | None = None) -> list[dict]:
+        """OpenAI ``logprobs.content`` entries for the next tokens of this choice (in order).
+        ``content_length``: the characters of content sent so far, these tokens' included; a token that
+        a stop string cut keeps only the part of its text that is in the content."""
         out = []
         for x in items:
             context = self.context[-CONTEXT_TOKENS:]
             entry = self._entry(context, x.token_id, x.logprob, chosen=True)
+            if content_length is not None and self.length + len(entry["token"]) > content_length:
+                text = entry["token"][: max(0, content_length - self.length)]
+                entry.update(token=text, bytes=list(text.encode("utf-8", "replace")))
+            self.length += len(entry["token"])
             entry["top_logprobs"] = [self._entry(context, t, v, chosen=False) for t, v in x.top]
             out.append(entry)
             if x.token_id not in self.special:
@@ -63,9 +70,9 @@ class TokenTexts:
         return out
 
 
-def logprobs_block(tokenizer, items: list[TokenLogprob] | None) -> dict | None:
+def logprobs_block(tokenizer, items: list[TokenLogprob] | None, content: str) -> dict | None:
     """A whole choice's ``logprobs`` object (None when the request asked for none)."""
-    return None if items is None else {"content": TokenTexts(tokenizer).entries(items)}
+    return None if items is None else {"content": TokenTexts(tokenizer).entries(items, len(content))}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

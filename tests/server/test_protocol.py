@@ -512,16 +512,14 @@ def test_null_means_the_default_for_nullable_fields(live):
 @pytest.mark.parametrize("stop", [[" and"], [" red circle"], ["a"], [" and a"], ["red circle"]])
 def test_logprobs_end_where_a_stop_string_cuts_the_content(live, stop):
     """The tokens after a stop string's cut leave the completion; a token the cut splits (" red" when
-    the stop string is "red circle") stays, the one token whose text goes past the content."""
+    the stop string is "red circle") stays, its string the part of its text that is in the content."""
     whole = post(live, body(1, stop=stop, logprobs=True, top_logprobs=2)).json()
     content = whole["choices"][0]["message"]["content"]
     lps = _content_logprobs(whole)
     assert whole["choices"][0]["finish_reason"] == "stop" and len(lps) == whole["usage"]["completion_tokens"]
-    joined = "".join(x["token"] for x in lps)
-    if stop[0].startswith((" ", "a")):
-        assert joined == content
-    else:
-        assert joined.startswith(content) and joined.endswith(" red") and "".join(x["token"] for x in lps[:-1]) != content
+    assert "".join(x["token"] for x in lps) == content
+    if stop == ["red circle"]:  # the cut splits " red": the token stays, with the part of its text in the content
+        assert lps[-1]["token"] == " " and lps[-1]["top_logprobs"][0]["token"] == " red"
     chunks = sse(post(live, body(1, stop=stop, logprobs=True, top_logprobs=2, stream=True)))
     streamed = [x for c in chunks for ch in c["choices"] if ch.get("logprobs") for x in ch["logprobs"]["content"]]
     assert streamed == lps
@@ -559,3 +557,74 @@ def test_client_request_ids_are_echoed_when_reasonable(live, rid, echoed):
     r = post(live, body(0, max_tokens=2), headers={"x-request-id": rid})
     assert (r.headers["x-request-id"] == rid) == echoed
     assert echoed or r.headers["x-request-id"].startswith("chatcmpl-")
+
+
+def test_a_client_that_hangs_up_while_sending_its_body_is_no_server_error(live):
+    import socket
+
+    def errors_500() -> float:
+        text = httpx.get(live.url + "/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("vlm_steer_request_errors_total") and 'code="500"' in line)
+
+    before = errors_500()
+    host, port = live.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\":")
+    assert post(live, body(0, max_tokens=2)).status_code == 200  # the server went on
+    assert errors_500() == before
+
+
+def test_choices_share_one_encoding_and_keep_their_own_samplers(live, steering_engine, monkeypatch):
+    calls = []
+    original = steering_engine.encode
+    monkeypatch.setattr(steering_engine, "encode", lambda g, *a, **kw: calls.append(g) or original(g, *a, **kw))
+    r = post(live, body(2, n=3, temperature=1.0, seed=5, max_tokens=12)).json()
+    assert len(calls) == 1 and len(r["choices"]) == 3
+    alone = [post(live, body(2, temperature=1.0, seed=seed, max_tokens=12)).json()["choices"][0]["message"]["content"]
+             for seed in (5, 6, 7)]
+    assert [c["message"]["content"] for c in r["choices"]] == alone
+
+
+@pytest.mark.parametrize("fields,param,match", [
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
+    ({"top_k": 5}, "top_k", "not supported"), ({"repetition_penalty": 1.2}, "repetition_penalty", "not supported"),
+    ({"min_tokens": 3}, "min_tokens", "not supported"), ({"best_of": 2}, "best_of", "not supported"),
+])
+def test_cross_field_and_unimplemented_fields_name_the_field(live, fields, param, match):
+    assert_error(post(live, body(0, **fields)), 400, param, match)
+
+
+def test_no_op_values_of_unimplemented_fields_are_served(live):
+    r = post(live, body(0, max_tokens=2, top_k=-1, min_p=0, min_tokens=0, repetition_penalty=1.0, best_of=1, echo=False))
+    assert r.status_code == 200, r.text
+
+
+def test_malformed_parts_and_conversations_name_the_place(live):
+    b = body(0)
+    b["messages"][0]["content"][1] = {"type": "text"}
+    assert_error(post(live, b), 400, "messages.0.content.1.text", "Field required")
+    b["messages"][0]["content"][1] = {"type": "video", "text": "x"}
+    assert_error(post(live, b), 400, "messages.0.content.1")
+    b = body(0)
+    b["messages"].append({"role": "assistant", "content": "a red"})
+    assert_error(post(live, b), 400, "messages", "last message")
+
+
+def test_n_beyond_the_queue_is_a_400(steering_engine):
+    from tests.server.conftest import start
+
+    with start(steering_engine, max_queue=2) as srv:
+        assert_error(post(srv, body(0, n=3)), 400, "n", "queue")
+        assert post(srv, body(0, n=2, max_tokens=2)).status_code == 200
+
+
+@pytest.mark.parametrize("data", [b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", b"", b"not an image at all"])
+def test_formats_outside_the_allow_list_are_refused_plainly(live, data):
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    r = post(live, _with_url(0, url))
+    assert_error(r, 400, "messages.0.content.0.image_url.url", "supported format")
+    assert "0x" not in r.json()["error"]["message"]
