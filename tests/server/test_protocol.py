@@ -425,16 +425,36 @@ def test_logit_bias_is_applied_before_steering_as_in_the_engine(client, steering
 # ------------------------------------------------------------------ 8. diagnostics
 
 
-@pytest.mark.skipif(ENGINE != "transformers", reason="injects a fault into our scheduler's prefill")
-def test_a_500_logs_its_traceback_with_the_request_id(live, steering_engine, monkeypatch, caplog):
-    original = steering_engine.prefill
+def _inject_generation_fault(engine, monkeypatch) -> None:
+    """Poisoned requests fail during generation: in our scheduler's prefill (transformers), or in the
+    stream of vLLM's outputs (vllm)."""
+    if ENGINE == "transformers":
+        original = engine.prefill
 
-    def faulty(rows, *a, **kw):
-        if _poisoned(rows):
+        def faulty(rows, *a, **kw):
+            if _poisoned(rows):
+                raise RuntimeError("injected fault")
+            return original(rows, *a, **kw)
+
+        monkeypatch.setattr(engine, "prefill", faulty)
+        return
+    from decoding.request import Failed
+
+    original_stream = engine._stream
+
+    async def faulty_stream(row, sink):
+        if not _poisoned([row]):
+            return await original_stream(row, sink)
+        try:
             raise RuntimeError("injected fault")
-        return original(rows, *a, **kw)
+        except RuntimeError as e:
+            sink(Failed(e))
 
-    monkeypatch.setattr(steering_engine, "prefill", faulty)
+    monkeypatch.setattr(engine, "_stream", faulty_stream)
+
+
+def test_a_500_logs_its_traceback_with_the_request_id(live, steering_engine, monkeypatch, caplog):
+    _inject_generation_fault(steering_engine, monkeypatch)
     with caplog.at_level(logging.ERROR, logger="vlm_steer.server"):
         r = post(live, _poison_body(), headers={"x-request-id": "req-abc-123"})
         s = post(live, _poison_body(stream=True), headers={"x-request-id": "req-def-456"})
