@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 TOKEN_ID = re.compile(r"\s*-?[0-9]{1,18}\s*")  # a logit_bias key: a decimal token id (its range is the model's)
 INT64 = (-(2**63), 2**63 - 1)
+NEEDS = {"top_logprobs": ("logprobs", "top_logprobs requires logprobs to be true"),
+         "stream_options": ("stream", "stream_options is only allowed when stream is true")}
 # Values of unimplemented fields that change nothing (so clients that always send them still work)
 NO_OPS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "top_k": (-1, 0), "min_p": (0, 0.0),
           "min_tokens": (0,), "repetition_penalty": (1, 1.0), "best_of": (1,), "use_beam_search": (False,),
@@ -124,18 +126,13 @@ class ChatCompletionRequest(BaseModel):
             return v
         raise ValueError(f"{name} is not supported by this server")
 
-    @field_validator("top_logprobs")
+    @field_validator("top_logprobs", "stream_options")
     @classmethod
-    def _top_logprobs_need_logprobs(cls, v, info):
-        if v is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options_need_a_stream(cls, v, info):
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
+    def _needs_its_switch(cls, v, info):
+        """Fields that only mean something when a boolean before them is true (the error names the field)."""
+        switch, message = NEEDS[info.field_name]
+        if v is not None and not info.data.get(switch):
+            raise ValueError(message)
         return v
 
     @field_validator("messages")
