@@ -132,28 +132,33 @@ def _poison_body(i=5, **kw):
     return {"model": MODEL, "messages": msgs, "max_tokens": 40, "temperature": 0, **kw}
 
 
-@pytest.mark.skipif(ENGINE != "transformers", reason="the prefill batch is our scheduler's; vLLM prefills inside vLLM")
 @pytest.mark.parametrize("where", ["prefill", "steering start"])
 def test_a_fault_in_one_row_of_a_prefill_batch_fails_that_row_alone(client, live, steering_engine, monkeypatch, where):
-    """A fault injected into one row of a batched prefill (the forward itself, or a steering method's
-    start over several rows) fails that request; the rows prefilled with it finish, unchanged."""
-    method = "none" if where == "prefill" else "tita"
+    """A fault injected into one request among concurrent ones (the prefill forward, or a steering
+    method's start) fails that request; the others finish, unchanged (whether they share its prefill
+    depends on timing here; ``test_the_scheduler_isolates_...`` makes it certain). On vLLM,
+    which prefills inside itself, the fault is injected into that request's output stream, or into
+    FiSAO's start (run at admission, in the server's process)."""
+    vllm = ENGINE == "vllm"
+    method = "none" if where == "prefill" else ("fisao" if vllm else "tita")
     steer = {"steering": {"method": method}}
     refs = [post(live, body(i, **steer)).json()["choices"][0]["message"]["content"] for i in range(7)]
-    sizes = []
-    if where == "prefill":
+    if where == "prefill" and vllm:
+        _inject_generation_fault(steering_engine, monkeypatch)
+        target, name = None, None
+    elif where == "prefill":
         target, name = steering_engine, "prefill"
     else:
-        target, name = steering_engine.methods["tita"], "start"
-    original = getattr(target, name)
+        target, name = steering_engine.methods[method], "start"
+    original = getattr(target, name) if target is not None else None
 
     def faulty(rows, *a, **kw):
-        sizes.append((len(rows), _poisoned(rows)))
         if _poisoned(rows):
             raise RuntimeError("injected fault")
         return original(rows, *a, **kw)
 
-    monkeypatch.setattr(target, name, faulty)
+    if target is not None:
+        monkeypatch.setattr(target, name, faulty)
     with cf.ThreadPoolExecutor(9) as pool:
         running = pool.submit(_long_request, client)
         while live.state.scheduler.num_running == 0:
@@ -164,8 +169,63 @@ def test_a_fault_in_one_row_of_a_prefill_batch_fails_that_row_alone(client, live
         assert_error(bad.result(), 500)
         assert running.result().usage.completion_tokens == 120
     assert texts == refs
-    assert any(n > 1 and poisoned for n, poisoned in sizes), sizes  # the poisoned row was batched with others
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+
+
+@pytest.fixture(scope="module")
+def our_engine(steering_engine):
+    """The transformers engine with the reward model and verifier: the one our scheduler drives (on the
+    vllm test run too, where ``steering_engine`` is vLLM's)."""
+    if ENGINE == "transformers":
+        return steering_engine
+    from decoding.transformers_engine import TransformersEngine
+    from shapeworld.models import MODELS_DIR
+
+    return TransformersEngine(MODELS_DIR / "vlm", reward_path=MODELS_DIR / "reward", verifier_path=MODELS_DIR / "verifier")
+
+
+@pytest.mark.parametrize("where", ["prefill", "steering start"])
+def test_the_scheduler_isolates_a_faulty_row_of_one_prefill(our_engine, monkeypatch, where):
+    """Eight rows queued before the step loop starts are prefilled in one forward (deterministically,
+    unlike requests racing over HTTP); one of them carries a fault: it fails alone, the other seven
+    finish with the text they have alone."""
+    import queue
+
+    from decoding.request import Failed, Finished
+    from server.scheduler import Scheduler
+
+    eng = our_engine
+    method = "none" if where == "prefill" else "tita"
+    reqs = [GenerationRequest.single_turn(("poison " if i == 3 else "") + CAPTION_PROMPT, [SCENES[i].image()],
+                                          sampling=SamplingParams(max_tokens=40), steering=SteeringSpec(method))
+            for i in range(8)]
+    refs = {i: eng.generate([r])[0].text for i, r in enumerate(reqs) if i != 3}
+    target = eng if where == "prefill" else eng.methods["tita"]
+    original, sizes = getattr(target, "prefill" if where == "prefill" else "start"), []
+
+    def faulty(rows, *a, **kw):
+        sizes.append((len(rows), _poisoned(rows)))
+        if _poisoned(rows):
+            raise RuntimeError("injected fault")
+        return original(rows, *a, **kw)
+
+    monkeypatch.setattr(target, "prefill" if where == "prefill" else "start", faulty)
+    events: queue.Queue = queue.Queue()
+    sched = Scheduler(eng, max_batch=8, max_queue=8)
+    for i, r in enumerate(reqs):
+        sched.submit(eng.encode(r), lambda ev, i=i: events.put((i, ev)))
+    sched.start()
+    try:
+        done = {}
+        while len(done) < 8:
+            i, ev = events.get(timeout=60)
+            if isinstance(ev, (Finished, Failed)):
+                done[i] = ev
+    finally:
+        sched.stop()
+    assert sizes[0] == (8, True)  # all eight in one prefill, the poisoned one among them
+    assert isinstance(done[3], Failed) and "injected fault" in str(getattr(done[3].error, "cause", done[3].error))
+    assert {i: ev.completion.text for i, ev in done.items() if i != 3} == refs
 
 
 # ------------------------------------------------------------------ 3. validation
