@@ -15,7 +15,7 @@ WORKDIR /app
 
 FROM base AS deps-cpu
 # The CPU build of torch (the default wheel on Linux is the much larger CUDA build).
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu
 
 FROM base AS deps-gpu
 # vLLM brings the CUDA build of torch it was built against.

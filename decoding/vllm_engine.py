@@ -24,9 +24,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
-from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve
+from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
+from decoding.prompts import render_prompt
 from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
 
 
@@ -89,8 +90,8 @@ class VLLMEngine:
 
             verifier = Verifier(verifier_path, device=device)  # FiSAO's rewards are computed here, at admission
         self.resources = Resources(self, reward_path, verifier)  # the reward model itself lives in vLLM's worker
-        self.methods = {name: REGISTRY[name](self.resources) if name == "fisao" else REGISTRY[name]
-                        for name in self.supported if all(getattr(self.resources, n) is not None for n in REGISTRY[name].needs)}
+        self.methods = {name: cls(self.resources) if name == "fisao" else cls
+                        for name, cls in usable_methods(self.resources, self.supported).items()}
         self._counter_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-counters-", delete=False)
         self.counters = Counters(self._counter_file.name)
         os.environ[COUNTERS_ENV] = self._counter_file.name
@@ -141,7 +142,7 @@ class VLLMEngine:
         def why_not(name: str) -> str:
             if name not in self.supported:
                 return f"is not available on the vllm engine (it supports {', '.join(self.supported)})"
-            return f"needs {', '.join(REGISTRY[name].needs)}, not configured"
+            return REGISTRY[name].unavailable(self.resources)
 
         return resolve(spec, self.methods, why_not)
 
@@ -160,7 +161,7 @@ class VLLMEngine:
 
     def encode(self, request: GenerationRequest, steer: bool = True) -> VLLMRow:
         steering = self.resolve(request.steering) if steer else {}
-        text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        text = render_prompt(self.processor, request.messages)
         ids = self.processor(images=request.images or None, text=text)["input_ids"][0]
         prompt = {"prompt": text}
         if request.images:

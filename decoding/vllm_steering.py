@@ -43,7 +43,7 @@ class _Request:
     prompt_ids: list[int]
     output_ids: list[int]  # vLLM's live list of generated tokens
     fisao: dict | None = None  # level -> {suffix: (token ids, values)}
-    pixel_values: torch.Tensor | None = None
+    images: list | None = None  # decoded once, at admission
     consumed: int = -1  # output tokens the reward model has been fed (-1: not prefilled)
     failed: bool = False
 
@@ -156,8 +156,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             raise RuntimeError(f"no reward model: the engine was started without {REWARD_ENV}")
         from PIL import Image
 
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in req.args["tita"]["images"]]
-        req.pixel_values = self.rm.processor.image_processor(images=images, return_tensors="pt").pixel_values
+        req.images = [Image.open(io.BytesIO(b)).convert("RGB") for b in req.args["tita"]["images"]]
 
     def _fisao(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]
@@ -203,7 +202,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         if fresh:
             from decoding.transformers_engine import Row
 
-            rows = [Row(None, r.prompt_ids + list(r.output_ids), r.pixel_values) for r in fresh]
+            rows = [Row(None, ids, rm.inputs_for(ids, r.images)) for r in fresh
+                    for ids in [r.prompt_ids + list(r.output_ids)]]
             new = rm.prefill(rows, steer=False)
             for r in fresh:
                 r.consumed = len(r.output_ids)

@@ -231,8 +231,7 @@ def _engine_main(settings, commands, events) -> None:
                 if msg[0] == "submit":
                     _, tid, row = msg
                     try:
-                        if row.pixel_values is not None:
-                            row.pixel_values = torch.from_numpy(row.pixel_values)
+                        row.inputs = {k: torch.from_numpy(v) for k, v in row.inputs.items()}
                         row.generator = new_generator(row.request.sampling)
                         tickets[tid] = sched.submit(row, sink_for(tid))
                     except Exception as e:  # this row could not be taken: its request fails, alone
@@ -351,12 +350,11 @@ class ProcessScheduler:
         return t
 
     def _wire(self, row):
-        """The row as it crosses the pipe: pixels as a numpy array (pickling a tensor goes through
-        torch.save), and the request's decoded images only when one of its steering methods reads them
-        (measured: pickling and sending one 4096x4096 image held the event loop 200-300 ms)."""
+        """The row as it crosses the pipe: the processor's tensors as numpy arrays (pickling a tensor goes
+        through torch.save), and the request's decoded images only when one of its steering methods reads
+        them (measured: pickling and sending one 4096x4096 image held the event loop 200-300 ms)."""
         wire = copy.copy(row)
-        if wire.pixel_values is not None:
-            wire.pixel_values = wire.pixel_values.numpy()
+        wire.inputs = {k: v.numpy() for k, v in row.inputs.items()}
         images = row.request.images
         if images and not set(row.steer) & self.engine.image_methods:
             wire.request = dataclasses.replace(row.request, images=[Withheld(im.size) for im in images])

@@ -214,13 +214,20 @@ class Scheduler:
 
     @staticmethod
     def _emit(t: Ticket, row) -> None:
-        """Send the text that is new since the last delta (held back while a stop string may be forming)
-        and the tokens whose text has been sent (those of held text may yet be cut with the stop string)."""
+        """Send the text that is new since the last delta (held back while a stop string may be forming, or
+        while the last tokens end inside a multi-byte character: byte-level and byte-fallback tokenizers
+        decode a partial UTF-8 sequence as U+FFFD until its last byte comes) and the tokens whose text has
+        been sent (those of held text may yet be cut with the stop string)."""
         text, tokens = row.text, len(row.token_ids)
-        if row.finish_reason is None and row.request.sampling.stop:
-            hold = max(len(s) for s in row.request.sampling.stop) - 1
-            text = text[: max(t.sent_text, len(text) - hold)]
-            tokens = max(t.sent_tokens, bisect.bisect_right(row.text_ends, len(text)))
+        if row.finish_reason is None:
+            whole = text.rstrip("\ufffd")
+            held = len(whole) < len(text)
+            if row.request.sampling.stop:
+                whole = whole[: max(t.sent_text, len(whole) - max(len(s) for s in row.request.sampling.stop) + 1)]
+                held = True
+            if held:
+                text = text[: max(t.sent_text, len(whole))]
+                tokens = max(t.sent_tokens, bisect.bisect_right(row.text_ends, len(text)))
         if len(text) > t.sent_text or tokens > t.sent_tokens:
             t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens : tokens], row.logprobs[t.sent_tokens : tokens]))
             t.sent_text, t.sent_tokens = len(text), tokens

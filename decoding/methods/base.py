@@ -44,6 +44,12 @@ class SteeringMethod(ABC):
     def __init__(self, resources: Resources):
         self.resources = resources
 
+    @classmethod
+    def unavailable(cls, resources: Resources) -> str | None:
+        """Why this method cannot run with these resources (None: it can)."""
+        missing = [n for n in cls.needs if getattr(resources, n) is None]
+        return f"needs {', '.join(missing)}, not configured" if missing else None
+
     def start(self, rows: list) -> Any:
         return None
 
@@ -86,6 +92,11 @@ def vision_tower(model) -> torch.nn.Module | None:
     return getattr(tower, "vision_model", tower)
 
 
+def usable_methods(resources: Resources, names=None) -> dict[str, type[SteeringMethod]]:
+    """The registered methods (of ``names``, default all) these resources can run, in registry order."""
+    return {n: cls for n, cls in REGISTRY.items() if (names is None or n in names) and cls.unavailable(resources) is None}
+
+
 def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
     """method -> strength for a steering spec ("none", a registered name, or names joined by '+'), in
     application order; raises ValueError for an unknown or unusable method or an out-of-range strength.
@@ -97,7 +108,7 @@ def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
         if p not in REGISTRY:
             raise ValueError(f"unknown steering method {spec.method!r}; available: {['none', *usable]}")
         if p not in usable:
-            reason = why_not(p) if why_not else f"needs {', '.join(REGISTRY[p].needs)}, not configured"
+            reason = why_not(p) if why_not else "is not available"
             raise ValueError(f"steering method {p!r} {reason}")
     if len(set(parts)) != len(parts):
         raise ValueError(f"steering method {spec.method!r} names a method twice")

@@ -16,7 +16,23 @@ import torch
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.steer_math import token_bonus
 
-YES_WORDS, NO_WORDS = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")
+YES_WORDS, NO_WORDS = ("yes", "Yes"), ("no", "No")
+CONTEXTS = ("a", "the", ".", "is")  # words after which a phrase's in-context split is read off
+
+
+def generated_splits(tokenizer, text: str) -> list[tuple[int, ...]]:
+    """The token ids a model emits for ``text``: at the start of its answer and after a word. The second is
+    read in context (the ids of "a " + text less those of "a"), not from " " + text alone: a SentencePiece
+    tokenizer splits a lone " yes" into a bare "▁" and "▁yes", which no model generates after a word;
+    byte-level tokenizers emit "Ġyes" after a word and "yes" at the start. Empty and duplicate splits dropped."""
+    encode = lambda t: tuple(tokenizer(t, add_special_tokens=False).input_ids)
+    out = [encode(text)]
+    for ctx in CONTEXTS:
+        head, full = encode(ctx), encode(f"{ctx} {text}")
+        if head and full[: len(head)] == head and len(full) > len(head):
+            out.append(full[len(head):])
+            break
+    return [ids for i, ids in enumerate(out) if ids and ids not in out[:i]]
 
 
 @dataclass
@@ -34,9 +50,8 @@ class PhraseTrie:
     def __init__(self, tokenizer, phrases: list[str], vocab: int):
         seqs: list[tuple[tuple[int, ...], int]] = []
         for k, p in enumerate(phrases):
-            for variant in (p, " " + p):
-                ids = tuple(tokenizer(variant, add_special_tokens=False).input_ids)
-                if ids and (ids, k) not in seqs:
+            for ids in generated_splits(tokenizer, p):
+                if (ids, k) not in seqs:
                     seqs.append((ids, k))
         nexts: dict[tuple[int, ...], dict[int, set[int]]] = {(): {}}
         for ids, k in seqs:
@@ -88,6 +103,14 @@ class Fisao(SteeringMethod):
     default_strength = 6.0
     strength_range = (0.0, 20.0)
     needs = ("verifier",)
+
+    @classmethod
+    def unavailable(cls, resources) -> str | None:
+        reason = super().unavailable(resources)
+        if reason is None and not resources.verifier.calibrated:
+            return (f"needs a calibrated verifier: {resources.verifier.calibration_path} does not exist "
+                    "(run `vlm-steer train calibrate`)")
+        return reason
     alpha = 0.01  # plausibility set {v : p(v) >= alpha * max p}
     bonus_weight = 0.0  # weight of positive rewards relative to penalties (see README: penalties only)
 
@@ -97,11 +120,13 @@ class Fisao(SteeringMethod):
         self.verifier = resources.verifier
         self.vocab = resources.target.vocab_size
         self.trie = PhraseTrie(tok, self.verifier.phrases, self.vocab)
-        first = lambda words: sorted({tok(w, add_special_tokens=False).input_ids[0] for w in words} - {tok.unk_token_id})
+        first = lambda words: sorted({ids[0] for w in words for ids in generated_splits(tok, w)
+                                      if tok.decode(ids[:1]).strip()} - {tok.unk_token_id})
         self.yes_ids, self.no_ids = first(YES_WORDS), first(NO_WORDS)
         # FiSAO's verifier is the VLM's own vision encoder: when the weights are the same, reuse the
         # pooled output of the prefill's vision pass instead of running the tower again
-        self.shared_tower = same_weights(self.verifier.model.vision_model, vision_tower(resources.target.model))
+        self.shared_tower = (getattr(resources.target, "shares_tower_outputs", False) and self.verifier.pools_like_clip
+                             and same_weights(self.verifier.model.vision_model, vision_tower(resources.target.model)))
         self.reads_images = not self.shared_tower  # the verifier's own processor then takes the image
 
     def _question(self, request) -> int:

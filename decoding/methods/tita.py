@@ -16,9 +16,9 @@ from decoding.steer_math import tita
 def same_inputs(a, b) -> bool:
     """Whether two engines turn a request into the same prompt ids and pixels (same processor)."""
     pa, pb = a.processor, b.processor
-    return (pa.chat_template == pb.chat_template and pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
-            and pa.image_processor.to_dict() == pb.image_processor.to_dict()
-            and a.model.config.image_token_id == b.model.config.image_token_id)
+    return (type(pa) is type(pb) and pa.to_dict() == pb.to_dict() and pa.chat_template == pb.chat_template
+            and pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
+            and getattr(a.model.config, "image_token_id", None) == getattr(b.model.config, "image_token_id", None))
 
 
 @register
@@ -33,7 +33,8 @@ class Tita(SteeringMethod):
         # The reward model sees the same image and prompt: when its processor and vision tower are the
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
         self.reuse_inputs = same_inputs(resources.target, self.rm)
-        self.reuse_tower = self.reuse_inputs and same_weights(vision_tower(resources.target.model), vision_tower(self.rm.model))
+        self.reuse_tower = (self.reuse_inputs and resources.target.shares_tower_outputs
+                            and same_weights(vision_tower(resources.target.model), vision_tower(self.rm.model)))
         self.reads_images = not self.reuse_inputs  # the reward model's own processor then encodes the request
 
     @property
@@ -44,7 +45,7 @@ class Tita(SteeringMethod):
         if not self.reuse_inputs:
             return self.rm.encode(row.request, steer=False)
         feats = row.image_features if self.reuse_tower else None
-        return type(row)(row.request, row.prompt_ids, row.pixel_values, image_features=feats)
+        return type(row)(row.request, row.prompt_ids, row.inputs, image_features=feats)
 
     def start(self, rows):
         return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)

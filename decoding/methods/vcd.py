@@ -33,7 +33,8 @@ class Vcd(SteeringMethod):
         return self.resources.target
 
     def start(self, rows):
-        noised = [dataclasses.replace(r, pixel_values=None if r.pixel_values is None else diffusion_noise(r.pixel_values),
+        noised = [dataclasses.replace(r, inputs=r.inputs if r.pixel_values is None else
+                                      {**r.inputs, "pixel_values": diffusion_noise(r.pixel_values)},
                                       token_ids=[], logprobs=[], steer={}) for r in rows]
         return self.target.prefill(noised, steer=False)
 

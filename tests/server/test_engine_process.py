@@ -202,7 +202,7 @@ def test_images_cross_the_pipe_only_for_methods_that_read_them(engine):
         wire = pickle.loads(pickle.dumps(sched._wire(row)))
         assert len(wire.request.images) == 1 and (wire.request.images[0] == Withheld((64, 64))) != shipped
         assert row.request.images[0].size == (64, 64)  # the API process's request is left as it was
-        assert (wire.pixel_values == row.pixel_values.numpy()).all()
+        assert (wire.inputs["pixel_values"] == row.pixel_values.numpy()).all()
 
 
 def test_errors_cross_the_pipe_with_their_traceback():
