@@ -101,7 +101,8 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
-                 reward_path: str | Path | None = None, verifier_path: str | Path | None = None):
+                 reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
+                 verifier_files: dict | None = None):
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -135,7 +136,7 @@ class TransformersEngine:
         if verifier_path is not None:
             from reward_models.verifier import Verifier
 
-            verifier = Verifier(verifier_path, device=device)
+            verifier = Verifier(verifier_path, device=device, **(verifier_files or {}))
         self.resources = Resources(self, reward, verifier)
         self.methods = {name: cls(self.resources) for name, cls in usable_methods(self.resources).items()}
         text_model = self.model.get_decoder()  # the language model under the image-text wrapper
@@ -169,9 +170,14 @@ class TransformersEngine:
     def available_methods(self) -> list[str]:
         return ["none", *self.methods]
 
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Registered methods this engine cannot run, and why."""
+        return {n: cls.unavailable(self.resources) for n, cls in REGISTRY.items() if n not in self.methods}
+
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
         """method -> strength for a steering spec (see ``decoding.methods.resolve``)."""
-        return resolve(spec, self.methods, lambda name: REGISTRY[name].unavailable(self.resources))
+        return resolve(spec, self.methods, self.unavailable.get)
 
     # ------------------------------------------------------------ requests -> rows
 

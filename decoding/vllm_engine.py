@@ -55,6 +55,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
+                 verifier_files: dict | None = None,
                  max_batch: int = 16, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, engine_args: dict | None = None):
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
@@ -88,7 +89,7 @@ class VLLMEngine:
         if verifier_path is not None:
             from reward_models.verifier import Verifier
 
-            verifier = Verifier(verifier_path, device=device)  # FiSAO's rewards are computed here, at admission
+            verifier = Verifier(verifier_path, device=device, **(verifier_files or {}))  # FiSAO's rewards are computed here, at admission
         self.resources = Resources(self, reward_path, verifier)  # the reward model itself lives in vLLM's worker
         self.methods = {name: cls(self.resources) if name == "fisao" else cls
                         for name, cls in usable_methods(self.resources, self.supported).items()}
@@ -138,13 +139,18 @@ class VLLMEngine:
     def available_methods(self) -> list[str]:
         return ["none", *self.methods]
 
-    def resolve(self, spec: SteeringSpec) -> dict[str, float]:
-        def why_not(name: str) -> str:
-            if name not in self.supported:
-                return f"is not available on the vllm engine (it supports {', '.join(self.supported)})"
-            return REGISTRY[name].unavailable(self.resources)
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Registered methods this engine cannot run, and why."""
+        out = {}
+        for name, cls in REGISTRY.items():
+            if name not in self.methods:
+                out[name] = (f"is not available on the vllm engine (it supports {', '.join(self.supported)})"
+                             if name not in self.supported else cls.unavailable(self.resources))
+        return out
 
-        return resolve(spec, self.methods, why_not)
+    def resolve(self, spec: SteeringSpec) -> dict[str, float]:
+        return resolve(spec, self.methods, self.unavailable.get)
 
     def pop_steering_seconds(self) -> dict[str, float]:
         out = {}

@@ -83,6 +83,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             state.engine = engine or await asyncio.to_thread(load_engine, settings)
             state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
         state.service = ChatService(settings, state.engine)
+        log.info("serving %s with steering methods: %s", settings.model_name, ", ".join(state.engine.available_methods))
+        for name, why in getattr(state.engine, "unavailable", {}).items():
+            log.warning("steering method %r not offered: %s", name, why)
         state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
         state.scheduler.start()
         state.ready = True

@@ -46,7 +46,7 @@ class EngineFrontend:
     name = "transformers"
 
     def __init__(self, model_path, methods: list[str], max_context: int, vocab_size: int,
-                 image_methods: list[str] = ()):
+                 image_methods: list[str] = (), unavailable: dict[str, str] | None = None):
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(model_path))
@@ -55,6 +55,7 @@ class EngineFrontend:
         self.max_context = max_context
         self.vocab_size = vocab_size
         self.image_methods = set(image_methods)  # methods that read a request's decoded images (see ``_wire``)
+        self.unavailable = dict(unavailable or {})  # registered methods this engine cannot run, and why
         self.steering_seconds: dict[str, float] = {}
 
     @property
@@ -62,7 +63,7 @@ class EngineFrontend:
         return ["none", *self.methods]
 
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
-        return resolve(spec, self.methods)
+        return resolve(spec, self.methods, self.unavailable.get)
 
     def encode(self, request):
         return encode_row(self.processor, request, self.resolve(request.steering))
@@ -250,7 +251,7 @@ def _engine_main(settings, commands, events) -> None:
     sched = Scheduler(engine, settings.max_batch, max_queue=1 << 30, on_step=flush,
                       on_failure=lambda e: failures.append(_portable(e)), inbox=inbox, prefill_delay=settings.prefill_delay)
     _send(events, ("ready", {"methods": list(engine.methods), "max_context": engine.max_context,
-                             "vocab_size": engine.vocab_size,
+                             "vocab_size": engine.vocab_size, "unavailable": engine.unavailable,
                              "image_methods": [n for n, m in engine.methods.items() if m.reads_images]}))
     fit_threads(0)
     try:
@@ -293,7 +294,7 @@ class ProcessScheduler:
             raise RuntimeError(f"the engine process failed to start: {msg[1]}")
         info = msg[1]
         self.engine = EngineFrontend(self.settings.model, info["methods"], info["max_context"], info["vocab_size"],
-                                     info["image_methods"])
+                                     info["image_methods"], info["unavailable"])
         self.alive = True
         return self.engine
 

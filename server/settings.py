@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shapeworld.models import MODELS_DIR
+# The embedded models `make serve` runs (committed in the repository; a path, not a dependency on ShapeWorld).
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "shapeworld"
 
 
 class Settings(BaseSettings):
@@ -20,14 +21,24 @@ class Settings(BaseSettings):
     """Address to bind."""
     port: int = 8000
     """Port to bind (0: any free port)."""
-    model: Path = MODELS_DIR / "vlm"
-    """Target VLM folder (llava-hf layout: config, processor, safetensors)."""
+    model: Path = EMBEDDED / "vlm"
+    """Target VLM folder, hub layout (config, safetensors, processor with chat template): any
+    image-text-to-text checkpoint transformers loads (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Gemma 3, ...)."""
     served_model_name: str | None = None
     """Model name clients send and /v1/models lists (default: the model folder's name)."""
-    reward_model: Path | None = MODELS_DIR / "reward"
-    """TITA reward model folder (a smaller VLM with the same tokenizer); empty to disable TITA."""
-    verifier: Path | None = MODELS_DIR / "verifier"
-    """FiSAO verifier folder (CLIP with calibration.json); empty to disable FiSAO."""
+    reward_model: Path | None = None
+    """TITA reward model folder (a smaller VLM with the target's tokenizer); none: no TITA. Defaults to the
+    embedded reward model only when the model is the embedded one; empty to disable."""
+    verifier: Path | None = None
+    """FiSAO verifier folder: an image-text dual encoder transformers loads (CLIP, SigLIP, ...), hub layout;
+    none: no FiSAO. Defaults to the embedded verifier only when the model is the embedded one; empty to
+    disable."""
+    verifier_vocabulary: Path | None = None
+    """The verifier's object vocabulary, JSON {"phrases": [...], "template": "a {}"} (default: objects.json in
+    the verifier folder)."""
+    verifier_calibration: Path | None = None
+    """The verifier's thresholds, from `vlm-steer train calibrate` (default: calibration.json in the verifier
+    folder). Without one, FiSAO is not offered."""
     device: str = "cpu"
     """Torch device for all models (cpu, cuda, cuda:1, ...)."""
     dtype: str = "float32"
@@ -90,6 +101,23 @@ class Settings(BaseSettings):
     log_level: str = "info"
     """Uvicorn log level."""
 
+    @field_validator("reward_model", "verifier", "verifier_vocabulary", "verifier_calibration", "experiment",
+                     mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> "Settings":
+        """The embedded reward model and verifier go with the embedded VLM only: on a user's model they
+        would steer photos with a ShapeWorld verifier."""
+        if Path(self.model).resolve() == (EMBEDDED / "vlm").resolve():
+            if "reward_model" not in self.model_fields_set:
+                self.reward_model = EMBEDDED / "reward"
+            if "verifier" not in self.model_fields_set:
+                self.verifier = EMBEDDED / "verifier"
+        return self
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
@@ -105,8 +133,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> Settings:
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    for k, v in list(given.items()):
-        if v == "" and k in ("reward_model", "verifier", "experiment"):
-            given[k] = None
-    return Settings(**given)
+    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
