@@ -43,10 +43,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _engine(args: argparse.Namespace):
+    """The engine a benchmark runs: the embedded reward model and verifier go with the embedded VLM only."""
+    embedded = Path(args.model).resolve() == (MODELS_DIR / "vlm").resolve()
+    reward = args.reward if args.reward is not None else (MODELS_DIR / "reward" if embedded else None)
+    verifier = args.verifier if args.verifier is not None else (MODELS_DIR / "verifier" if embedded else None)
+    reward, verifier = reward or None, verifier or None  # "" disables
+    if getattr(args, "engine", "transformers") == "vllm":
+        from decoding.vllm_engine import VLLMEngine
+
+        return VLLMEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
+                          max_batch=max(8, getattr(args, "batch", 8)))
     from decoding.transformers_engine import TransformersEngine
 
-    reward = args.reward if args.reward and Path(args.reward).exists() else None
-    verifier = args.verifier if args.verifier and (Path(args.verifier) / "calibration.json").exists() else None
     return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward,
                               verifier_path=verifier)
 
@@ -91,11 +99,19 @@ def _bench_quality(args: argparse.Namespace) -> None:
 
 def _bench_speed(args: argparse.Namespace) -> None:
     from shapeworld.bench import write_json
-    from shapeworld.bench_speed import format_speed, run_speed
+    from shapeworld.bench_speed import format_speed, run_speed, tita_limit
 
-    rep = run_speed(_engine(args), args.methods.split(","), args.n, args.seed, batch=args.batch,
-                    ignore_eos=args.ignore_eos)
+    engine = _engine(args)
+    methods = [m for m in args.methods.split(",") if all(p in engine.available_methods for p in m.split("+"))]
+    skipped = sorted(set(args.methods.split(",")) - set(methods))
+    if skipped:
+        print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
+    rep = run_speed(engine, methods, args.n, args.seed, batch=args.batch, ignore_eos=args.ignore_eos,
+                    max_tokens=args.max_tokens)
+    rep["tita_limit"] = tita_limit(args.model, engine) if "tita" in engine.available_methods else None
     print(format_speed(rep))
+    if hasattr(engine, "close"):
+        engine.close()
     if args.json:
         write_json(rep, Path(args.json))
         print(f"wrote {args.json}")
@@ -163,9 +179,11 @@ def _bench_health(args: argparse.Namespace) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM (llava-hf layout)")
-    p.add_argument("--reward", default=str(MODELS_DIR / "reward"), help="TITA reward model (same tokenizer)")
-    p.add_argument("--verifier", default=str(MODELS_DIR / "verifier"), help="FiSAO verifier (CLIP, calibrated)")
+    p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM folder (any family transformers loads)")
+    p.add_argument("--reward", "--reward-model", dest="reward", default=None,
+                   help="TITA reward model (same tokenizer; default: the embedded one for the embedded VLM; '' for none)")
+    p.add_argument("--verifier", default=None, help="FiSAO verifier folder (CLIP/SigLIP with objects.json and "
+                                                     "calibration.json; default: the embedded one for the embedded VLM)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
 
@@ -225,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--ignore-eos", action="store_true",
-                   help="every request generates 40 tokens (vLLM's benchmark convention): methods compared per "
+                   help="every request generates --max-tokens tokens (vLLM's benchmark convention): methods compared per "
                         "decoding step, not by the length of their answers")
+    s.add_argument("--max-tokens", type=int, default=40)
+    s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     s.add_argument("--json", default=None)
     _model_args(s)
     s.set_defaults(func=_bench_speed)

@@ -16,6 +16,7 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
               split: str = "bait", ignore_eos: bool = False) -> dict:
     """With ``ignore_eos`` every request generates ``max_tokens`` tokens (vLLM's benchmark convention), so
     that methods are compared per decoding step, not by how long their answers come out."""
+    pop_verbs = getattr(engine, "pop_verb_seconds", dict)  # the vllm engine reports per method only
     scenes = make_scenes(split, n, seed)
     images = [s.image() for s in scenes]
     seconds = dict.fromkeys(methods, 0.0)
@@ -29,13 +30,13 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
             reqs = [GenerationRequest.single_turn(CAPTION_PROMPT, [im], sampling=sampling, steering=SteeringSpec(m))
                     for im in images[i : i + batch]]
             engine.pop_steering_seconds()
-            engine.pop_verb_seconds()
+            pop_verbs()
             t0 = time.perf_counter()
             out = engine.generate(reqs, max_batch=batch)
             seconds[m] += time.perf_counter() - t0
             for name, sec in engine.pop_steering_seconds().items():
                 steering[m][name] = steering[m].get(name, 0.0) + sec
-            for name, sec in engine.pop_verb_seconds().items():
+            for name, sec in pop_verbs().items():
                 verbs[m][name] = verbs[m].get(name, 0.0) + sec
             tokens[m] += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
     base = tokens.get("none", 0) / seconds["none"] if "none" in seconds else None
@@ -52,6 +53,28 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
             "methods": result}
 
 
+def decoder_flops_per_token(model_path) -> float:
+    """2 x the language model's weights used per generated token (decoder layers and output head; the
+    embedding lookup is free), from the checkpoint's config alone (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    lm = model.get_decoder()
+    n = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel()
+    return 2.0 * (n + model.get_output_embeddings().weight.numel())
+
+
+def tita_limit(model_path, engine) -> dict:
+    """TITA's speed limit against none when the reward model runs in series with the target:
+    1 / (1 + c_RM / c_target), c = FLOPs per token (compute-bound decoding)."""
+    reward = engine.resources.reward
+    reward_path = getattr(reward, "model_path", reward)  # the vllm engine holds the reward model's path
+    c_t, c_r = decoder_flops_per_token(model_path), decoder_flops_per_token(reward_path)
+    return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t)}
+
+
 def format_speed(report: dict) -> str:
     fixed = ", ignore_eos" if report.get("ignore_eos") else ""
     lines = [f"speed: n={report['n']} seed={report['seed']} batch={report['batch']} (interleaved{fixed})",
@@ -62,4 +85,10 @@ def format_speed(report: dict) -> str:
         if r["verb_share"]:
             share += " (" + ", ".join(f"{k} {v:.0%}" for k, v in r["verb_share"].items()) + ")"
         lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7} {r['tokens_per_request']:>7.1f}  {share}")
+    lim = report.get("tita_limit")
+    if lim and "tita" in report["methods"] and report["methods"]["tita"]["ratio_to_none"]:
+        got = report["methods"]["tita"]["ratio_to_none"]
+        lines.append(f"TITA limit by FLOPs per token 1/(1 + {lim['reward_flops_per_token'] / 1e6:.0f}M/"
+                     f"{lim['target_flops_per_token'] / 1e6:.0f}M) = {lim['limit']:.2f}x none; measured "
+                     f"{got:.2f}x = {got / lim['limit']:.2f} of the limit")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import PreTrainedTokenizerFast
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "gemma3")
+SLIDING_WINDOW = int(__import__("os").environ.get("FAMILIES_SLIDING_WINDOW", 16))  # Gemma 3: shorter than the prompts
 
 # A few hundred sentences: enough for a BPE with words, sub-words and the bytes of accented and CJK text.
 _WORDS = ("a red circle , a blue square and a green triangle . there is a yellow star next to the purple "
@@ -89,13 +90,20 @@ GEMMA_TEMPLATE = (
     "{% endfor %}{% endif %}{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
-SIZES = {  # language model: hidden, layers, heads, kv heads, intermediate; vision: hidden, layers, heads
-    "tiny": dict(hidden=128, layers=2, heads=2, kv=1, inter=256, v_hidden=64, v_layers=2, v_heads=2),
-    "tiny_rm": dict(hidden=64, layers=1, heads=1, kv=1, inter=128, v_hidden=64, v_layers=2, v_heads=2),
-    "mid": dict(hidden=1024, layers=16, heads=16, kv=16, inter=2816, v_hidden=256, v_layers=4, v_heads=4),
-    "mid_rm": dict(hidden=512, layers=12, heads=8, kv=8, inter=1408, v_hidden=256, v_layers=4, v_heads=4),
-    "7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, v_hidden=1024, v_layers=24, v_heads=16),
-    "1b": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, v_hidden=1024, v_layers=24, v_heads=16),
+SIZES = {  # language model: hidden, layers, heads, kv heads, intermediate, vocabulary rows (None: the tokenizer's);
+    # vision: hidden, layers, heads, image size, patch
+    "tiny": dict(hidden=128, layers=2, heads=2, kv=1, inter=256, vocab=None, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
+    "tiny_rm": dict(hidden=64, layers=1, heads=1, kv=1, inter=128, vocab=None, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
+    # a LLaVA-1.5-shaped target of about 240 M language-model parameters (Llama vocabulary rows) and a
+    # reward model of about 1/4 of its FLOPs per token, small images: a CPU-sized speed benchmark
+    "mid": dict(hidden=1024, layers=16, heads=16, kv=16, inter=2816, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=32, patch=8),
+    "mid_rm": dict(hidden=512, layers=12, heads=8, kv=8, inter=1408, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=32, patch=8),
+    # real shapes, for the GPU check: LLaVA-1.5-7B with a TinyLlama-1.1B-shaped reward model (CLIP-L/14 336)
+    "7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32064, v_hidden=1024, v_layers=24, v_heads=16, image=336, patch=14),
+    "1b": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32064, v_hidden=1024, v_layers=24, v_heads=16, image=336, patch=14),
+    # Qwen2.5-VL-7B with a Qwen2.5-VL-3B-shaped reward model
+    "qwen7b": dict(hidden=3584, layers=28, heads=28, kv=4, inter=18944, vocab=152064, v_hidden=1280, v_layers=32, v_heads=16, image=448, patch=14),
+    "qwen3b": dict(hidden=2048, layers=36, heads=16, kv=2, inter=11008, vocab=151936, v_hidden=1280, v_layers=32, v_heads=16, image=448, patch=14),
 }
 
 
@@ -106,7 +114,7 @@ def _fast(tok: Tokenizer, **kw) -> PreTrainedTokenizerFast:
 def _llama(vocab: int, s: dict, tok, **kw) -> dict:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=s["hidden"], intermediate_size=s["inter"],
+    return LlamaConfig(vocab_size=s["vocab"] or vocab, hidden_size=s["hidden"], intermediate_size=s["inter"],
                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
                        head_dim=s["hidden"] // s["heads"], max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
@@ -136,13 +144,13 @@ def _llava(path: Path, size: str, next_: bool) -> None:
     s = SIZES[size]
     tok = _spm_tokenizer(["<image>"], "<image>")
     tok.add_special_tokens({"bos_token": AddedToken("<s>", special=True)})  # the template writes none: the tokenizer adds it
-    image_size, patch = (32, 8)
+    image_size, patch = s["image"], s["patch"]
     image_id = tok.convert_tokens_to_ids("<image>")
     common = dict(vision_config=_clip_vision(s, image_size, patch), text_config=_llama(len(tok), s, tok),
                   image_token_id=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
                   pad_token_id=tok.pad_token_id)
     if next_:
-        pinpoints = [[32, 64], [64, 32], [64, 64]]
+        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
         config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
         model = LlavaNextForConditionalGeneration(config)
         ip = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -172,7 +180,7 @@ def _qwen(path: Path, size: str) -> None:
     head_dim = s["hidden"] // s["heads"]
     q = head_dim // 2  # M-RoPE sections (temporal, height, width) over head_dim / 2 frequencies
     section = [q - 2 * (3 * q // 8), 3 * q // 8, 3 * q // 8]
-    text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+    text = dict(vocab_size=s["vocab"] or len(tok), hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
                 num_attention_heads=s["heads"], num_key_value_heads=s["kv"], max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
@@ -185,10 +193,11 @@ def _qwen(path: Path, size: str) -> None:
                               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
                               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
     model = Qwen2_5_VLForConditionalGeneration(config)
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2)
+    pixels = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * (16 if s["image"] <= 64 else (s["image"] // 28) ** 2))
+    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, **pixels)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    video = Qwen2VLVideoProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2)
+    video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, **pixels)
     proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE)
     _save(model, proc, path)
 
@@ -199,14 +208,18 @@ def _gemma(path: Path, size: str) -> None:
 
     s = SIZES[size]
     extra = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
-    tok = _fast(train_tokenizer("spm", ["<unk>", "<bos>", "<eos>", "<pad>", *extra]), bos_token="<bos>",
+    raw = train_tokenizer("spm", ["<unk>", "<bos>", "<eos>", "<pad>", *extra])
+    raw.normalizer = normalizers.Replace(" ", "▁")  # Gemma's SentencePiece adds no dummy prefix
+    tok = _fast(raw, bos_token="<bos>",
                 eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", padding_side="left",
                 extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                       "image_token": "<image_soft_token>"})
-    image_size, patch = 32, 8
-    text = Gemma3TextConfig(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["inter"],
+    # Gemma's vocabulary has newline runs as tokens (vLLM looks them up), matched on the raw text
+    tok.add_tokens([AddedToken("\n" * k, normalized=False) for k in (4, 3, 2, 1)])
+    image_size, patch = s["image"], s["patch"]
+    text = Gemma3TextConfig(vocab_size=s["vocab"] or len(tok), hidden_size=s["hidden"], intermediate_size=s["inter"],
                             num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                            head_dim=s["hidden"] // s["heads"], max_position_embeddings=2048, sliding_window=16,
+                            head_dim=s["hidden"] // s["heads"], max_position_embeddings=2048, sliding_window=SLIDING_WINDOW,
                             bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
                             pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(hidden_size=s["v_hidden"], intermediate_size=2 * s["v_hidden"],
@@ -229,6 +242,15 @@ def _save(model, proc, path: Path) -> None:
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     model.save_pretrained(path)
     proc.save_pretrained(path)
+    if model.config.model_type in ("llava", "llava_next", "gemma3"):  # their hub layout (what vLLM's loader reads)
+        from safetensors.torch import save_file
+
+        from shapeworld.models import to_llava_hf_keys
+
+        state = to_llava_hf_keys(model.state_dict())
+        if model.config.get_text_config().tie_word_embeddings:  # tied: the hub files hold the embedding once
+            state.pop("language_model.lm_head.weight", None)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
 def build(family: str, path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -275,7 +297,35 @@ def build_verifier(kind: str, path: str | Path, image_size: int = 32, patch: int
     return path
 
 
-if __name__ == "__main__":
-    import sys
+VOCABULARY = ["red circle", "blue square", "green triangle", "yellow star", "cat", "dog", "table", "car", "ball", "café"]
 
-    print(json.dumps(str(build(sys.argv[1], sys.argv[2], *(sys.argv[3:4] or ["tiny"])))))
+
+def build_set(family: str, root: str | Path, size: str = "tiny", reward_size: str = "tiny_rm", verifier: str = "clip",
+              seed: int = 0) -> dict[str, Path]:
+    """A target, a reward model of the same family and tokenizer, and a verifier with an object vocabulary
+    and (arbitrary, fixed) calibration files, under ``root``: what `vlm-steer serve` or `bench speed` take."""
+    root = Path(root)
+    out = {"model": build(family, root / "vlm", size, seed), "reward": build(family, root / "reward", reward_size, seed + 1)}
+    s = SIZES[size]
+    out["verifier"] = build_verifier(verifier, root / "verifier", image_size=min(s["image"], 224), patch=s["patch"], seed=seed)
+    (out["verifier"] / "objects.json").write_text(json.dumps({"phrases": VOCABULARY, "template": "a {}"}))
+    (out["verifier"] / "calibration.json").write_text(json.dumps({"low": -0.3, "high": 0.3, "group_low": -0.3,
+                                                                  "group_high": 0.3, "note": "arbitrary: random weights"}))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build a random-weight target, reward model and verifier of one family")
+    ap.add_argument("family", choices=FAMILIES)
+    ap.add_argument("out")
+    ap.add_argument("--size", default="tiny", choices=list(SIZES))
+    ap.add_argument("--reward-size", default="tiny_rm", choices=list(SIZES))
+    ap.add_argument("--verifier", default="clip", choices=["clip", "siglip"])
+    ap.add_argument("--model-only", action="store_true")
+    a = ap.parse_args()
+    if a.model_only:
+        print(json.dumps(str(build(a.family, a.out, a.size))))
+    else:
+        print(json.dumps({k: str(v) for k, v in build_set(a.family, a.out, a.size, a.reward_size, a.verifier).items()}))
