@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-vllm install train bench clean-venv
+.PHONY: serve test test-vllm install train bench clean-venv bench-speed-mid gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,3 +65,15 @@ train: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Speed near TITA's limit at a realistic shape ratio, CPU-sized: a LLaVA-1.5-shaped random-weight pair
+# (Llama hidden 1024 x 16 layers, 32064 vocabulary rows; reward model 512 x 12), one interleaved run.
+bench-speed-mid: $(STAMP)
+	$(BIN)/python -m tests.families llava runs/mid --size mid --reward-size mid_rm
+	$(BIN)/vlm-steer bench speed --model runs/mid/vlm --reward-model runs/mid/reward --verifier runs/mid/verifier \
+		--methods none,tita,fisao,tita+fisao --ignore-eos --n 16 --batch 8 --json runs/speed-mid.json
+
+# On a machine with a CUDA GPU: real-shape random pairs (LLaVA-1.5-7B + 1.1B, Qwen2.5-VL-7B + 3B, bfloat16),
+# speed table and greedy equality on both engines, one table. Refuses on CPU.
+gpu-check: $(STAMP)
+	$(BIN)/python -m tests.gpu_check

@@ -71,6 +71,25 @@ def batch_inputs(rows, width: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def inputs_for(processor, config, prompt_ids: list[int], images: list) -> dict[str, torch.Tensor]:
+    """A row's processor tensors from prompt ids whose image placeholders are already expanded, and its
+    images, for a caller that holds ids but not the prompt text (vLLM's worker): the image processor's
+    output and, where the processor returns them, per-token type ids (image tokens marked 1)."""
+    out = row_inputs(processor.image_processor(images=images, return_tensors="pt")) if images else {}
+    image_token = getattr(config, "image_token_id", None)
+    for key in getattr(processor, "model_input_names", []):
+        if key.endswith("token_type_ids") and image_token is not None:
+            out[key] = (torch.tensor([prompt_ids]) == image_token).long()
+    return out
+
+
+def extended(inputs: dict[str, torch.Tensor], n_prompt: int, n_more: int) -> dict[str, torch.Tensor]:
+    """The tensors of a prompt of ``n_prompt`` tokens followed by ``n_more`` generated (text) tokens."""
+    if not n_more:
+        return inputs
+    return {k: torch.cat([v, v.new_zeros((1, n_more))], dim=1) if per_token(v, n_prompt) else v for k, v in inputs.items()}
+
+
 class Positions:
     """1-D positions: each row counts its own tokens (left padding takes none)."""
 

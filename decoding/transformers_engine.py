@@ -22,7 +22,7 @@ from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.prompts import render_prompt
-from decoding.model_inputs import batch_inputs, positions_for, prefill_groups, row_inputs
+from decoding.model_inputs import batch_inputs, inputs_for, positions_for, prefill_groups, row_inputs
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob, tokens_covering
 from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
 
@@ -110,6 +110,7 @@ class TransformersEngine:
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
+        self.config = self.model.config
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
@@ -187,15 +188,8 @@ class TransformersEngine:
     row_for = staticmethod(row_for)
 
     def inputs_for(self, prompt_ids: list[int], images: list) -> dict:
-        """A row's processor tensors from prompt ids whose image placeholders are already expanded, and its
-        images, for a caller that holds ids but not the prompt text (vLLM's worker): the image processor's
-        output and, where the processor returns them, per-token type ids (image tokens marked 1)."""
-        out = dict(row_inputs(self.processor.image_processor(images=images, return_tensors="pt"))) if images else {}
-        image_token = getattr(self.model.config, "image_token_id", None)
-        for key in getattr(self.processor, "model_input_names", []):
-            if key.endswith("token_type_ids") and image_token is not None:
-                out[key] = (torch.tensor([prompt_ids]) == image_token).long()
-        return out
+        """See ``decoding.model_inputs.inputs_for``."""
+        return inputs_for(self.processor, self.config, prompt_ids, images)
 
     # ------------------------------------------------------------ the verbs
 

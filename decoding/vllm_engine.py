@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import io
 import itertools
+import json
 import os
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usabl
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
 from decoding.prompts import render_prompt
-from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, Counters
+from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, VERIFIER_ENV, Counters
 
 
 @dataclass
@@ -86,13 +87,17 @@ class VLLMEngine:
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
         else:
             os.environ.pop(REWARD_ENV, None)
+        os.environ.pop(VERIFIER_ENV, None)
         if verifier_path is not None:
             from reward_models.verifier import Verifier
 
-            verifier = Verifier(verifier_path, device=device, **(verifier_files or {}))  # FiSAO's rewards are computed here, at admission
-        self.resources = Resources(self, reward_path, verifier)  # the reward model itself lives in vLLM's worker
-        self.methods = {name: cls(self.resources) if name == "fisao" else cls
-                        for name, cls in usable_methods(self.resources, self.supported).items()}
+            files = verifier_files or {}
+            verifier = Verifier(verifier_path, weights=False, **files)  # its files: what FiSAO can do
+            os.environ[VERIFIER_ENV] = json.dumps({"path": str(Path(verifier_path).resolve()),
+                                                   **{k: str(Path(v).resolve()) for k, v in files.items() if v}})
+        # the reward model and the verifier's weights live in vLLM's worker, beside the steering processor
+        self.resources = Resources(self, reward_path, verifier)
+        self.methods = dict(usable_methods(self.resources, self.supported))
         self._counter_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-counters-", delete=False)
         self.counters = Counters(self._counter_file.name)
         os.environ[COUNTERS_ENV] = self._counter_file.name
@@ -203,36 +208,11 @@ class VLLMEngine:
             frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
     def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:
-        out = {}
-        if "tita" in steering:
-            if not request.images:
-                raise ValueError("tita on the vllm engine needs an image in the request")
-            out["tita"] = {"strength": steering["tita"], "images": [_png(im) for im in request.images]}
-        if "fisao" in steering:
-            try:
-                out["fisao"] = {"strength": steering["fisao"], **self._fisao_table(request)}
-            except Exception as e:  # the verifier failed: this request fails, clearly, and alone
-                raise SteeringFailed("fisao", e) from e
-        return out
-
-    def _fisao_table(self, request: GenerationRequest) -> dict:
-        """The request's verifier rewards as [suffix ids, token ids, values] per phrase-trie node, and the
-        first-answer-token rewards of a yes/no question about an object."""
-        fisao = self.methods["fisao"]
-        row = type("R", (), {"request": request, "image_pooled": None})()
-        state = fisao.start([row])
-        trie = fisao.trie
-        table = []
-        for prefix, j in trie.index.items():
-            tokens = trie.tokens[j]
-            valid = tokens < trie.vocab
-            table.append([list(prefix), tokens[valid].tolist(), state.node_rewards[0, j][valid].tolist()])
-        out = {"table": table}
-        q = int(state.question[0])
-        if q >= 0:
-            r = float(state.rewards[0, q])
-            out["first"] = [fisao.yes_ids + fisao.no_ids, [r] * len(fisao.yes_ids) + [-r] * len(fisao.no_ids)]
-        return out
+        """What the worker's steering methods read: strengths, the chat messages (FiSAO's question rule, a
+        reward model with its own processor) and the images, encoded losslessly."""
+        if "tita" in steering and not request.images:
+            raise ValueError("tita on the vllm engine needs an image in the request")
+        return {"methods": steering, "messages": request.messages, "images": [_png(im) for im in request.images]}
 
     # ------------------------------------------------------------ running requests
 

@@ -9,7 +9,8 @@ import os
 import torch
 
 ARG = "vlm_steer"
-REWARD_ENV = "VLM_STEER_REWARD_MODEL"  # the reward model folder (the server's own setting)
+REWARD_ENV = "VLM_STEER_WORKER_REWARD_MODEL"  # the reward model folder, for the worker (not a server setting)
+VERIFIER_ENV = "VLM_STEER_WORKER_VERIFIER"  # JSON {"path", "vocabulary", "calibration"} of the verifier
 COUNTERS_ENV = "VLM_STEER_COUNTERS"  # the shared counter file
 METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry
 SLOTS = 1 << 16
@@ -34,18 +35,22 @@ class Counters:
 
 
 def validate(args) -> None:
-    """Refuse malformed steering arguments (vLLM turns the ValueError into HTTP 400)."""
+    """Refuse malformed steering arguments (vLLM turns the ValueError into HTTP 400): ``{"slot": int,
+    "eos": int, "methods": {name: strength}, "messages": [...], "images": [encoded image bytes]}``."""
     if not isinstance(args, dict) or not isinstance(args.get("slot"), int) or not 0 <= args["slot"] < SLOTS:
         raise ValueError(f"extra_args[{ARG!r}] must be a dict with an integer 'slot' in [0, {SLOTS})")
-    for name in args.keys() - {"slot", "eos"}:
+    methods = args.get("methods")
+    if not isinstance(methods, dict):
+        raise ValueError(f"extra_args[{ARG!r}]['methods'] must map steering methods to strengths")
+    for name, strength in methods.items():
         if name not in METHODS:
             raise ValueError(f"unknown steering method {name!r} for the vLLM engine; available: {list(METHODS)}")
-        strength = args[name].get("strength") if isinstance(args[name], dict) else None
-        if not isinstance(strength, (int, float)) or strength < 0:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
             raise ValueError(f"steering {name!r} needs a non-negative 'strength'")
-    if "fisao" in args:
-        for entry in args["fisao"].get("table", []):
-            if len(entry) != 3 or len(entry[1]) != len(entry[2]):
-                raise ValueError("fisao 'table' entries are [prefix ids, token ids, values]")
-    if "tita" in args and not args["tita"].get("images"):
+    images = args.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(b, (bytes, bytearray)) for b in images):
+        raise ValueError("'images' must be a list of encoded image bytes")
+    if "tita" in methods and not images:
         raise ValueError("tita needs the request's image ('images')")
+    if not isinstance(args.get("messages", []), list):
+        raise ValueError("'messages' must be the request's chat messages")

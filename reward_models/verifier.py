@@ -39,14 +39,31 @@ def _features(out) -> torch.Tensor:
 
 class Verifier:
     def __init__(self, path: str | Path, device: str = "cpu", vocabulary: str | Path | None = None,
-                 calibration: str | Path | None = None):
+                 calibration: str | Path | None = None, weights: bool = True):
+        """``weights=False``: the vocabulary and calibration only (what a process that only routes
+        requests needs to know), no model."""
         self.path = Path(path)
         self.device = torch.device(device)
+        self._files(vocabulary, calibration)
+        if not weights:
+            self.model = None
+            return
         self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise ValueError(f"the verifier at {self.path} is a {type(self.model).__name__}, not an image-text dual "
                              "encoder (CLIP, SigLIP, ...)")
         self.processor = AutoProcessor.from_pretrained(self.path)
+        # CLIP pools its tower's output and projects it: a VLM with the same tower can hand over its pooled output
+        self.pools_like_clip = hasattr(self.model, "visual_projection") and hasattr(self.model, "vision_model")
+        siglip = "siglip" in self.model.config.model_type  # trained on max-length padded text
+        pad = ({"padding": "max_length", "max_length": self.model.config.text_config.max_position_embeddings}
+               if siglip else {"padding": True})
+        with torch.inference_mode():
+            t = self.processor.tokenizer([self.template.format(p) for p in self.phrases], return_tensors="pt",
+                                         truncation=True, **pad)
+            self.text = F.normalize(_features(self.model.get_text_features(**t.to(self.device))), dim=-1)
+
+    def _files(self, vocabulary, calibration) -> None:
         self.vocabulary_path = Path(vocabulary) if vocabulary else self.path / OBJECTS
         if not self.vocabulary_path.exists():
             raise FileNotFoundError(f"no object vocabulary for the verifier at {self.path}: {self.vocabulary_path} "
@@ -58,15 +75,6 @@ class Verifier:
         if calibration and not self.calibration_path.exists():
             raise FileNotFoundError(f"verifier calibration {self.calibration_path} does not exist")
         self.calibration = json.loads(self.calibration_path.read_text()) if self.calibration_path.exists() else None
-        # CLIP pools its tower's output and projects it: a VLM with the same tower can hand over its pooled output
-        self.pools_like_clip = hasattr(self.model, "visual_projection") and hasattr(self.model, "vision_model")
-        siglip = "siglip" in self.model.config.model_type  # trained on max-length padded text
-        pad = ({"padding": "max_length", "max_length": self.model.config.text_config.max_position_embeddings}
-               if siglip else {"padding": True})
-        with torch.inference_mode():
-            t = self.processor.tokenizer([self.template.format(p) for p in self.phrases], return_tensors="pt",
-                                         truncation=True, **pad)
-            self.text = F.normalize(_features(self.model.get_text_features(**t.to(self.device))), dim=-1)
 
     @property
     def calibrated(self) -> bool:

@@ -253,17 +253,25 @@ def _save(model, proc, path: Path) -> None:
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def build(family: str, path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A random-weight checkpoint of ``family`` (one of ``FAMILIES``) at ``path``; same seed, same weights."""
-    torch.manual_seed(seed)
-    if family in ("llava", "llava_next"):
-        _llava(Path(path), size, family == "llava_next")
-    elif family == "qwen2_5_vl":
-        _qwen(Path(path), size)
-    elif family == "gemma3":
-        _gemma(Path(path), size)
-    else:
+def build(family: str, path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+          device: str = "cpu") -> Path:
+    """A random-weight checkpoint of ``family`` (one of ``FAMILIES``) at ``path``; same seed, same weights.
+    ``dtype``/``device``: where the weights are made (real shapes: bfloat16 on a GPU)."""
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if family in ("llava", "llava_next"):
+                _llava(Path(path), size, family == "llava_next")
+            elif family == "qwen2_5_vl":
+                _qwen(Path(path), size)
+            else:
+                _gemma(Path(path), size)
+    finally:
+        torch.set_default_dtype(default)
     return Path(path)
 
 
@@ -301,11 +309,12 @@ VOCABULARY = ["red circle", "blue square", "green triangle", "yellow star", "cat
 
 
 def build_set(family: str, root: str | Path, size: str = "tiny", reward_size: str = "tiny_rm", verifier: str = "clip",
-              seed: int = 0) -> dict[str, Path]:
+              seed: int = 0, **where) -> dict[str, Path]:
     """A target, a reward model of the same family and tokenizer, and a verifier with an object vocabulary
     and (arbitrary, fixed) calibration files, under ``root``: what `vlm-steer serve` or `bench speed` take."""
     root = Path(root)
-    out = {"model": build(family, root / "vlm", size, seed), "reward": build(family, root / "reward", reward_size, seed + 1)}
+    out = {"model": build(family, root / "vlm", size, seed, **where),
+           "reward": build(family, root / "reward", reward_size, seed + 1, **where)}
     s = SIZES[size]
     out["verifier"] = build_verifier(verifier, root / "verifier", image_size=min(s["image"], 224), patch=s["patch"], seed=seed)
     (out["verifier"] / "objects.json").write_text(json.dumps({"phrases": VOCABULARY, "template": "a {}"}))

@@ -1,8 +1,11 @@
 """What a steering method is, and the registry that names them.
 
 A method keeps batched state for the rows that use it (in batch order) and follows the batch
-through the engine's verbs: ``start`` when rows are prefilled, ``steer`` on their logits each step,
+through the engine's verbs: ``start`` when rows join (usually at prefill, with no generated tokens; a
+row may also join mid-answer, its ``token_ids`` generated so far), ``steer`` on their logits each step,
 ``advance`` with the tokens chosen, ``select`` when rows leave, ``merge`` when rows join.
+The same method objects serve both engines: the transformers engine calls the verbs from its step loop,
+vLLM's logits processor from its batch updates (``decoding.steering_adapter``).
 A new method is one file with a subclass plus ``@register``.
 """
 

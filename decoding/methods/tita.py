@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
+from decoding.model_inputs import extended
 from decoding.steer_math import tita
 
 
@@ -18,7 +19,7 @@ def same_inputs(a, b) -> bool:
     pa, pb = a.processor, b.processor
     return (type(pa) is type(pb) and pa.to_dict() == pb.to_dict() and pa.chat_template == pb.chat_template
             and pa.tokenizer.get_vocab() == pb.tokenizer.get_vocab()
-            and getattr(a.model.config, "image_token_id", None) == getattr(b.model.config, "image_token_id", None))
+            and getattr(a.config, "image_token_id", None) == getattr(b.config, "image_token_id", None))
 
 
 @register
@@ -33,7 +34,7 @@ class Tita(SteeringMethod):
         # The reward model sees the same image and prompt: when its processor and vision tower are the
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
         self.reuse_inputs = same_inputs(resources.target, self.rm)
-        self.reuse_tower = (self.reuse_inputs and resources.target.shares_tower_outputs
+        self.reuse_tower = (self.reuse_inputs and getattr(resources.target, "shares_tower_outputs", False)
                             and same_weights(vision_tower(resources.target.model), vision_tower(self.rm.model)))
         self.reads_images = not self.reuse_inputs  # the reward model's own processor then encodes the request
 
@@ -42,10 +43,18 @@ class Tita(SteeringMethod):
         return self.resources.reward
 
     def _rm_row(self, row):
-        if not self.reuse_inputs:
-            return self.rm.encode(row.request, steer=False)
-        feats = row.image_features if self.reuse_tower else None
-        return type(row)(row.request, row.prompt_ids, row.inputs, image_features=feats)
+        """The reward model's row for a target row; tokens the target row has already generated (a row
+        that starts steering mid-answer, e.g. resumed in vLLM's batch) follow its prompt."""
+        if self.reuse_inputs:
+            feats = row.image_features if self.reuse_tower else None
+            rm_row = type(row)(row.request, row.prompt_ids, row.inputs, image_features=feats)
+        else:
+            rm_row = self.rm.encode(row.request, steer=False)
+        if row.token_ids:
+            n = len(rm_row.prompt_ids)
+            rm_row = type(rm_row)(rm_row.request, rm_row.prompt_ids + list(row.token_ids),
+                                  extended(rm_row.inputs, n, len(row.token_ids)), image_features=rm_row.image_features)
+        return rm_row
 
     def start(self, rows):
         return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)

@@ -8,13 +8,16 @@ from decoding.vllm_protocol import Counters, validate
 
 
 @pytest.mark.parametrize("args,match", [
-    ({"tita": {"strength": 0.5, "images": [b"x"]}}, "slot"),
+    ({"methods": {"tita": 0.5}, "images": [b"x"]}, "slot"),
     ({"slot": -1}, "slot"),
-    ({"slot": 1, "telepathy": {"strength": 1}}, "unknown steering method"),
-    ({"slot": 1, "fisao": {"strength": "strong", "table": []}}, "strength"),
-    ({"slot": 1, "fisao": {"strength": -1, "table": []}}, "strength"),
-    ({"slot": 1, "fisao": {"strength": 1, "table": [[[], [5, 6], [1.0]]]}}, "table"),
-    ({"slot": 1, "tita": {"strength": 0.5, "images": []}}, "image"),
+    ({"slot": 1}, "methods"),
+    ({"slot": 1, "methods": {"telepathy": 1}}, "unknown steering method"),
+    ({"slot": 1, "methods": {"fisao": "strong"}}, "strength"),
+    ({"slot": 1, "methods": {"fisao": -1}}, "strength"),
+    ({"slot": 1, "methods": {"fisao": True}}, "strength"),
+    ({"slot": 1, "methods": {"fisao": 1}, "images": ["not bytes"]}, "images"),
+    ({"slot": 1, "methods": {"tita": 0.5}, "images": []}, "image"),
+    ({"slot": 1, "methods": {"fisao": 1}, "messages": "hi"}, "messages"),
 ])
 def test_malformed_steering_arguments_are_refused(args, match):
     with pytest.raises(ValueError, match=match):
@@ -22,8 +25,8 @@ def test_malformed_steering_arguments_are_refused(args, match):
 
 
 def test_well_formed_arguments_pass():
-    validate({"slot": 3, "eos": 2, "tita": {"strength": 0.6, "images": [b"png"]},
-              "fisao": {"strength": 6.0, "table": [[[], [5, 6], [-1.0, 0.0]]], "first": [[7, 8], [1.0, -1.0]]}})
+    validate({"slot": 3, "eos": 2, "methods": {"tita": 0.6, "fisao": 6}, "images": [b"png"],
+              "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]})
 
 
 def test_counters_are_shared_between_mappings(tmp_path):

@@ -78,7 +78,7 @@ def test_a_fault_inside_the_worker_fails_only_its_request(steering_engine):
     fails as a steering failure, is not served unsteered, and requests beside it finish normally."""
     broken = steering_engine.encode(requests("tita")[0])
     args = broken.params.extra_args["vlm_steer"]
-    args["tita"]["images"] = [b"\x89PNG not really"]
+    args["images"] = [b"\x89PNG not really"]
     plain = [steering_engine.encode(r) for r in requests("tita")[1:4]]
     with cf.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda row: _run(steering_engine, row), [broken, *plain]))
@@ -91,7 +91,7 @@ def test_a_fault_inside_the_worker_fails_only_its_request(steering_engine):
 
 def test_bad_steering_arguments_are_refused_by_validate_params(steering_engine):
     row = steering_engine.encode(requests("fisao")[0])
-    row.params.extra_args["vlm_steer"]["fisao"]["strength"] = "strong"
+    row.params.extra_args["vlm_steer"]["methods"]["fisao"] = "strong"
     row = dataclasses.replace(row, request=dataclasses.replace(row.request, request_id="bad-args"))
     ev = _run(steering_engine, row)
     assert isinstance(ev, Failed) and isinstance(ev.error, ValueError) and "strength" in str(ev.error)

@@ -1,0 +1,105 @@
+"""The GPU check (`make gpu-check`): on a machine with a CUDA GPU, build real-shape random-weight pairs in
+bfloat16 (a LLaVA-1.5-7B-shaped target with a TinyLlama-1.1B-shaped reward model; a Qwen2.5-VL-7B-shaped
+target with a 3B-shaped one), then, per pair and engine: tokens/s of none, tita, fisao, tita+fisao in one
+interleaved run at batch 8 (`--ignore-eos`), TITA's ratio against its FLOPs limit, and greedy `none`
+equality with transformers' `generate`. Prints one table (and writes runs/gpu-check.json). Refuses on CPU.
+
+Random weights say nothing about quality: this measures speed and code paths at real shapes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PAIRS = {"llava-1.5-7b": ("llava", "7b", "1b"), "qwen2.5-vl-7b": ("qwen2_5_vl", "qwen7b", "qwen3b")}
+METHODS = ["none", "tita", "fisao", "tita+fisao"]
+
+
+def equality(engine, n: int = 4, max_tokens: int = 16) -> tuple[int, int]:
+    """Greedy `none` of the engine's batch vs transformers' generate per request: (equal, total)."""
+    from decoding.prompts import render_prompt
+    from decoding.request import GenerationRequest, SamplingParams
+    from shapeworld.world import make_scenes
+
+    reqs = [GenerationRequest.single_turn("describe the image .", [s.image()], sampling=SamplingParams(max_tokens=max_tokens))
+            for s in make_scenes("random", n, 4321)]
+    got = engine.generate(reqs)
+    model = getattr(engine, "model", None)
+    if model is None:  # vllm: compare with the transformers engine's own greedy output instead
+        return -1, n
+    equal = 0
+    for r, c in zip(reqs, got):
+        out = engine.processor(images=r.images, text=render_prompt(engine.processor, r.messages), return_tensors="pt").to(model.device)
+        out["pixel_values"] = out["pixel_values"].to(model.dtype)
+        g = model.generate(**out, max_new_tokens=max_tokens, do_sample=False)[0, out["input_ids"].shape[1]:].tolist()
+        g = g[: next((i for i, t in enumerate(g) if t in engine.eos_ids), len(g))]
+        equal += g == c.token_ids
+    return equal, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--engines", default="transformers,vllm")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default="runs/gpu-check.json")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
+                 "`make bench-speed-mid` for the CPU-sized speed table")
+    from decoding.transformers_engine import TransformersEngine
+    from shapeworld.bench_speed import run_speed, tita_limit
+    from tests.families import build_set
+
+    rows, t0 = [], time.time()
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for name in a.pairs.split(","):
+            family, size, rm = PAIRS[name]
+            paths = build_set(family, Path(tmp) / name, size, rm, dtype=torch.bfloat16, device="cuda")
+            print(f"[{time.time() - t0:.0f}s] built {name}", flush=True)
+            for kind in a.engines.split(","):
+                if kind == "vllm":
+                    try:
+                        from decoding.vllm_engine import VLLMEngine
+                    except ImportError:
+                        rows.append({"pair": name, "engine": "vllm", "error": "vllm is not installed"})
+                        continue
+                    engine = VLLMEngine(paths["model"], device="cuda", dtype="bfloat16", reward_path=paths["reward"],
+                                        verifier_path=paths["verifier"], max_batch=8, gpu_memory_utilization=0.45)
+                else:
+                    engine = TransformersEngine(paths["model"], device="cuda", dtype="bfloat16",
+                                                reward_path=paths["reward"], verifier_path=paths["verifier"])
+                rep = run_speed(engine, METHODS, a.n, 1234, batch=8, max_tokens=a.max_tokens, ignore_eos=True)
+                lim = tita_limit(paths["model"], engine)["limit"]
+                eq = equality(engine)
+                r = {"pair": name, "engine": kind, "limit": lim, "equal": eq,
+                     **{m: rep["methods"][m]["tokens_per_second"] for m in METHODS},
+                     **{f"{m}_x": rep["methods"][m]["ratio_to_none"] for m in METHODS}}
+                rows.append(r)
+                print(f"[{time.time() - t0:.0f}s] {json.dumps(r)}", flush=True)
+                if hasattr(engine, "close"):
+                    engine.close()
+                del engine
+                torch.cuda.empty_cache()
+    print(f"\n{'pair':<15} {'engine':<12} {'none tok/s':>10} {'tita x':>7} {'limit':>6} {'of lim':>6} {'fisao x':>8} "
+          f"{'t+f x':>6} {'greedy=generate':>15}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['pair']:<15} {r['engine']:<12} {r['error']}")
+            continue
+        eq = "n/a" if r["equal"][0] < 0 else f"{r['equal'][0]}/{r['equal'][1]}"
+        print(f"{r['pair']:<15} {r['engine']:<12} {r['none']:>10.1f} {r['tita_x']:>7.2f} {r['limit']:>6.2f} "
+              f"{r['tita_x'] / r['limit']:>6.2f} {r['fisao_x']:>8.2f} {r['tita+fisao_x']:>6.2f} {eq:>15}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
