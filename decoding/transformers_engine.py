@@ -423,6 +423,21 @@ class TransformersEngine:
         if len(row.token_ids) >= s.max_tokens or len(row.prompt_ids) + len(row.token_ids) >= self.max_context:
             row.finish_reason = "length"
 
+    def step(self, batch: Batch, on_tokens=None) -> Batch | None:
+        """One decoding step for every row of the batch, the body of every decode loop (``generate``'s and
+        the server scheduler's): steer the logits, sample, let ``on_tokens(batch)`` see the new tokens
+        (stream them) and say which rows stay (a list of bools; default: the unfinished rows that did
+        not fail), then the rows that stay take their token through the model. Returns the batch that
+        goes on, or None when no row stays."""
+        tokens = self.sample(batch, self.steer(batch))
+        stay = on_tokens(batch) if on_tokens else [r.finish_reason is None and r.error is None for r in batch.rows]
+        keep = [i for i, s in enumerate(stay) if s]
+        if not keep:
+            return None
+        batch = self.select(batch, keep)
+        self.decode_one_token(batch, tokens[keep])
+        return batch
+
     @staticmethod
     def completion(row: Row) -> Completion:
         lp = row.logprobs if row.request.sampling.top_logprobs is not None else None
@@ -438,16 +453,15 @@ class TransformersEngine:
             batch, failed = self.without_failed(self.prefill([self.encode(r) for r in requests[start : start + max_batch]]))
             if failed:
                 raise failed[0].error
-            while batch.rows:
-                tokens = self.sample(batch, self.steer(batch))
-                keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
-                for r in batch.rows:
+
+            def collect(b: Batch) -> list[bool]:
+                for r in b.rows:
                     if r.error is not None:
                         raise r.error
                     if r.finish_reason is not None:
                         done[r.request.request_id] = self.completion(r)
-                if not keep:
-                    break
-                batch = self.select(batch, keep)
-                self.decode_one_token(batch, tokens[keep])
+                return [r.finish_reason is None for r in b.rows]
+
+            while batch is not None:
+                batch = self.step(batch, collect)
         return [done[r.request_id] for r in requests]

@@ -181,36 +181,39 @@ class Scheduler:
             if batch is None:
                 continue
             try:
-                tokens = self.engine.sample(batch, self.engine.steer(batch))
-            except Exception as e:  # the step failed: fail the rows in it, keep serving
+                batch = self.engine.step(batch, self._deliver)
+            except Exception as e:  # the step failed: fail the rows still in it, keep serving
                 for r in batch.rows:
-                    self.running.pop(r.request.request_id).sink(Failed(e))
+                    t = self.running.pop(r.request.request_id, None)
+                    if t is not None:
+                        t.sink(Failed(e))
                 batch = None
+
+    def _deliver(self, batch) -> list[bool]:
+        """After a step's sampling: stream each row's new text, finish or fail the rows that are done;
+        the rows that stay (``engine.step`` feeds them their token)."""
+        now = time.monotonic()
+        stay = []
+        for row in batch.rows:
+            if row.error is not None:
+                self._fail([row])
+                stay.append(False)
                 continue
-            now = time.monotonic()
-            keep = []
-            for i, row in enumerate(batch.rows):
-                if row.error is not None:
-                    self._fail([row])
-                    continue
-                t = self.running[row.request.request_id]
-                if t.first_token is None:
-                    t.first_token = now
-                self._emit(t, row)
-                if row.finish_reason is not None or t.cancelled:
-                    self.running.pop(row.request.request_id)
-                    if not t.cancelled:
-                        t.sink(Finished(self.engine.completion(row)))
-                else:
-                    keep.append(i)
-            self.steps += 1
-            if self.on_step:
-                self.on_step(self)
-            if not keep:
-                batch = None
-                continue
-            batch = self.engine.select(batch, keep)
-            self.engine.decode_one_token(batch, tokens[keep])
+            t = self.running[row.request.request_id]
+            if t.first_token is None:
+                t.first_token = now
+            self._emit(t, row)
+            if row.finish_reason is not None or t.cancelled:
+                self.running.pop(row.request.request_id)
+                if not t.cancelled:
+                    t.sink(Finished(self.engine.completion(row)))
+                stay.append(False)
+            else:
+                stay.append(True)
+        self.steps += 1
+        if self.on_step:
+            self.on_step(self)
+        return stay
 
     @staticmethod
     def _emit(t: Ticket, row) -> None:

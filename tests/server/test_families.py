@@ -72,6 +72,44 @@ def test_every_method_streams_with_its_steering_block(family_server):
         assert whole.choices[0].message.content == ref.text, method
 
 
+def _engine_requests(method, n=4, max_tokens=10):
+    return [GenerationRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+                              images=[Image.new("RGB", SIZES[i % len(SIZES)], ["red", "blue", "green", "white"][i % 4])],
+                              sampling=SamplingParams(max_tokens=max_tokens), steering=SteeringSpec(method))
+            for i, t in enumerate(["describe the image ."] * (n - 1) + ["is there a cat ?"])]
+
+
+@pytest.fixture(scope="module")
+def family_reference(family_server):
+    """The transformers engine on the same checkpoints (on the transformers run: transformers' generate)."""
+    fam, srv, engine = family_server
+    if ENGINE != "vllm":
+        return None
+    from decoding.transformers_engine import TransformersEngine
+
+    res = engine.resources
+    return TransformersEngine(engine.model_path, reward_path=res.reward, verifier_path=res.verifier.path)
+
+
+@pytest.mark.parametrize("method", ["none", "tita", "fisao", "tita+fisao"])
+def test_greedy_outputs_equal_the_reference(family_server, family_reference, method):
+    """vllm run: the vLLM engine's greedy outputs equal the transformers engine's for each method;
+    transformers run: `none` equals transformers' own generate (steered methods: test_families in decoding)."""
+    fam, srv, engine = family_server
+    reqs = _engine_requests(method)
+    got = engine.generate(reqs)
+    if family_reference is not None:
+        want = family_reference.generate(reqs)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.steered_tokens for g in got] == [w.steered_tokens for w in want]
+    elif method == "none":
+        from tests.decoding.test_families import reference
+
+        assert [g.token_ids for g in got] == [reference(engine, r, 10) for r in reqs]
+    else:
+        assert [g.token_ids for g in got] == [engine.generate([r])[0].token_ids for r in reqs]
+
+
 def test_concurrent_requests_with_mixed_image_sizes_all_succeed(family_server):
     fam, srv, engine = family_server
     client = _client(srv)
@@ -142,3 +180,13 @@ def test_byte_level_output_streams_whole_characters():
         assert all("\ufffd" not in d.text for d in deltas)
         assert "".join(d.text for d in deltas) == text
         assert [t for d in deltas for t in d.token_ids] == ids
+
+
+def test_the_familys_image_placeholder_in_text_is_refused(family_server):
+    fam, srv, engine = family_server
+    token = engine.processor.image_token
+    r = httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": fam, "messages": [{"role": "user", "content": f"what is {token} here ?"}], "max_tokens": 4})
+    assert r.status_code == 400 and token in r.json()["error"]["message"]
+    ok = httpx.post(srv.url + "/v1/chat/completions", json={"model": fam, "messages": _messages(2), "max_tokens": 4})
+    assert ok.status_code == 200  # the server is healthy

@@ -19,24 +19,41 @@ def _failures(url: str, method: str) -> float:
     return 0.0
 
 
-# In-process hooks. On the vllm engine only FiSAO's start runs in this process (its reward table is made
-# at admission); faults inside vLLM's worker are tested in tests/vllm/test_vllm_engine.py.
-HOOKS = [("tita", "advance"), ("fisao", "start"), ("fisao", "steer")] if ENGINE == "transformers" else [("fisao", "start")]
+# In-process hooks on the transformers engine. On the vllm engine the methods run in vLLM's worker: the
+# fault is an image the worker cannot read, put into the steered request's arguments (its start fails).
+HOOKS = ([("tita", "advance"), ("fisao", "start"), ("fisao", "steer")] if ENGINE == "transformers"
+         else [("fisao", "arguments"), ("tita", "arguments")])
+
+
+def unreadable_images(engine, monkeypatch, poisoned=lambda request: True):
+    """vllm engine: the steering arguments of ``poisoned`` requests carry bytes that are no image."""
+    original = engine._steering_args
+
+    def corrupt(request, steering):
+        args = original(request, steering)
+        return {**args, "images": [b"\x89PNG not really"]} if poisoned(request) else args
+
+    monkeypatch.setattr(engine, "_steering_args", corrupt)
+    return original
 
 
 @pytest.mark.parametrize("method,hook", HOOKS)
 def test_a_failing_steering_method_fails_only_its_requests(client, live, steering_engine, monkeypatch, method, hook):
-    target = steering_engine.methods[method]
-    original = getattr(target, hook)
-    calls = {"n": 0}
+    if hook == "arguments":
+        target, hook = steering_engine, "_steering_args"
+        original = unreadable_images(steering_engine, monkeypatch)
+    else:
+        target = steering_engine.methods[method]
+        original = getattr(target, hook)
+        calls = {"n": 0}
 
-    def broken(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] >= 2 or hook == "start":  # mid-generation for advance/steer
-            raise RuntimeError("reward model exploded (internal detail)")
-        return original(*args, **kwargs)
+        def broken(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] >= 2 or hook == "start":  # mid-generation for advance/steer
+                raise RuntimeError("reward model exploded (internal detail)")
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(target, hook, broken)
+        monkeypatch.setattr(target, hook, broken)
     before = _failures(live.url, method)
     with cf.ThreadPoolExecutor(3) as pool:
         plain = [pool.submit(create, client, i) for i in (2, 3)]

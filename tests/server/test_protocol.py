@@ -137,14 +137,19 @@ def test_a_fault_in_one_row_of_a_prefill_batch_fails_that_row_alone(client, live
     """A fault injected into one request among concurrent ones (the prefill forward, or a steering
     method's start) fails that request; the others finish, unchanged (whether they share its prefill
     depends on timing here; ``test_the_scheduler_isolates_...`` makes it certain). On vLLM,
-    which prefills inside itself, the fault is injected into that request's output stream, or into
-    FiSAO's start (run at admission, in the server's process)."""
+    which prefills inside itself, the fault is injected into that request's output stream, or into its
+    steering arguments (an image the worker cannot read: the steering start fails in vLLM's worker)."""
     vllm = ENGINE == "vllm"
     method = "none" if where == "prefill" else ("fisao" if vllm else "tita")
     steer = {"steering": {"method": method}}
     refs = [post(live, body(i, **steer)).json()["choices"][0]["message"]["content"] for i in range(7)]
     if where == "prefill" and vllm:
         _inject_generation_fault(steering_engine, monkeypatch)
+        target, name = None, None
+    elif vllm:
+        from tests.server.test_faults import unreadable_images
+
+        unreadable_images(steering_engine, monkeypatch, lambda request: _poisoned([type("R", (), {"request": request})]))
         target, name = None, None
     elif where == "prefill":
         target, name = steering_engine, "prefill"
