@@ -1,11 +1,12 @@
 """The transformers engine: batched prefill and decode with KV caches over any image-text-to-text checkpoint
 that ``transformers`` loads (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Gemma 3, ...).
 
-Generation is a few small verbs: ``prefill`` (new rows, left-padded, one forward with their images),
-``decode_one_token`` (one forward for every running row), ``select`` (finished rows leave the batch)
-and ``merge`` (rows prefilled later join a running batch). Each row carries its own sampling
-parameters; ``generate`` strings the verbs together for a list of requests and is what the benchmark
-(and, later, the server's scheduler) uses.
+Generation is a few small verbs: ``prefill`` (new rows, left-padded, one forward with their images per
+group of rows whose image tensors batch: ``decoding.model_inputs``), ``decode_one_token`` (one forward
+for every running row), ``select`` (finished rows leave the batch) and ``merge`` (rows prefilled later
+join a running batch); ``step`` (steer, sample, stop: ``decoding.stopping``, feed the rows that stay)
+is the body of every decode loop: ``generate``'s (the benchmarks) and the server's scheduler's. Each
+row carries its own sampling parameters.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
-from decoding.prompts import render_prompt
 from decoding.model_inputs import batch_inputs, inputs_for, positions_for, prefill_groups, row_inputs
-from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob, tokens_covering
+from decoding.prompts import render_prompt
+from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
+from decoding.stopping import append_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -406,22 +408,7 @@ class TransformersEngine:
         return tokens
 
     def _append(self, row: Row, tok: int) -> None:
-        s = row.request.sampling
-        if tok in self.eos_ids and not s.ignore_eos:
-            row.finish_reason = "stop"
-            return
-        row.token_ids.append(tok)
-        row.text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        row.text_ends.append(len(row.text))
-        for stop in s.stop:
-            at = row.text.find(stop)
-            if at >= 0:
-                row.text, row.finish_reason = row.text[:at], "stop"
-                keep = tokens_covering(row.text_ends, at)  # the tokens after the cut leave with the stop string
-                del row.token_ids[keep:], row.logprobs[keep:], row.text_ends[keep:]
-                return
-        if len(row.token_ids) >= s.max_tokens or len(row.prompt_ids) + len(row.token_ids) >= self.max_context:
-            row.finish_reason = "length"
+        append_token(row, tok, self.tokenizer, self.eos_ids, self.max_context)
 
     def step(self, batch: Batch, on_tokens=None) -> Batch | None:
         """One decoding step for every row of the batch, the body of every decode loop (``generate``'s and
