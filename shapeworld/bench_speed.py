@@ -88,7 +88,7 @@ def format_speed(report: dict) -> str:
     lim = report.get("tita_limit")
     if lim and "tita" in report["methods"] and report["methods"]["tita"]["ratio_to_none"]:
         got = report["methods"]["tita"]["ratio_to_none"]
-        lines.append(f"TITA limit by FLOPs per token 1/(1 + {lim['reward_flops_per_token'] / 1e6:.0f}M/"
-                     f"{lim['target_flops_per_token'] / 1e6:.0f}M) = {lim['limit']:.2f}x none; measured "
+        lines.append(f"TITA limit by FLOPs per token 1/(1 + {lim['reward_flops_per_token'] / 1e6:.3g}M/"
+                     f"{lim['target_flops_per_token'] / 1e6:.3g}M) = {lim['limit']:.2f}x none; measured "
                      f"{got:.2f}x = {got / lim['limit']:.2f} of the limit")
     return "\n".join(lines)
