@@ -11,7 +11,6 @@ row carries its own sampling parameters.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +20,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
-from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
+from decoding.methods import REGISTRY, Resources, resolve, usable_methods
 from decoding.model_inputs import batch_inputs, inputs_for, positions_for, prefill_groups, row_inputs
 from decoding.prompts import render_prompt
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
-from decoding.sampling import apply_logit_bias, apply_penalties, output_counts, sample_tokens, token_logprobs
+from decoding.sampling import apply_penalties, output_counts, sample_tokens, token_logprobs
+from decoding.steering_pipeline import SteeringPipeline
 from decoding.stopping import append_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,27 +147,15 @@ class TransformersEngine:
         # intra-op threads for prefill, when the caller runs decode steps on fewer (prefill is compute-bound:
         # 1 -> 2 threads took a 1-row prefill from 5.6 to 4.4 ms; a small batch's decode step is fastest on 1)
         self.prefill_threads: int | None = None
-        self.steering_seconds: dict[str, float] = {}  # per method, since last pop_steering_seconds()
-        self.verb_seconds: dict[str, float] = {}  # per method and verb, since last pop_verb_seconds()
-
-    def _timed(self, name: str, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            dt = time.perf_counter() - t0
-            self.steering_seconds[name] = self.steering_seconds.get(name, 0.0) + dt
-            verb = f"{name}.{getattr(fn, '__name__', 'call')}"  # e.g. tita.advance: where a method's time goes
-            self.verb_seconds[verb] = self.verb_seconds.get(verb, 0.0) + dt
+        self.steering = SteeringPipeline(self.methods)
 
     def pop_steering_seconds(self) -> dict[str, float]:
-        out, self.steering_seconds = self.steering_seconds, {}
-        return out
+        """Steering time per method since the last call."""
+        return self.steering.pop_seconds()
 
     def pop_verb_seconds(self) -> dict[str, float]:
         """Steering time per method and verb (``tita.start``, ``tita.steer``, ``tita.advance``, ...)."""
-        out, self.verb_seconds = self.verb_seconds, {}
-        return out
+        return self.steering.pop_verb_seconds()
 
     @property
     def available_methods(self) -> list[str]:
@@ -233,14 +221,7 @@ class TransformersEngine:
             order = [i for g in groups for i in g]
             batch = self._reorder(batch, [order.index(i) for i in range(len(rows))])
         if steer:
-            for name, method in self.methods.items():
-                idx = batch.rows_using(name)
-                if idx:
-                    try:
-                        batch.states[name] = self._timed(name, method.start, [rows[i] for i in idx])
-                    except Exception as e:  # only the rows of this method fail
-                        self._fail(name, [rows[i] for i in idx], e)
-                        batch.states[name] = None
+            self.steering.start(batch)
         return batch
 
     def _forward(self, rows: list[Row], reuse_features: bool) -> Batch:
@@ -285,34 +266,9 @@ class TransformersEngine:
         batch.cache.batch_select_indices(idx)
         return Batch([batch.rows[i] for i in order], batch.cache, batch.mask[idx], batch.next_pos[idx], batch.logits[idx])
 
-    @staticmethod
-    def _fail(name: str, rows: list[Row], e: Exception) -> None:
-        for r in rows:
-            r.error = r.error or SteeringFailed(name, e)
-
-    @torch.inference_mode()
     def steer(self, batch: Batch) -> torch.Tensor:
-        """Scores to sample from: each row's ``logit_bias`` added first (vLLM applies it before logits
-        processors), then each method, in registry order, rewrites the rows that use it."""
-        scores = base = apply_logit_bias(batch.logits, [r.request.sampling.logit_bias for r in batch.rows])
-        for name, method in self.methods.items():
-            idx = batch.rows_using(name)
-            if idx:
-                rows = [batch.rows[i] for i in idx]
-                strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
-                try:
-                    if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
-                        scores = self._timed(name, method.steer, batch.states[name], rows, scores, strength)
-                        continue
-                    scores = scores.clone() if scores is base else scores
-                    scores[idx] = self._timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
-                except Exception as e:
-                    self._fail(name, rows, e)
-        if scores is not base:
-            changed = (scores.argmax(-1) != base.argmax(-1)).tolist()
-            for row, c in zip(batch.rows, changed):
-                row.steered_tokens += int(c)
-        return scores
+        """Scores to sample from (see ``SteeringPipeline.steer``)."""
+        return self.steering.steer(batch)
 
     @torch.inference_mode()
     def decode_one_token(self, batch: Batch, tokens: torch.Tensor, steer: bool = True) -> None:
@@ -327,12 +283,7 @@ class TransformersEngine:
         batch.next_pos = batch.next_pos + 1
         batch.logits = logits.float()
         if steer:
-            for name, state in batch.states.items():
-                idx = batch.rows_using(name)
-                try:
-                    self._timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
-                except Exception as e:
-                    self._fail(name, [batch.rows[i] for i in idx], e)
+            self.steering.advance(batch, tokens)
 
     def without_failed(self, batch: Batch) -> tuple[Batch | None, list[Row]]:
         """The batch less the rows whose steering failed (and those rows), or None when none is left."""
@@ -355,12 +306,7 @@ class TransformersEngine:
             for layer in batch.cache.layers:
                 if layer.keys is not None and layer.keys.numel():
                     layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-        states = {}
-        for name, state in batch.states.items():
-            using = batch.rows_using(name)
-            sub = [using.index(i) for i in keep if i in using]
-            if sub:
-                states[name] = state if len(sub) == len(using) else self.methods[name].select(state, sub)
+        states = self.steering.select(batch, keep)
         return Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.next_pos[idx], batch.logits[idx], states)
 
     def merge(self, a: Batch, b: Batch) -> Batch:
@@ -373,12 +319,7 @@ class TransformersEngine:
             v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
             cache.update(k, v, i)
         mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(b.mask, (t - tb, 0))])
-        states = {}
-        for name in {*a.states, *b.states}:
-            if name in a.states and name in b.states:
-                states[name] = self.methods[name].merge(a.states[name], b.states[name])
-            else:
-                states[name] = a.states.get(name, b.states.get(name))
+        states = self.steering.merge(a, b)
         return Batch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]),
                      torch.cat([a.logits, b.logits]), states)
 

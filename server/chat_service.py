@@ -134,9 +134,16 @@ def chat_messages(req: ChatCompletionRequest, max_images: int) -> tuple[list[dic
     return messages, urls
 
 
+PLACEHOLDER_ATTRIBUTES = ("image_token", "video_token", "audio_token", "boi_token", "eoi_token")
+
+
 def placeholder_tokens(processor) -> list[str]:
-    """The strings a processor expands into image (video, audio) features: ``<image>`` for LLaVA."""
-    return [t for a in ("image_token", "video_token", "audio_token") if isinstance(t := getattr(processor, a, None), str) and t]
+    """The strings a processor expands into image (video, audio) features, or that its model reads as
+    image positions: ``<image>`` for LLaVA, ``<|image_pad|>`` for Qwen2-VL, Gemma 3's ``<start_of_image>``
+    (what its processor expands) and ``<image_soft_token>`` (its tokenizer's image token)."""
+    found = [getattr(owner, a, None) for owner in (processor, getattr(processor, "tokenizer", None))
+             for a in PLACEHOLDER_ATTRIBUTES]
+    return list(dict.fromkeys(t for t in found if isinstance(t, str) and t))
 
 
 def check_texts(req: ChatCompletionRequest, placeholders: list[str]) -> None:

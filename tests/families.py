@@ -60,7 +60,10 @@ def train_tokenizer(kind: str, specials: list[str], vocab_size: int = 600) -> To
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_sentences(), trainer)
-    if kind == "spm":
+    if kind == "spm":  # the byte pieces are vocabulary, not special tokens (decoding must not drop them)
+        spec = json.loads(tok.to_str())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]
+        tok = Tokenizer.from_str(json.dumps(spec))
         tok.pre_tokenizer = None
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     return tok
@@ -230,6 +233,9 @@ def _gemma(path: Path, size: str) -> None:
                           eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
                           image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(config)
+    # transformers leaves the projector's weight at zeros (images would change nothing): a random one
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
     ip = Gemma3ImageProcessor(size={"height": image_size, "width": image_size}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA_TEMPLATE, image_seq_length=4)
     _save(model, proc, path)

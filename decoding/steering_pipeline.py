@@ -1,0 +1,110 @@
+"""The steering methods over the transformers engine's batches: each method's state for the rows that use
+it is started at prefill, rewrites their logits at each step, follows the chosen tokens, is restricted
+when rows leave and merged when batches join (the method contract of ``decoding.methods.base``). Time is
+kept per method and per verb; a method that raises fails only its rows (``row.error``: they leave the
+batch failed, never served unsteered)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from decoding.methods import SteeringFailed
+from decoding.sampling import apply_logit_bias
+
+
+class SteeringPipeline:
+    def __init__(self, methods: dict):
+        self.methods = methods  # name -> SteeringMethod, in application (registry) order
+        self.seconds: dict[str, float] = {}  # per method, since the last pop
+        self.verb_seconds: dict[str, float] = {}  # per method and verb (``tita.advance``), since the last pop
+
+    def timed(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            verb = f"{name}.{getattr(fn, '__name__', 'call')}"  # e.g. tita.advance: where a method's time goes
+            self.verb_seconds[verb] = self.verb_seconds.get(verb, 0.0) + dt
+
+    def pop_seconds(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+    def pop_verb_seconds(self) -> dict[str, float]:
+        out, self.verb_seconds = self.verb_seconds, {}
+        return out
+
+    @staticmethod
+    def fail(name: str, rows: list, e: Exception) -> None:
+        for r in rows:
+            r.error = r.error or SteeringFailed(name, e)
+
+    def start(self, batch) -> None:
+        """Each method's state for the rows of a new batch that use it."""
+        for name, method in self.methods.items():
+            idx = batch.rows_using(name)
+            if idx:
+                rows = [batch.rows[i] for i in idx]
+                try:
+                    batch.states[name] = self.timed(name, method.start, rows)
+                except Exception as e:  # only the rows of this method fail
+                    self.fail(name, rows, e)
+                    batch.states[name] = None
+
+    @torch.inference_mode()
+    def steer(self, batch) -> torch.Tensor:
+        """Scores to sample from [B, V]: each row's ``logit_bias`` added first (vLLM applies it before
+        logits processors), then each method, in registry order, rewrites the rows that use it; counts,
+        per row, the steps at which steering changed the top token."""
+        scores = base = apply_logit_bias(batch.logits, [r.request.sampling.logit_bias for r in batch.rows])
+        for name, method in self.methods.items():
+            idx = batch.rows_using(name)
+            if idx:
+                rows = [batch.rows[i] for i in idx]
+                strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
+                try:
+                    if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
+                        scores = self.timed(name, method.steer, batch.states[name], rows, scores, strength)
+                        continue
+                    scores = scores.clone() if scores is base else scores
+                    scores[idx] = self.timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
+                except Exception as e:
+                    self.fail(name, rows, e)
+        if scores is not base:
+            changed = (scores.argmax(-1) != base.argmax(-1)).tolist()
+            for row, c in zip(batch.rows, changed):
+                row.steered_tokens += int(c)
+        return scores
+
+    def advance(self, batch, tokens: torch.Tensor) -> None:
+        """Each method's state takes the tokens its rows chose."""
+        for name, state in batch.states.items():
+            idx = batch.rows_using(name)
+            try:
+                self.timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
+            except Exception as e:
+                self.fail(name, [batch.rows[i] for i in idx], e)
+
+    def select(self, batch, keep: list[int]) -> dict:
+        """The states of the rows ``keep`` of ``batch``."""
+        states = {}
+        for name, state in batch.states.items():
+            using = batch.rows_using(name)
+            sub = [using.index(i) for i in keep if i in using]
+            if sub:
+                states[name] = state if len(sub) == len(using) else self.methods[name].select(state, sub)
+        return states
+
+    def merge(self, a, b) -> dict:
+        """The states of batch ``a`` followed by batch ``b``."""
+        states = {}
+        for name in {*a.states, *b.states}:
+            if name in a.states and name in b.states:
+                states[name] = self.methods[name].merge(a.states[name], b.states[name])
+            else:
+                states[name] = a.states.get(name, b.states.get(name))
+        return states
