@@ -183,10 +183,18 @@ def test_byte_level_output_streams_whole_characters():
 
 
 def test_the_familys_image_placeholder_in_text_is_refused(family_server):
+    from server.chat_service import placeholder_tokens
+
     fam, srv, engine = family_server
-    token = engine.processor.image_token
-    r = httpx.post(srv.url + "/v1/chat/completions", json={
-        "model": fam, "messages": [{"role": "user", "content": f"what is {token} here ?"}], "max_tokens": 4})
-    assert r.status_code == 400 and token in r.json()["error"]["message"]
+    tokens = placeholder_tokens(engine.processor)
+    image_token = engine.tokenizer.convert_ids_to_tokens(engine.processor.tokenizer.convert_tokens_to_ids(
+        getattr(engine.tokenizer, "image_token", None) or engine.processor.image_token))
+    assert image_token in tokens  # the token the model reads as an image position (Gemma: <image_soft_token>)
+    for token in tokens:
+        for content in (f"what is {token} here ?", [{"type": "image_url", "image_url": {"url": data_url(
+                Image.new("RGB", (30, 30)))}}, {"type": "text", "text": f"look {token}"}]):
+            r = httpx.post(srv.url + "/v1/chat/completions", json={
+                "model": fam, "messages": [{"role": "user", "content": content}], "max_tokens": 4})
+            assert r.status_code == 400 and token in r.json()["error"]["message"], (token, r.text)
     ok = httpx.post(srv.url + "/v1/chat/completions", json={"model": fam, "messages": _messages(2), "max_tokens": 4})
     assert ok.status_code == 200  # the server is healthy
