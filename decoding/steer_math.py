@@ -25,7 +25,8 @@ def tita(target_logits: torch.Tensor, reward_logits: torch.Tensor, strength: tor
     """TITA: s = log p_target + lambda * (log p_RM - log p_target) = (1 - lambda) log p_target + lambda log p_RM."""
     lt = target_logits.float().log_softmax(-1)
     lr = reward_logits.float().log_softmax(-1)
-    return lt + strength.reshape(-1, 1) * (lr - lt)
+    # a token masked before steering (-inf: a grammar, an allowed-token list) stays masked, not NaN
+    return torch.where(torch.isneginf(lt), lt, lt + strength.reshape(-1, 1) * (lr - lt))
 
 
 def token_bonus(logits: torch.Tensor, bonus: torch.Tensor, strength: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -47,44 +47,89 @@ class WorkerTarget:
         return inputs_for(self.processor, self.config, prompt_ids, images)
 
 
+class _Cohort:
+    """Rows started together, not yet in step with the method's main state: a request still in chunked
+    prefill gets logits (and steering) at each chunk while its sample is discarded, so its generated
+    tokens do not grow; it joins the main state at the step where they have grown by one."""
+
+    def __init__(self, state, rows: list):
+        self.state, self.rows, self.consumed = state, rows, [len(r.token_ids) for r in rows]
+
+
 class _MethodRows:
-    """One method's batched state and the rows it holds, in state order."""
+    """One method's batched state and the rows it holds (in state order), plus cohorts of rows started
+    but not yet in step with it."""
 
     def __init__(self, method):
         self.method = method
         self.members: list = []
         self.consumed: list[int] = []  # generated tokens each member's state has taken in
         self.state = None
+        self.cohorts: list[_Cohort] = []
 
     def reset(self) -> None:
-        self.members, self.consumed, self.state = [], [], None
+        self.members, self.consumed, self.state, self.cohorts = [], [], None, []
 
-    def sync(self, rows: list) -> None:
-        """Bring the state to ``rows`` (the rows using the method this step)."""
+    def _join(self, state, rows: list, consumed: list[int]) -> None:
+        self.state = state if not self.members else self.method.merge(self.state, state)
+        self.members += rows
+        self.consumed += consumed
+
+    def sync(self, rows: list) -> list[tuple[object, Exception]]:
+        """Bring the states to ``rows`` (the rows using the method this step); returns the rows whose
+        steering could not start, each with its error (they alone fail)."""
         alive = {id(r) for r in rows}
-        step = [j for j, (m, c) in enumerate(zip(self.members, self.consumed)) if id(m) in alive and len(m.token_ids) - c == 1]
+        grew = lambda r, c: len(r.token_ids) - c  # noqa: E731
+        step = [j for j, (m, c) in enumerate(zip(self.members, self.consumed)) if id(m) in alive and grew(m, c) == 1]
         if step:
             if len(step) < len(self.members):
                 self.state = self.method.select(self.state, step)
             self.members = [self.members[j] for j in step]
-            self.consumed = [self.consumed[j] + 1 for j in step]
-            self.method.advance(self.state, self.members, torch.tensor([m.token_ids[-1] for m in self.members]))
+            self.consumed = [self.consumed[j] for j in step]
         else:
-            self.reset()
-        held = {id(m) for m in self.members}
+            self.members, self.consumed, self.state = [], [], None
+        cohorts = []
+        for c in self.cohorts:  # a cohort whose rows have all grown by one joins the main state, to advance with it
+            live = [k for k, r in enumerate(c.rows) if id(r) in alive and grew(r, c.consumed[k]) in (0, 1)]
+            ready = [k for k in live if grew(c.rows[k], c.consumed[k]) == 1]
+            if live and len(ready) == len(live):
+                state = c.state if len(live) == len(c.rows) else self.method.select(c.state, live)
+                self._join(state, [c.rows[k] for k in live], [c.consumed[k] for k in live])
+            elif live and not ready:
+                if len(live) < len(c.rows):
+                    c.state, c.rows, c.consumed = self.method.select(c.state, live), [c.rows[k] for k in live], [c.consumed[k] for k in live]
+                cohorts.append(c)
+            # else: rows left, or some grew and some did not: those still here start again below
+        self.cohorts = cohorts
+        if self.members:
+            self.method.advance(self.state, self.members, torch.tensor([m.token_ids[-1] for m in self.members]))
+            self.consumed = [c + 1 for c in self.consumed]
+        held = {id(m) for m in self.members} | {id(r) for c in self.cohorts for r in c.rows}
         fresh = [r for r in rows if id(r) not in held]
-        if fresh:
-            state = self.method.start(fresh)
-            self.state = state if not self.members else self.method.merge(self.state, state)
-            self.members += fresh
-            self.consumed += [len(r.token_ids) for r in fresh]
+        return self._start(fresh) if fresh else []
+
+    def _start(self, rows: list) -> list[tuple[object, Exception]]:
+        """A cohort for new (or resumed) rows; when starting them together fails, each starts alone and
+        only the rows that fail alone are lost."""
+        try:
+            self.cohorts.append(_Cohort(self.method.start(rows), rows))
+            return []
+        except Exception as e:
+            if len(rows) == 1:
+                return [(rows[0], e)]
+        failed = []
+        for r in rows:
+            failed += self._start([r])
+        return failed
 
     def steer(self, rows: list, logits: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-        """Scores for ``rows`` (in the caller's order) from the state (in member order)."""
+        """Scores for ``rows`` (in the caller's order) from the main state and the cohorts."""
         where = {id(r): i for i, r in enumerate(rows)}
-        order = torch.tensor([where[id(m)] for m in self.members], dtype=torch.long)
-        out = torch.empty_like(logits)
-        out[order] = self.method.steer(self.state, self.members, logits[order], strength[order])
+        out = logits.clone()
+        for state, held in ((self.state, self.members), *((c.state, c.rows) for c in self.cohorts)):
+            if held:
+                order = torch.tensor([where[id(m)] for m in held], dtype=torch.long)
+                out[order] = self.method.steer(state, held, logits[order], strength[order])
         return out
 
 
@@ -99,6 +144,7 @@ class PerRequestSteering:
         self.target = resources.target
         self.counters = counters
         self.rows: dict[int, tuple] = {}  # batch index -> (Row, its arguments)
+        self._pending: dict[int, tuple] = {}  # id(row) -> (row, args, its tokens) of last step's counted changes
 
     # ------------------------------------------------------------ batch bookkeeping
 
@@ -107,7 +153,9 @@ class PerRequestSteering:
         (a, b, direction), ``swap(direction)`` telling a swap from a one-way move (vLLM's order: removed,
         added, moved)."""
         for i in removed:
-            self.rows.pop(i, None)
+            e = self.rows.pop(i, None)
+            if e is not None:
+                self._pending.pop(id(e[0]), None)
         for i, params, prompt_ids, output_ids in added:
             args = (params.extra_args or {}).get(ARG) if params is not None else None
             if not args or not args.get("methods"):
@@ -142,6 +190,7 @@ class PerRequestSteering:
     # ------------------------------------------------------------ each step
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self._settle()
         if self.counters is not None:
             self.counters.t[0] += 1
         rows = {i: e for i, e in self.rows.items() if i < logits.shape[0]}
@@ -159,9 +208,14 @@ class PerRequestSteering:
             members = [rows[i][0] for i in idx]
             t0 = time.perf_counter()
             try:
-                group.sync(members)
+                lost = {id(r): e for r, e in group.sync(members)}
+                for i in [i for i in idx if id(rows[i][0]) in lost]:  # they alone fail
+                    self._fail(*rows[i], name, lost[id(rows[i][0])])
+                idx = [i for i in idx if id(rows[i][0]) not in lost]
+                members = [rows[i][0] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in members], device=logits.device)
-                scores[idx] = group.steer(members, scores[idx], strength).to(scores.dtype)
+                if idx:
+                    scores[idx] = group.steer(members, scores[idx], strength).to(scores.dtype)
             except Exception as e:  # only these rows fail: they end now and the server reports the failure
                 for i in idx:
                     self._fail(*rows[i], name, e)
@@ -173,9 +227,23 @@ class PerRequestSteering:
             if r.error is not None:  # never served unsteered: the row ends at once (end of sequence)
                 scores[i] = float("-inf")
                 scores[i, args.get("eos", 0)] = 0.0
-            elif changed[i] and self.counters is not None:
-                self.counters.slot(args["slot"])[0] += 1
+            elif changed[i]:
+                self._count(r, args, +1)
         return scores
+
+    def _count(self, row, args: dict, delta: int) -> None:
+        """Steered tokens: counted when steering changes the top token; taken back at the next step if the
+        row's tokens did not grow (a chunked prefill's samples are discarded)."""
+        if delta > 0:
+            self._pending[id(row)] = (row, args, len(row.token_ids))
+        if self.counters is not None:
+            self.counters.slot(args["slot"])[0] += delta
+
+    def _settle(self) -> None:
+        for r, args, n in list(self._pending.values()):
+            if len(r.token_ids) == n and r.error is None:
+                self._count(r, args, -1)
+        self._pending.clear()
 
     def _fail(self, row, args: dict, method: str, error: Exception) -> None:
         from decoding.methods import SteeringFailed

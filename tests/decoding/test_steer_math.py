@@ -51,3 +51,13 @@ def test_vcd_contrast_and_cutoff():
     assert math.isclose(s[0, 1].item(), (2 * lc[0, 1] - ln[0, 1]).item(), rel_tol=1e-5)
     assert s[0, 3].item() == float("-inf")  # below beta * max p on the clean image
     assert s.argmax().item() == 1  # the token that the noised image does not explain wins
+
+
+def test_tita_keeps_masked_tokens_masked():
+    """A token masked before steering (-inf from a grammar or an allowed-token list) stays -inf, not NaN."""
+    target = torch.tensor([[0.0, float("-inf"), 1.0, 2.0]])
+    reward = torch.tensor([[3.0, 5.0, 0.0, 1.0]])
+    for s in (0.0, 0.5, 1.0):
+        out = tita(target, reward, torch.tensor([s]))
+        assert not out.isnan().any() and out[0, 1] == float("-inf")
+    assert int(tita(target, reward, torch.tensor([1.0])).argmax()) == 0  # the reward model's best allowed token

@@ -44,64 +44,90 @@ def _params(engine, req, slot):
     return types.SimpleNamespace(extra_args={ARG: args} if steer else None)
 
 
-def run_like_vllm(engine, steering, requests, join_late=(), corrupt=()):
-    """Greedy decoding with the engine as the model runner and ``steering`` as vLLM's logits processor:
-    finished rows are removed and the batch condensed (one-way moves, as vLLM does), ``join_late`` rows
-    join after three steps, and two rows are swapped every fifth step."""
-    first = [i for i in range(len(requests)) if i not in join_late]
+def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3):
+    """Greedy decoding with the engine as the model runner and ``steering`` as vLLM's logits processor.
+    Finished rows are removed and the batch condensed (one-way moves, as vLLM does); ``join_late`` rows
+    join after three steps and are prefilled in ``chunks`` chunks (vLLM's chunked prefill: the row is in
+    the batch and its logits are steered at every chunk, but the samples of all chunks but the last are
+    discarded and its tokens do not grow); every fifth step two rows are swapped."""
     outputs = {i: [] for i in range(len(requests))}
 
-    def prefill(idx):
-        batch = engine.prefill([engine.encode(requests[i], steer=False) for i in idx], steer=False)
-        added = []
+    def added(idx, base):
+        out = []
         for k, i in enumerate(idx):
             p = _params(engine, requests[i], i)
             if i in corrupt:
                 p.extra_args[ARG]["images"] = [b"\x89PNG not really"]
-            added.append((k, p, engine.encode(requests[i], steer=False).prompt_ids, outputs[i]))
-        return batch, added
+            out.append((base + k, p, engine.encode(requests[i], steer=False).prompt_ids, outputs[i]))
+        return out
 
-    batch, added = prefill(first)
-    order = list(first)  # batch index -> request index
-    steering.update([], added, [], lambda d: d == SWAP)
+    first = [i for i in range(len(requests)) if i not in join_late]
+    batch = engine.prefill([engine.encode(requests[i], steer=False) for i in first], steer=False)
+    order = list(first)  # batch index -> request index: the engine's rows, then rows still in chunked prefill
+    chunking: dict[int, int] = {}  # request index -> chunks left
+    steering.update([], added(first, 0), [], lambda d: d == SWAP)
     step = 0
     while order:
-        scores = steering.apply(batch.logits.clone())
+        live = [i for i in order if i not in chunking]
+        garbage = torch.randn(len(order) - len(live), batch.logits.shape[-1]) if batch is not None else None
+        logits = batch.logits.clone() if batch is not None else torch.empty(0, garbage.shape[-1])
+        scores = steering.apply(torch.cat([logits, garbage]) if garbage is not None and len(garbage) else logits)
         tokens = scores.argmax(-1)
-        done = []
+        done, last_chunk = [], []
         for k, (i, t) in enumerate(zip(order, tokens.tolist())):
+            if i in chunking:
+                chunking[i] -= 1
+                if chunking[i] == 0:
+                    last_chunk.append(i)
+                continue
             if t in engine.eos_ids or len(outputs[i]) + 1 >= requests[i].sampling.max_tokens:
                 if t not in engine.eos_ids:
                     outputs[i].append(t)
                 done.append(k)
             else:
                 outputs[i].append(t)
+        keep_engine = [k for k, i in enumerate(order) if i not in chunking and k not in done]
+        if batch is not None and keep_engine:
+            batch = engine.select(batch, keep_engine)
+            engine.decode_one_token(batch, tokens[keep_engine], steer=False)
+        elif batch is not None:
+            batch = None
+        for i in last_chunk:  # the last chunk's sample is the row's first token; the engine now holds the row
+            del chunking[i]
+        if last_chunk:  # (its first token is taken again from a full prefill: the same greedy argmax)
+            new = engine.prefill([engine.encode(requests[i], steer=False) for i in last_chunk], steer=False)
+            batch = new if batch is None else engine.merge(batch, new)
         keep = [k for k in range(len(order)) if k not in done]
-        removed, moved = list(done), []
-        if done and keep:  # condense: the kept rows fill the holes, in order (one-way moves)
-            for new, old in enumerate(keep):
-                if new != old:
-                    moved.append((old, new, ONE_WAY))
+        moved = [(old, new, ONE_WAY) for new, old in enumerate(keep) if new != old]
         order = [order[k] for k in keep]
-        if keep:
-            batch = engine.select(batch, keep)
-            engine.decode_one_token(batch, tokens[keep], steer=False)
+        # the engine's rows first, then the rows still chunking (the fake runner keeps that layout)
+        engine_rows = [i for i in order if i not in chunking]
+        layout = engine_rows + [i for i in order if i in chunking]
+        if layout != order:
+            perm = [order.index(i) for i in layout]
+            moved.append(("perm", perm, None))
+            order = layout
         step += 1
+        joins = []
         if step == 3 and join_late:
-            new, new_added = prefill(list(join_late))
-            base = len(order)
-            new_added = [(base + k, p, ids, out) for k, p, ids, out in new_added]
-            batch = engine.merge(batch, new) if order else new
+            joins = added(list(join_late), len(order))
             order += list(join_late)
-            steering.update(removed, [], moved, lambda d: d == SWAP)
-            steering.update([], new_added, [], lambda d: d == SWAP)
-        elif step % 5 == 0 and len(order) > 2:  # a swap of rows 0 and 1
-            idx = [1, 0, *range(2, len(order))]
-            batch = engine._reorder(batch, idx)
-            order = [order[k] for k in idx]
-            steering.update(removed, [], moved + [(0, 1, SWAP)], lambda d: d == SWAP)
-        else:
-            steering.update(removed, [], moved, lambda d: d == SWAP)
+            chunking.update({i: chunks for i in join_late})
+        swap = []
+        if step % 5 == 0 and len(engine_rows) > 2:  # rows 0 and 1 change places
+            batch = engine._reorder(batch, [1, 0, *range(2, len(batch.rows))])
+            order[0], order[1] = order[1], order[0]
+            swap = [(0, 1, SWAP)]
+        steering.update(list(done), [], [m for m in moved if m[0] != "perm"], lambda d: d == SWAP)
+        for m in moved:
+            if m[0] == "perm":  # a reordering as swaps, one at a time
+                cur = list(range(len(m[1])))
+                for a in range(len(cur)):
+                    b = cur.index(m[1][a])
+                    if a != b:
+                        steering.update([], [], [(a, b, SWAP)], lambda d: d == SWAP)
+                        cur[a], cur[b] = cur[b], cur[a]
+        steering.update([], joins, swap, lambda d: d == SWAP)
     return outputs
 
 
@@ -110,8 +136,17 @@ def test_adapter_gives_the_transformers_engines_tokens(steering_engine, adapter_
     requests = _requests(method)
     want = [c.token_ids for c in steering_engine.generate(requests)]
     counters = Counters(str(tmp_path / "counters"))
-    got = run_like_vllm(steering_engine, PerRequestSteering(adapter_resources, counters), requests, join_late=(5, 6))
+    steering = PerRequestSteering(adapter_resources, counters)
+    starts = {name: 0 for name in steering.methods}
+    for name, m in steering.methods.items():
+        def counted(rows, _start=m.start, _name=name):
+            starts[_name] += 1
+            return _start(rows)
+        m.start = counted
+    got = run_like_vllm(steering_engine, steering, requests, join_late=(1, 5, 6))
     assert [got[i] for i in range(len(requests))] == want
+    # each method starts twice: the first rows, then the late ones, once for all their chunks
+    assert {starts[m] for m in method.split("+")} == {2}, starts
     steered = [int(counters.slot(i)[0]) for i in range(len(requests))]
     assert steered == [c.steered_tokens for c in steering_engine.generate(requests)] and sum(steered) > 0
 
@@ -123,3 +158,23 @@ def test_a_row_that_cannot_start_fails_alone(steering_engine, adapter_resources,
     want = [c.token_ids for c in steering_engine.generate(requests)]
     assert got[1] == [] and int(counters.slot(1)[1]) == 1  # ended at once, reported as a tita failure
     assert [got[i] for i in (0, 2, 3)] == [want[i] for i in (0, 2, 3)]
+
+
+def test_a_row_whose_start_fails_among_others_fails_alone(steering_engine, adapter_resources, tmp_path, monkeypatch):
+    """The reward model raises for one request of several that join together (its start is batched):
+    they are started one by one and only that request fails."""
+    requests = _requests("tita", n=5)
+    steering = PerRequestSteering(adapter_resources, Counters(str(tmp_path / "counters")))
+    tita = steering.methods["tita"]
+    original = tita.start
+
+    def start(rows):
+        if any(r.prompt_ids and "is there" in str(r.request.messages) for r in rows):
+            raise RuntimeError("injected fault")
+        return original(rows)
+
+    monkeypatch.setattr(tita, "start", start)
+    got = run_like_vllm(steering_engine, steering, requests)
+    want = [c.token_ids for c in steering_engine.generate(requests)]
+    assert got[2] == [] and int(steering.counters.slot(2)[1]) == 1  # request 2 is the question
+    assert [got[i] for i in (0, 1, 3, 4)] == [want[i] for i in (0, 1, 3, 4)]
