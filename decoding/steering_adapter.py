@@ -10,9 +10,13 @@ from the ids and images, and ``token_ids`` = the engine's live list. Per method,
 the method's batched state in step with the rows that use it: at each step, rows that generated one
 token since the last step ``advance``; rows that left are ``select``-ed away; new rows (or rows that
 fell out of step, e.g. preempted and resumed) ``start`` (with the tokens they have, see the method
-contract) and ``merge`` in. Then each method ``steer``s its rows' logits in registry order, as in the
+contract) as a cohort, steered from its own state while vLLM prefills them in chunks (a partial
+prefill's sample is discarded: the row's tokens do not grow), and ``merge`` into the batched state
+when their tokens have grown by one. A batched start that fails is retried row by row, so only the
+faulty request fails. Then each method ``steer``s its rows' logits in registry order, as in the
 transformers engine. A row whose steering fails ends at once (its logits allow only the EOS) and is
-reported through the counters: never served unsteered.
+reported through the counters: never served unsteered. Steered tokens are counted when steering
+changes the top token and taken back at the next step if that sample was discarded.
 """
 
 from __future__ import annotations
