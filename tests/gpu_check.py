@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 PAIRS = {"llava-1.5-7b": ("llava", "7b", "1b"), "qwen2.5-vl-7b": ("qwen2_5_vl", "qwen7b", "qwen3b")}
+TINY = {"llava-1.5-7b": ("llava", "tiny", "tiny_rm"), "qwen2.5-vl-7b": ("qwen2_5_vl", "tiny", "tiny_rm")}
 METHODS = ["none", "tita", "fisao", "tita+fisao"]
 
 
-def equality(engine, n: int = 4, max_tokens: int = 16) -> tuple[int, int]:
-    """Greedy `none` of the engine's batch vs transformers' generate per request: (equal, total)."""
+def equality(engine, reference: list | None = None, n: int = 4, max_tokens: int = 16) -> tuple[int, int, list]:
+    """Greedy `none` of the engine's batch vs transformers' generate per request (the transformers engine)
+    or vs the transformers engine's tokens (``reference``, the vllm engine): (equal, total, tokens)."""
     from decoding.prompts import render_prompt
     from decoding.request import GenerationRequest, SamplingParams
     from shapeworld.world import make_scenes
@@ -31,27 +33,32 @@ def equality(engine, n: int = 4, max_tokens: int = 16) -> tuple[int, int]:
             for s in make_scenes("random", n, 4321)]
     got = engine.generate(reqs)
     model = getattr(engine, "model", None)
-    if model is None:  # vllm: compare with the transformers engine's own greedy output instead
-        return -1, n
+    if model is None:  # vllm: compare with the transformers engine's greedy tokens of this run
+        tokens = [c.token_ids for c in got]
+        return (-1 if reference is None else sum(a == b for a, b in zip(tokens, reference))), n, tokens
     equal = 0
     for r, c in zip(reqs, got):
         out = engine.processor(images=r.images, text=render_prompt(engine.processor, r.messages), return_tensors="pt").to(model.device)
-        out["pixel_values"] = out["pixel_values"].to(model.dtype)
+        out["pixel_values"] = out["pixel_values"].to(model.dtype)  # bfloat16 weights
         g = model.generate(**out, max_new_tokens=max_tokens, do_sample=False)[0, out["input_ids"].shape[1]:].tolist()
         g = g[: next((i for i, t in enumerate(g) if t in engine.eos_ids), len(g))]
         equal += g == c.token_ids
-    return equal, n
+    return equal, n, [c.token_ids for c in got]
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--engines", default="transformers,vllm")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="runs/gpu-check.json")
-    a = ap.parse_args()
-    if not torch.cuda.is_available():
+    ap.add_argument("--tiny-on-cpu", action="store_true", help="the same script on tiny pairs on the CPU (a dry run "
+                                                                "of its code paths; no figure means anything)")
+    a = ap.parse_args(argv)
+    device, dtype = ("cpu", torch.float32) if a.tiny_on_cpu else ("cuda", torch.bfloat16)
+    pairs = TINY if a.tiny_on_cpu else PAIRS
+    if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
                  "`make bench-speed-mid` for the CPU-sized speed table")
     from decoding.transformers_engine import TransformersEngine
@@ -61,9 +68,10 @@ def main() -> None:
     rows, t0 = [], time.time()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         for name in a.pairs.split(","):
-            family, size, rm = PAIRS[name]
-            paths = build_set(family, Path(tmp) / name, size, rm, dtype=torch.bfloat16, device="cuda")
+            family, size, rm = pairs[name]
+            paths = build_set(family, Path(tmp) / name, size, rm, dtype=dtype, device=device)
             print(f"[{time.time() - t0:.0f}s] built {name}", flush=True)
+            reference = None
             for kind in a.engines.split(","):
                 if kind == "vllm":
                     try:
@@ -71,14 +79,19 @@ def main() -> None:
                     except ImportError:
                         rows.append({"pair": name, "engine": "vllm", "error": "vllm is not installed"})
                         continue
-                    engine = VLLMEngine(paths["model"], device="cuda", dtype="bfloat16", reward_path=paths["reward"],
-                                        verifier_path=paths["verifier"], max_batch=8, gpu_memory_utilization=0.45)
+                    engine = VLLMEngine(paths["model"], device=device, dtype=str(dtype).removeprefix("torch."),
+                                        reward_path=paths["reward"],
+                                        verifier_path=paths["verifier"], max_batch=8,
+                                        gpu_memory_utilization=0.45 if device == "cuda" else None)
                 else:
-                    engine = TransformersEngine(paths["model"], device="cuda", dtype="bfloat16",
+                    engine = TransformersEngine(paths["model"], device=device, dtype=str(dtype).removeprefix("torch."),
                                                 reward_path=paths["reward"], verifier_path=paths["verifier"])
                 rep = run_speed(engine, METHODS, a.n, 1234, batch=8, max_tokens=a.max_tokens, ignore_eos=True)
                 lim = tita_limit(paths["model"], engine)["limit"]
-                eq = equality(engine)
+                eq_count, eq_n, tokens = equality(engine, reference)
+                eq = (eq_count, eq_n)
+                if kind == "transformers":
+                    reference = tokens
                 r = {"pair": name, "engine": kind, "limit": lim, "equal": eq,
                      **{m: rep["methods"][m]["tokens_per_second"] for m in METHODS},
                      **{f"{m}_x": rep["methods"][m]["ratio_to_none"] for m in METHODS}}
@@ -87,9 +100,10 @@ def main() -> None:
                 if hasattr(engine, "close"):
                     engine.close()
                 del engine
-                torch.cuda.empty_cache()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     print(f"\n{'pair':<15} {'engine':<12} {'none tok/s':>10} {'tita x':>7} {'limit':>6} {'of lim':>6} {'fisao x':>8} "
-          f"{'t+f x':>6} {'greedy=generate':>15}")
+          f"{'t+f x':>6} {'greedy equal':>15}")  # transformers: vs generate; vllm: vs transformers
     for r in rows:
         if "error" in r:
             print(f"{r['pair']:<15} {r['engine']:<12} {r['error']}")
@@ -99,6 +113,7 @@ def main() -> None:
               f"{r['tita_x'] / r['limit']:>6.2f} {r['fisao_x']:>8.2f} {r['tita+fisao_x']:>6.2f} {eq:>15}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":
