@@ -67,10 +67,16 @@ def _strengths(text: str | None) -> dict[str, float]:
     return out
 
 
+def _data_shapeworld(args: argparse.Namespace) -> None:
+    from shapeworld.export import export
+
+    print(export(args.split, args.n, args.seed, args.out))
+
+
 def _bench_quality(args: argparse.Namespace) -> None:
     from shapeworld.bench import RESERVED_SEEDS, format_table, plot_quality, plot_sweep, run_quality, write_json
 
-    if args.seed in RESERVED_SEEDS:
+    if args.seed in RESERVED_SEEDS and not args.data:
         print(f"warning: seed {args.seed} is reserved for training/calibration; results are not held-out",
               file=sys.stderr)
     engine = _engine(args)
@@ -81,15 +87,24 @@ def _bench_quality(args: argparse.Namespace) -> None:
         name, values = args.sweep.split(":")
         sweep = (name, [float(v) for v in values.split(",")])
     reports = []
-    for split in splits:
-        rep = run_quality(engine, split, args.n, args.seed, methods, _strengths(args.strength), batch=args.batch,
-                          sweep=sweep)
+    if args.data:  # data set folders in the field's formats (reward_models.data)
+        from reward_models.data import DataSet
+        from server.bench_quality import run_quality as run_on_data
+
+        runs = [(Path(d).name, lambda d=d: run_on_data(engine, DataSet.load(d), methods, _strengths(args.strength),
+                                                       batch=args.batch, sweep=sweep)) for d in args.data.split(",")]
+    else:  # ShapeWorld splits, exported to those formats on the fly
+        runs = [(split, lambda split=split: run_quality(engine, split, args.n, args.seed, methods,
+                                                        _strengths(args.strength), batch=args.batch, sweep=sweep))
+                for split in splits]
+    for name, run in runs:
+        rep = run()
         reports.append(rep)
         print(format_table(rep), flush=True)
         if args.json:
             path = Path(args.json)
-            if len(splits) > 1:
-                path = path.with_name(f"{path.stem}-{split}{path.suffix}")
+            if len(runs) > 1:
+                path = path.with_name(f"{path.stem}-{name}{path.suffix}")
             write_json(rep, path)
             print(f"wrote {path}")
     if args.plot:
@@ -222,10 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward model preference pairs: self-generated, ground-truth labelled, or both")
     t.set_defaults(func=_train)
 
+    d = sub.add_parser("data", help="write a data set in the field's formats")
+    dsub = d.add_subparsers(dest="data", required=True)
+    ds = dsub.add_parser("shapeworld", help="ShapeWorld scenes: images, COCO instances and captions, POPE files, vocabulary")
+    ds.add_argument("--split", default="random", choices=["train", "random", "bait"])
+    ds.add_argument("--n", type=int, default=300)
+    ds.add_argument("--seed", type=int, default=1234)
+    ds.add_argument("--out", required=True)
+    ds.set_defaults(func=_data_shapeworld)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    q = bsub.add_parser("quality", help="CHAIR, recall and POPE per steering method on ShapeWorld")
-    q.add_argument("--split", default="random", help="random, bait, or both comma-separated")
+    q = bsub.add_parser("quality", help="CHAIR, recall and POPE per steering method on a data set (or ShapeWorld)")
+    q.add_argument("--data", default=None, help="data set folder(s), comma-separated: images, COCO instances and "
+                                                "captions, POPE question files, vocabulary (see reward_models/data.py); "
+                                                "default: ShapeWorld scenes of --split")
+    q.add_argument("--split", default="random", help="ShapeWorld: random, bait, or both comma-separated")
     q.add_argument("--methods", default="none", help="comma-separated steering methods")
     q.add_argument("--strength", default=None, help="per-method strengths, e.g. tita:0.6,fisao:3")
     q.add_argument("--sweep", default=None, help="strength sweep of one method, e.g. tita:0,0.2,0.4,0.6,0.8")

@@ -1,45 +1,6 @@
-"""Hallucination metrics with exact ground truth: CHAIR (Rohrbach et al. 2018), object recall, POPE."""
+"""Hallucination metrics with exact ground truth (the generic ones of ``reward_models.metrics``, over
+ShapeWorld's (colour, shape) objects)."""
 
-from __future__ import annotations
+from reward_models.metrics import binary_scores, chair
 
-from shapeworld.world import Obj
-
-
-def chair(mentioned: list[list[Obj]], truth: list[list[Obj]]) -> dict[str, float]:
-    """CHAIR_i = hallucinated objects / mentioned objects, CHAIR_s = captions with a hallucination /
-    captions, recall = mentioned true objects / true objects. Objects are counted once per caption
-    (as in CHAIR, which works on each caption's set of mentioned objects)."""
-    n_mentioned = n_halluc = n_bad_captions = n_true = n_found = 0
-    for said, real in zip(mentioned, truth, strict=True):
-        said_set, real_set = set(said), set(real)
-        bad = said_set - real_set
-        n_mentioned += len(said_set)
-        n_halluc += len(bad)
-        n_bad_captions += bool(bad)
-        n_true += len(real_set)
-        n_found += len(said_set & real_set)
-    return {
-        "chair_i": n_halluc / n_mentioned if n_mentioned else 0.0,
-        "chair_s": n_bad_captions / len(truth) if truth else 0.0,
-        "recall": n_found / n_true if n_true else 0.0,
-    }
-
-
-def binary_scores(predicted_yes: list[bool], truth_yes: list[bool]) -> dict[str, float]:
-    """POPE's numbers: accuracy, precision, recall, F1 (positive = 'yes') and the share of yes answers."""
-    pairs = list(zip(predicted_yes, truth_yes, strict=True))
-    tp = sum(p and t for p, t in pairs)
-    fp = sum(p and not t for p, t in pairs)
-    fn = sum(t and not p for p, t in pairs)
-    tn = sum(not p and not t for p, t in pairs)
-    n = len(pairs)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": (tp + fp) / n if n else 0.0,
-    }
+__all__ = ["binary_scores", "chair"]
