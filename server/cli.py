@@ -20,8 +20,15 @@ def _train(args: argparse.Namespace) -> None:
         cfg = VerifierTrainConfig(seed=args.seed, out=out / "verifier")
         cfg.steps = args.steps or cfg.steps
         train_verifier(cfg)
-    if args.what in ("calibrate", "all"):
+    if args.what == "calibrate" and args.data:  # any verifier on any labelled data set
         from reward_models.calibrate import calibrate
+
+        if not args.verifier:
+            raise SystemExit("train calibrate --data needs --verifier DIR")
+        print(json.dumps(calibrate(Path(args.verifier), args.data.split(","), args.vocabulary), indent=2))
+        return
+    if args.what in ("calibrate", "all"):
+        from shapeworld.calibration import calibrate_shapeworld as calibrate
 
         print(json.dumps(calibrate(out / "verifier"), indent=2))
     if args.what in ("vlm", "all"):
@@ -223,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible)")
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--verifier", default=None, help="calibrate: the verifier folder (CLIP, SigLIP, ...) to calibrate")
+    t.add_argument("--data", default=None, help="calibrate: labelled data set folder(s), comma-separated "
+                                                "(reward_models/data.py); default: ShapeWorld's calibration scenes")
+    t.add_argument("--vocabulary", default=None, help="calibrate: vocabulary.json (default: the data set's)")
     t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
     t.add_argument("--recipe", default="committed", choices=["committed", "plain", "bound-qa"],
                    help="vlm (and the reward model distilled from it): the committed model's recipe, or an earlier "
