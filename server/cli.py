@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> None:
         cfg.steps = args.steps or cfg.steps
         train_vlm(cfg)
     if args.what in ("reward", "all"):
-        from reward_models.tita_train import RewardTrainConfig, train_reward
+        from shapeworld.train_reward import RewardTrainConfig, train_reward
 
         cfg = RewardTrainConfig(seed=args.seed + 1, base=out / "vlm", out=out / "reward", pairs=args.pairs,
                                 recipe=args.recipe)

@@ -60,3 +60,21 @@ def test_coco_and_pope_files_as_the_field_writes_them(tmp_path):
         DataSet.load(root)
     with pytest.raises(FileNotFoundError, match="not a data set folder"):
         DataSet.load(tmp_path)
+
+
+def test_bench_quality_on_a_data_folder_with_another_family(tmp_path):
+    """`bench quality --model DIR --data FOLDER` for a non-LLaVA family (a tiny Qwen2.5-VL with its own
+    reward model and verifier): every method runs and the report has CHAIR and each POPE file."""
+    from tests.families import build_set
+
+    paths = build_set("qwen2_5_vl", tmp_path / "qwen")
+    main(["data", "shapeworld", "--split", "bait", "--n", "4", "--seed", "4321", "--out", str(tmp_path / "data")])
+    out = tmp_path / "q.json"
+    main(["bench", "quality", "--model", str(paths["model"]), "--reward-model", str(paths["reward"]),
+          "--verifier", str(paths["verifier"]), "--data", str(tmp_path / "data"),
+          "--methods", "none,tita,fisao,vcd", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 4 and rep["model"] == str(paths["model"])
+    for m in ("none", "tita", "fisao", "vcd"):
+        r = rep["methods"][m]
+        assert 0 <= r["chair_i"] <= 1 and set(r["pope"]) == {"random", "popular", "adversarial"}

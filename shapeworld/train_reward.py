@@ -1,4 +1,5 @@
-"""Train the TITA reward model: a smaller LLaVA with the base's tokenizer and (frozen) vision tower.
+"""Train the embedded TITA reward model on ShapeWorld: a smaller LLaVA with the base's tokenizer and
+(frozen) vision tower.
 
 1. Distillation: the reward model learns the base model's own next-token distributions
    (KL(p_base || p_rm) on teacher-forced ShapeWorld conversations), so that log p_RM - log p_base

@@ -1,4 +1,4 @@
-"""Measured reason for the hand-written DPO loop of ``tita_train``: it against TRL's DPOTrainer on the same
+"""Measured reason for the hand-written DPO loop of ``shapeworld.train_reward``: it against TRL's DPOTrainer on the same
 labelled pairs (scene seeds 91, held-out 92), the same start (the committed reward model, vision tower
 frozen, the committed model as reference), the same loss and hyper-parameters (sigmoid loss, beta 0.1,
 plus the chosen answers' NLL with weight 1.0, lr 5e-5 with 20 warm-up steps, batch 32): seconds per
@@ -7,12 +7,12 @@ step, and held-out preference accuracy (margin > 0 against the reference) after 
 TRL is not a dependency of the project; to run it (from the repository root):
     .venv/bin/pip install --target /tmp/trlpkgs --no-deps trl==1.16.0 accelerate==1.15.0 datasets==5.2.0 \
         dill==0.4.1 multiprocess==0.70.19 pandas==3.1.1 psutil==7.2.2 pyarrow==26.0.1 xxhash==4.1.0
-    PYTHONPATH=.:/tmp/trlpkgs .venv/bin/python reward_models/trl_compare.py 60
+    PYTHONPATH=.:/tmp/trlpkgs .venv/bin/python shapeworld/trl_compare.py 60
 """
 import copy, sys, time
 import numpy as np, torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from reward_models.tita_train import RewardTrainConfig, dpo, make_pairs, sequence_logps
+from shapeworld.train_reward import RewardTrainConfig, dpo, make_pairs, sequence_logps
 from shapeworld.train_vlm import Prompts
 from shapeworld.world import make_scenes
 from shapeworld.models import MODELS_DIR
