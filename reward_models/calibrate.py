@@ -12,12 +12,13 @@ the phrases that share a first word (present: some object with that word is in t
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from reward_models.data import DataSet, Vocabulary
+from reward_models.data import DataError, DataSet, Vocabulary
 from reward_models.verifier import CALIBRATION, OBJECTS, Verifier
 
 
@@ -55,21 +56,31 @@ def calibrate(verifier_path: Path, data_dirs: list[str | Path], vocabulary: str 
     vocabulary (a ``vocabulary.json``; default: the first data set's) becomes the verifier's ``objects.json``."""
     data = [DataSet.load(d) for d in data_dirs]
     vocab = Vocabulary.load(vocabulary) if vocabulary else data[0].vocabulary
-    (Path(verifier_path) / OBJECTS).write_text(json.dumps(vocab.verifier_spec(), indent=2))
-    v = Verifier(verifier_path)
-    z = present_absent_scores(v, data)
+    labelled = {o for d in data for objs in d.objects.values() for o in objs}
+    if not labelled & set(vocab.names):
+        raise DataError(f"no category of the vocabulary ({len(vocab.names)} phrases) is labelled in the data sets "
+                        f"{[str(d.root) for d in data]}: nothing to calibrate on")
+    with tempfile.TemporaryDirectory() as tmp:  # the verifier's files change only once calibration succeeded
+        (Path(tmp) / OBJECTS).write_text(json.dumps(vocab.verifier_spec(), indent=2))
+        v = Verifier(verifier_path, vocabulary=Path(tmp) / OBJECTS, calibration=None)
+        z = present_absent_scores(v, data)
     present, absent = z["present"], z["absent"]
+    if not len(present) or not len(absent) or not len(z["group_present"]) or not len(z["group_absent"]):
+        raise DataError("the data sets need images where vocabulary objects are present and absent")
     cal = {
         "low": float(np.quantile(present, quantile)),
         "high": float(np.quantile(absent, 1 - quantile)),
         "group_low": float(np.quantile(z["group_present"], quantile)),
         "group_high": float(np.quantile(z["group_absent"], 1 - quantile)),
-        "quantile": quantile, "n_images": sum(len(d.image_ids) for d in data), **(meta or {}),
+        "quantile": quantile, "n_images": sum(len(d.image_ids) for d in data),
+        "data": [str(d.root) for d in data], "vocabulary": str(vocabulary) if vocabulary else "the data set's",
+        **(meta or {}),
         "present_mean": float(present.mean()), "absent_mean": float(absent.mean()),
         "absent_penalised": float((absent <= np.quantile(present, quantile)).mean()),
         "present_rewarded": float((present >= np.quantile(absent, 1 - quantile)).mean()),
         "group_absent_penalised": float((z["group_absent"] <= np.quantile(z["group_present"], quantile)).mean()),
         "group_present_rewarded": float((z["group_present"] >= np.quantile(z["group_absent"], 1 - quantile)).mean()),
     }
+    (Path(verifier_path) / OBJECTS).write_text(json.dumps(vocab.verifier_spec(), indent=2))
     (Path(verifier_path) / CALIBRATION).write_text(json.dumps(cal, indent=2))
     return cal

@@ -34,6 +34,22 @@ VOCABULARY = "vocabulary.json"
 PROMPTS = "prompts.json"
 
 
+class DataError(ValueError):
+    """A data set file that cannot be used: the message names the file (and line) and the problem."""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is fine
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+
+
+def _need(cond: bool, where, what: str) -> None:
+    if not cond:
+        raise DataError(f"{where}: {what}")
+
+
 @dataclass
 class Vocabulary:
     """Object categories and the words that mention them (CHAIR's synonym lists)."""
@@ -44,10 +60,29 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        spec = json.loads(Path(path).read_text())
-        cats = spec["categories"]
-        return cls([c["name"] for c in cats], {c["name"]: list(dict.fromkeys([c["name"], *c.get("synonyms", [])]))
-                                               for c in cats}, spec.get("template", "a {}"))
+        path = Path(path)
+        spec = _read_json(path)
+        _need(isinstance(spec, dict) and isinstance(spec.get("categories"), list), path,
+              'expected {"template": "a {}", "categories": [{"name": ..., "synonyms": [...]}, ...]}'
+              + (' (this looks like a verifier\'s objects.json)' if isinstance(spec, dict) and "phrases" in spec else ""))
+        names, synonyms = [], {}
+        for k, c in enumerate(spec["categories"]):
+            _need(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"].strip(), path,
+                  f"category {k} needs a non-empty string 'name'")
+            syns = c.get("synonyms", [])
+            _need(isinstance(syns, list) and all(isinstance(w, str) for w in syns), path,
+                  f"category {c['name']!r}: 'synonyms' must be a list of strings")
+            _need(c["name"] not in synonyms, path, f"category {c['name']!r} is listed twice")
+            names.append(c["name"])
+            synonyms[c["name"]] = list(dict.fromkeys(w for w in [c["name"], *syns] if w.strip()))
+        owner: dict[tuple, str] = {}
+        for n in names:
+            for w in synonyms[n]:
+                key = tuple(_words(w))
+                _need(owner.setdefault(key, n) == n, path, f"{w!r} is a synonym of both {owner[key]!r} and {n!r}")
+        template = spec.get("template", "a {}")
+        _need(isinstance(template, str) and "{}" in template, path, f"'template' must hold {{}} (got {template!r})")
+        return cls(names, synonyms, template)
 
     @classmethod
     def from_names(cls, names: list[str], template: str = "a {}") -> "Vocabulary":
@@ -80,7 +115,9 @@ class Vocabulary:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[\w'-]+", text.lower())
+    """Lower-case words; apostrophes and hyphens split ("dog's" -> dog s, "Hot-Dog" -> hot dog), as
+    CHAIR's tokenizer splits off possessives."""
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 @dataclass(frozen=True)
@@ -106,37 +143,70 @@ class DataSet:
 
     @classmethod
     def load(cls, root: str | Path) -> "DataSet":
+        """Read and check a data set folder; ``DataError`` names the file and the problem."""
         from pycocotools.coco import COCO
 
         root = Path(root)
         if not (root / INSTANCES).exists():
-            raise FileNotFoundError(f"{root} is not a data set folder: {root / INSTANCES} does not exist")
+            raise DataError(f"{root} is not a data set folder: {root / INSTANCES} does not exist")
+        inst = _read_json(root / INSTANCES)
+        _need(isinstance(inst, dict) and all(isinstance(inst.get(k), list) for k in ("images", "categories", "annotations")),
+              root / INSTANCES, "COCO instances need 'images', 'categories' and 'annotations' lists")
+        for k, im in enumerate(inst["images"]):
+            _need(isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str), root / INSTANCES,
+                  f"image {k} needs an 'id' and a 'file_name'")
+        for k, c in enumerate(inst["categories"]):
+            _need(isinstance(c, dict) and "id" in c and isinstance(c.get("name"), str), root / INSTANCES,
+                  f"category {k} needs an 'id' and a 'name'")
+        image_ids = {im["id"] for im in inst["images"]}
+        cat_ids = {c["id"] for c in inst["categories"]}
+        for k, a in enumerate(inst["annotations"]):
+            _need(isinstance(a, dict) and a.get("image_id") in image_ids, root / INSTANCES,
+                  f"annotation {k} names image_id {a.get('image_id') if isinstance(a, dict) else a!r}, not among the images")
+            _need(a.get("category_id") in cat_ids, root / INSTANCES,
+                  f"annotation {k} names category_id {a.get('category_id')!r}, not among the categories")
         coco = _quiet(lambda: COCO(str(root / INSTANCES)))
         ids = sorted(coco.getImgIds())
         files = {i: coco.imgs[i]["file_name"] for i in ids}
+        dup = {f for f in files.values() if list(files.values()).count(f) > 1}
+        _need(not dup, root / INSTANCES, f"file names used by several images: {sorted(dup)[:3]}")
+        missing = [f for f in files.values() if not (root / "images" / f).is_file()]
+        _need(not missing, root / "images", f"{len(missing)} image file(s) of instances.json missing, e.g. {missing[:3]}")
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         objects = {i: {names[a["category_id"]] for a in coco.loadAnns(coco.getAnnIds(imgIds=[i]))} for i in ids}
         captions: dict[int, list[str]] = {i: [] for i in ids}
         if (root / CAPTIONS).exists():
-            caps = _quiet(lambda: COCO(str(root / CAPTIONS)))
-            for a in caps.dataset.get("annotations", []):
-                captions.setdefault(a["image_id"], []).append(a["caption"])
+            caps = _read_json(root / CAPTIONS)
+            _need(isinstance(caps, dict) and isinstance(caps.get("annotations"), list), root / CAPTIONS,
+                  "COCO captions need an 'annotations' list")
+            for k, a in enumerate(caps["annotations"]):
+                _need(isinstance(a, dict) and a.get("image_id") in captions and isinstance(a.get("caption"), str),
+                      root / CAPTIONS, f"annotation {k} needs an image_id of instances.json and a 'caption' string")
+                captions[a["image_id"]].append(a["caption"])
+        by_file = {f: i for i, f in files.items()}
         pope = {}
         for f in sorted((root / POPE_DIR).glob("*.jsonl")) if (root / POPE_DIR).exists() else []:
-            pope[f.stem] = [PopeQuestion(q.get("question_id", k), q["image"], q["text"], _label(q["label"]))
-                            for k, line in enumerate(f.read_text().splitlines()) if line.strip()
-                            for q in [json.loads(line)]]
+            pope[f.stem] = _pope_file(f, by_file)
         vocab = (Vocabulary.load(root / VOCABULARY) if (root / VOCABULARY).exists()
                  else Vocabulary.from_names([names[k] for k in sorted(names)]))
-        prompts = json.loads((root / PROMPTS).read_text()) if (root / PROMPTS).exists() else {}
-        return cls(root, files, objects, captions, pope, vocab, prompts, {f: i for i, f in files.items()})
+        unknown = sorted(set(names.values()) - set(vocab.names))
+        _need(not unknown, root / VOCABULARY, f"categories of instances.json missing from the vocabulary (they could "
+                                              f"never be mentioned, lowering recall): {unknown[:5]}")
+        prompts = _read_json(root / PROMPTS) if (root / PROMPTS).exists() else {}
+        _need(isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()), root / PROMPTS,
+              'expected {"caption": "the prompt that asks for a caption"}')
+        return cls(root, files, objects, captions, pope, vocab, prompts, by_file)
 
     @property
     def image_ids(self) -> list[int]:
         return list(self.files)
 
     def image(self, image_id: int) -> Image.Image:
-        return Image.open(self.root / "images" / self.files[image_id]).convert("RGB")
+        path = self.root / "images" / self.files[image_id]
+        try:
+            return Image.open(path).convert("RGB")
+        except (OSError, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: not a readable image ({e})") from None
 
     def image_by_file(self, file_name: str) -> Image.Image:
         return self.image(self._by_file[file_name])
@@ -145,8 +215,39 @@ class DataSet:
 def _label(value) -> bool:
     v = str(value).strip().lower()
     if v not in ("yes", "no", "true", "false", "1", "0"):
-        raise ValueError(f"POPE label {value!r} is neither yes nor no")
+        raise ValueError(f"label {value!r} is neither yes nor no")
     return v in ("yes", "true", "1")
+
+
+def _pope_file(path: Path, by_file: dict[str, int]) -> list[PopeQuestion]:
+    """A POPE question file: one JSON object per line (blank lines skipped)."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not a JSON object ({e.msg})") from None
+        _need(isinstance(q, dict) and isinstance(q.get("image"), str) and isinstance(q.get("text"), str) and "label" in q,
+              where, 'expected {"question_id": .., "image": file name, "text": question, "label": "yes"|"no"}')
+        _need(q["image"] in by_file, where, f"image {q['image']!r} is not in instances.json")
+        try:
+            label = _label(q["label"])
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        out.append(PopeQuestion(q.get("question_id", n), q["image"], q["text"], label))
+    _need(bool(out), path, "no questions")
+    seen: dict[tuple, bool] = {}
+    for q in out:
+        _need(seen.setdefault((q.image, q.text), q.label) == q.label, path,
+              f"{q.image!r} {q.text!r} is labelled both yes and no")
+    return out
 
 
 def _quiet(fn):

@@ -82,10 +82,12 @@ def format_table(report: dict) -> str:
     files = _pope_files(report)
     head = (f"{_title(report)}\n"
             f"{'method':<12} {'CHAIR_i':>8} {'CHAIR_s':>8} {'recall':>7} "
-            + " ".join(f"{'F1-' + s[:3]:>7} {'acc-' + s[:3]:>7}" for s in files) + f" {'tok/s':>8}")
+            + " ".join(f"{'F1 ' + s:>{max(7, len(s) + 3)}} {'acc ' + s:>{max(7, len(s) + 4)}}" for s in files)
+            + f" {'tok/s':>8}")
     lines = [head]
     for m, r in report["methods"].items():
-        pope = " ".join(f"{r['pope'][s]['f1']:>7.3f} {r['pope'][s]['accuracy']:>7.3f}" for s in files)
+        pope = " ".join(f"{r['pope'][s]['f1']:>{max(7, len(s) + 3)}.3f} {r['pope'][s]['accuracy']:>{max(7, len(s) + 4)}.3f}"
+                        for s in files)
         lines.append(f"{m:<12} {r['chair_i']:>8.3f} {r['chair_s']:>8.3f} {r['recall']:>7.3f} {pope} "
                      f"{r['tokens_per_second']:>8.1f}")
     return "\n".join(lines)
@@ -142,7 +144,7 @@ def plot_sweep(reports: list[dict], path: Path) -> None:
         ax.plot(xs, [r["recall"] for _, r in pts], "s-", label="recall")
         pope = _pope_files(rep)
         if pope:  # the last question file (ShapeWorld's: adversarial)
-            ax.plot(xs, [r["pope"][pope[-1]]["f1"] for _, r in pts], "^-", label=f"POPE-{pope[-1][:3]} F1")
+            ax.plot(xs, [r["pope"][pope[-1]]["f1"] for _, r in pts], "^-", label=f"POPE {pope[-1]} F1")
         ax.set_xlabel(f"{name} strength")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

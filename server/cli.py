@@ -326,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    from reward_models.data import DataError
+
+    try:
+        args.func(args)
+    except DataError as e:  # a user's data set file: one clear line, no traceback
+        raise SystemExit(f"vlm-steer: {e}") from None
 
 
 if __name__ == "__main__":

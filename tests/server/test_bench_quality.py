@@ -58,7 +58,7 @@ def test_coco_and_pope_files_as_the_field_writes_them(tmp_path):
     (root / "pope" / "bad.jsonl").write_text(json.dumps({"image": "a.jpg", "text": "?", "label": "maybe"}) + "\n")
     with pytest.raises(ValueError, match="neither yes nor no"):
         DataSet.load(root)
-    with pytest.raises(FileNotFoundError, match="not a data set folder"):
+    with pytest.raises(ValueError, match="not a data set folder"):  # a DataError
         DataSet.load(tmp_path)
 
 
