@@ -96,7 +96,7 @@ class SteeringPipeline:
             using = batch.rows_using(name)
             sub = [using.index(i) for i in keep if i in using]
             if sub:
-                states[name] = state if len(sub) == len(using) else self.methods[name].select(state, sub)
+                states[name] = state if sub == list(range(len(using))) else self.methods[name].select(state, sub)
         return states
 
     def merge(self, a, b) -> dict:

@@ -219,7 +219,7 @@ class TransformersEngine:
             batch = self.merge(batch, self._forward([rows[i] for i in g], reuse_features))
         if len(groups) > 1:  # back to the callers' order
             order = [i for g in groups for i in g]
-            batch = self._reorder(batch, [order.index(i) for i in range(len(rows))])
+            batch = self.select(batch, [order.index(i) for i in range(len(rows))])
         if steer:
             self.steering.start(batch)
         return batch
@@ -260,12 +260,6 @@ class TransformersEngine:
         self._tower_out.clear()
         return batch
 
-    def _reorder(self, batch: Batch, order: list[int]) -> Batch:
-        """The batch's rows (no steering state yet) in another order."""
-        idx = torch.tensor(order, dtype=torch.long, device=batch.mask.device)
-        batch.cache.batch_select_indices(idx)
-        return Batch([batch.rows[i] for i in order], batch.cache, batch.mask[idx], batch.next_pos[idx], batch.logits[idx])
-
     def steer(self, batch: Batch) -> torch.Tensor:
         """Scores to sample from (see ``SteeringPipeline.steer``)."""
         return self.steering.steer(batch)
@@ -294,8 +288,9 @@ class TransformersEngine:
         return (self.select(batch, keep) if keep else None), failed
 
     def select(self, batch: Batch, keep: list[int]) -> Batch:
-        """The batch restricted to rows ``keep`` (finished or cancelled rows leave)."""
-        if len(keep) == len(batch.rows):
+        """The batch restricted to rows ``keep``, in that order (finished or cancelled rows leave; a
+        permutation reorders)."""
+        if keep == list(range(len(batch.rows))):
             return batch
         idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
         batch.cache.batch_select_indices(idx)

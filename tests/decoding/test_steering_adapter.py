@@ -115,7 +115,7 @@ def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3
             chunking.update({i: chunks for i in join_late})
         swap = []
         if step % 5 == 0 and len(engine_rows) > 2:  # rows 0 and 1 change places
-            batch = engine._reorder(batch, [1, 0, *range(2, len(batch.rows))])
+            batch = engine.select(batch, [1, 0, *range(2, len(batch.rows))])
             order[0], order[1] = order[1], order[0]
             swap = [(0, 1, SWAP)]
         steering.update(list(done), [], [m for m in moved if m[0] != "perm"], lambda d: d == SWAP)
