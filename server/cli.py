@@ -40,13 +40,33 @@ def _train(args: argparse.Namespace) -> None:
                 setattr(cfg, name, getattr(args, name))
         cfg.steps = args.steps or cfg.steps
         train_vlm(cfg)
-    if args.what in ("reward", "all"):
-        from shapeworld.train_reward import RewardTrainConfig, train_reward
+    if args.what == "reward" and args.data:  # any target, any folder of images
+        from reward_models.train_reward import train_reward
 
-        cfg = RewardTrainConfig(seed=args.seed + 1, base=out / "vlm", out=out / "reward", pairs=args.pairs,
-                                recipe=args.recipe)
-        cfg.dpo_steps = args.steps or cfg.dpo_steps
-        train_reward(cfg)
+        if not args.target or args.out == str(MODELS_DIR):
+            raise SystemExit("train reward --data DIR needs --target DIR (the VLM the reward model steers) and "
+                             "--out DIR (the reward model's folder)")
+        train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier)
+    elif args.what in ("reward", "all"):
+        from shapeworld.train_reward import train_embedded_reward
+
+        train_embedded_reward(out, args.seed + 1, _recipe(args, embedded=True))
+
+
+def _recipe(args: argparse.Namespace, embedded: bool = False):
+    """The reward model's recipe from the command line (defaults: the generic ones, or the embedded model's)."""
+    from dataclasses import replace
+
+    from reward_models.train_reward import RewardRecipe
+
+    if embedded:
+        from shapeworld.train_reward import EMBEDDED_RECIPE as base
+    else:
+        base = RewardRecipe(seed=args.seed + 1)
+    given = {"pairs": args.pairs, "init_layers": args.init_layers, "images": args.images,
+             "distill_images": args.distill_images, "distill_steps": args.distill_steps, "dpo_steps": args.steps,
+             "view": args.view, "samples": args.samples}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def _engine(args: argparse.Namespace):
@@ -227,14 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sv)
     sv.set_defaults(func=_serve)
 
-    t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible)")
+    t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible), or a reward model "
+                                     "and a verifier calibration for any target on any data set (--data)")
     t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--verifier", default=None, help="calibrate: the verifier folder (CLIP, SigLIP, ...) to calibrate")
     t.add_argument("--data", default=None, help="calibrate: labelled data set folder(s), comma-separated "
                                                 "(reward_models/data.py); default: ShapeWorld's calibration scenes")
     t.add_argument("--vocabulary", default=None, help="calibrate: vocabulary.json (default: the data set's)")
-    t.add_argument("--out", default=str(MODELS_DIR), help="folder that receives verifier/, vlm/ and reward/")
+    t.add_argument("--out", default=str(MODELS_DIR), help="the embedded models: the folder that receives verifier/, vlm/ and reward/; "
+                                                          "train reward --data: the reward model's folder")
     t.add_argument("--recipe", default="committed", choices=["committed", "plain", "bound-qa"],
                    help="vlm (and the reward model distilled from it): the committed model's recipe, or an earlier "
                         "one (shapeworld.train_vlm.RECIPES)")
@@ -244,8 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vlm: projector-only steps on that loss before the language model trains")
     t.add_argument("--lr", type=float, default=None, help="vlm: override the peak learning rate")
     t.add_argument("--steps", type=int, default=None, help="override the number of training (or DPO) steps")
-    t.add_argument("--pairs", default="both", choices=["self", "labelled", "both"],
-                   help="reward model preference pairs: self-generated, ground-truth labelled, or both")
+    t.add_argument("--target", default=None, help="reward: the target VLM folder the reward model steers")
+    t.add_argument("--init", default=None, help="reward: a smaller VLM with the target's tokenizer to start from "
+                                                "(default: a copy of the target, see --init-layers)")
+    t.add_argument("--init-layers", type=int, default=None,
+                   help="reward without --init: keep the target's first N decoder layers (0: all)")
+    t.add_argument("--pairs", default=None,
+                   help="reward: preference pair sources, '+'-joined: verifier (label-free: the calibrated --verifier "
+                        "judges the target's own answers), labels (the data set's annotations), views (clean vs "
+                        "augmented view, no judge); default verifier")
+    t.add_argument("--images", type=int, default=None, help="reward: images the pairs are built from")
+    t.add_argument("--distill-images", type=int, default=None, help="reward: images of the distillation (0: none)")
+    t.add_argument("--distill-steps", type=int, default=None, help="reward: distillation steps")
+    t.add_argument("--samples", type=int, default=None, help="reward: sampled candidate captions per image")
+    t.add_argument("--view", default=None, help="reward: augmented view, noise:<share> or erase:<share>")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="write a data set in the field's formats")

@@ -22,6 +22,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from reward_models.checkpoints import WEIGHTS as _WEIGHTS, to_llava_hf_keys
 from shapeworld.tokenizer import BOS, EOS, IMAGE, PAD, build_tokenizer
 from shapeworld.world import IMAGE_SIZE
 
@@ -146,23 +147,6 @@ def clip_processor() -> CLIPProcessor:
 
 # ---------------------------------------------------------------- saving in the llava-hf layout
 
-_WEIGHTS = "model.safetensors"
-
-
-def to_llava_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys as llava-hf checkpoints (and vLLM's loader) have them: ``vision_tower.vision_model.*``,
-    ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``."""
-    out = {}
-    for k, v in state.items():
-        k = k.removeprefix("model.")
-        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k.removeprefix("vision_tower.")
-        elif k.startswith("language_model."):
-            k = "language_model.model." + k.removeprefix("language_model.")
-        elif k.startswith("lm_head."):
-            k = "language_model." + k
-        out[k] = v.contiguous()
-    return out
 
 
 def save_vlm(model: LlavaForConditionalGeneration, path: Path, meta: dict | None = None) -> None:

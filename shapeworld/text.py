@@ -13,8 +13,11 @@ def caption(objects: list[Obj]) -> str:
     return " and ".join(f"a {phrase(o)}" for o in objects) + " ."
 
 
+QUESTION = "is there a {} ?"  # filled with an object's phrase
+
+
 def question(obj: Obj) -> str:
-    return f"is there a {phrase(obj)} ?"
+    return QUESTION.format(phrase(obj))
 
 
 def no_answer(asked: Obj, objects: list[Obj]) -> str:

@@ -18,6 +18,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from reward_models.checkpoints import save_checkpoint
+
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "gemma3")
 SLIDING_WINDOW = int(__import__("os").environ.get("FAMILIES_SLIDING_WINDOW", 16))  # Gemma 3: shorter than the prompts
 
@@ -246,17 +248,7 @@ def _save(model, proc, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    if model.config.model_type in ("llava", "llava_next", "gemma3"):  # their hub layout (what vLLM's loader reads)
-        from safetensors.torch import save_file
-
-        from shapeworld.models import to_llava_hf_keys
-
-        state = to_llava_hf_keys(model.state_dict())
-        if model.config.get_text_config().tie_word_embeddings:  # tied: the hub files hold the embedding once
-            state.pop("language_model.lm_head.weight", None)
-        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    save_checkpoint(model, proc, path)
 
 
 def build(family: str, path: str | Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
