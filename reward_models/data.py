@@ -9,8 +9,10 @@ Layout of a data set folder::
     annotations/captions.json    COCO captions (optional): reference captions per image
     pope/<name>.jsonl            POPE question files (optional), one JSON object per line:
                                  {"question_id": .., "image": file name, "text": question, "label": "yes"|"no"}
-    vocabulary.json              the object vocabulary (optional: default, the categories' names)
-    prompts.json                 optional: {"caption": the prompt that asks for a caption}
+    vocabulary.json              the object vocabulary (optional: default, COCO-80 with CHAIR's synonyms
+                                 when the categories are COCO's, else the categories' names)
+    prompts.json                 optional: {"caption": the prompt that asks for a caption,
+                                            "question": a yes/no question with {} for the object}
 
 The vocabulary (``vocabulary.json``): ``{"template": "a {}", "categories": [{"name": "dog", "synonyms":
 ["dog", "puppy", ...]}, ...]}``: the words by which a caption mentions each category, as CHAIR (Rohrbach
@@ -32,6 +34,9 @@ CAPTIONS = "annotations/captions.json"
 POPE_DIR = "pope"
 VOCABULARY = "vocabulary.json"
 PROMPTS = "prompts.json"
+COCO80 = Path(__file__).resolve().parent / "vocabularies" / "coco80.json"  # COCO's categories, CHAIR's synonyms
+CAPTION_PROMPT = "Describe this image in detail."  # unless prompts.json names the data set's own
+QUESTION_PROMPT = "Is there a {} in the image?"  # POPE's question (Li et al. 2023), filled with a category
 
 
 class DataError(ValueError):
@@ -85,6 +90,11 @@ class Vocabulary:
         return cls(names, synonyms, template)
 
     @classmethod
+    def coco80(cls) -> "Vocabulary":
+        """COCO's 80 categories with CHAIR's synonym lists (and their plurals): the default for photos."""
+        return cls.load(COCO80)
+
+    @classmethod
     def from_names(cls, names: list[str], template: str = "a {}") -> "Vocabulary":
         return cls(list(names), {n: [n] for n in names}, template)
 
@@ -112,6 +122,15 @@ class Vocabulary:
             else:
                 i += 1
         return found
+
+
+def _default_vocabulary(categories: list[str]) -> Vocabulary:
+    """Without a vocabulary.json: COCO-80 with CHAIR's synonyms when the categories are COCO's (photos), else
+    the category names alone."""
+    coco = Vocabulary.coco80()
+    if set(categories) <= set(coco.names):
+        return coco
+    return Vocabulary.from_names(categories)
 
 
 def _words(text: str) -> list[str]:
@@ -188,13 +207,14 @@ class DataSet:
         for f in sorted((root / POPE_DIR).glob("*.jsonl")) if (root / POPE_DIR).exists() else []:
             pope[f.stem] = _pope_file(f, by_file)
         vocab = (Vocabulary.load(root / VOCABULARY) if (root / VOCABULARY).exists()
-                 else Vocabulary.from_names([names[k] for k in sorted(names)]))
+                 else _default_vocabulary([names[k] for k in sorted(names)]))
         unknown = sorted(set(names.values()) - set(vocab.names))
         _need(not unknown, root / VOCABULARY, f"categories of instances.json missing from the vocabulary (they could "
                                               f"never be mentioned, lowering recall): {unknown[:5]}")
         prompts = _read_json(root / PROMPTS) if (root / PROMPTS).exists() else {}
         _need(isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()), root / PROMPTS,
-              'expected {"caption": "the prompt that asks for a caption"}')
+              'expected {"caption": "the prompt that asks for a caption", "question": "is there a {} ?"}')
+        _need("{}" in prompts.get("question", "{}"), root / PROMPTS, "'question' must hold {} (where the object goes)")
         return cls(root, files, objects, captions, pope, vocab, prompts, by_file)
 
     @property
@@ -210,6 +230,24 @@ class DataSet:
 
     def image_by_file(self, file_name: str) -> Image.Image:
         return self.image(self._by_file[file_name])
+
+    @property
+    def caption_prompt(self) -> str:
+        return self.prompts.get("caption", CAPTION_PROMPT)
+
+    @property
+    def question_prompt(self) -> str:
+        """A yes/no question about one object, ``{}`` filled with its category name."""
+        return self.prompts.get("question", QUESTION_PROMPT)
+
+    def sample_images(self, n: int, seed: int) -> tuple[list[Image.Image], str]:
+        """``n`` images drawn with ``seed`` (each once while the data set lasts) and the caption prompt: the
+        requests of the load and speed benchmarks."""
+        import random
+
+        ids = list(self.image_ids)
+        random.Random(seed).shuffle(ids)
+        return [self.image(ids[k % len(ids)]) for k in range(n)], self.caption_prompt
 
 
 def _label(value) -> bool:

@@ -53,14 +53,12 @@ from tqdm import tqdm, trange
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from decoding.model_inputs import batch_inputs, extended, positions_for, prefill_groups
-from decoding.request import GenerationRequest, SamplingParams
+from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from decoding.transformers_engine import TransformersEngine, _left_pad, encode_row
 from reward_models.checkpoints import save_checkpoint
 from reward_models.data import DataError, DataSet, Vocabulary
 from reward_models.metrics import answer_is_yes
 
-CAPTION_PROMPT = "Describe this image in detail."  # a data set's prompts.json may name its own
-QUESTION_PROMPT = "Is there a {} in the image?"  # POPE's question (Li et al. 2023)
 JUDGES = ("verifier", "labels")
 SOURCES = (*JUDGES, "views")
 
@@ -78,10 +76,13 @@ class RewardRecipe:
     distill_batch: int = 64
     distill_lr: float = 1.5e-3
     samples: int = 4  # sampled candidate captions per image
+    steered: str = "auto"  # greedy candidates steered with these methods (comma-separated, method[:strength]);
+    # auto: FiSAO where the engine offers it (it needs only the calibrated verifier: label-free candidates)
     temperature: float = 1.0
     view: str = "noise:0.85"  # augmented view: noise:<share of noise> or erase:<share of the image erased>
     questions: int = 3  # yes/no questions per image (about objects the candidates mention, one at random)
     max_rejected: int = 2  # rejected captions per image
+    balance_answers: bool = True  # as many yes/no pairs that prefer yes as prefer no
     dpo_steps: int = 200
     dpo_batch: int = 32
     dpo_lr: float = 5e-5
@@ -239,6 +240,17 @@ def caption_pairs(candidates: list[str], verdict: dict[str, int], vocab: Vocabul
     return [(best[2], w[2]) for w in worse[:max_rejected]]
 
 
+def balanced(by_answer: dict[bool, list], rng) -> list:
+    """As many pairs that prefer yes as pairs that prefer no (the larger side subsampled): a judge that
+    confirms presence more rarely than absence (the verifier's calibrated thresholds) would otherwise teach
+    the reward model to say no (measured: POPE F1 0.915 -> 0.799 on random scenes with 3:1 pairs)."""
+    n = min(len(v) for v in by_answer.values())
+    out = []
+    for v in by_answer.values():
+        out += [v[j] for j in sorted(rng.choice(len(v), size=n, replace=False))] if len(v) > n else v
+    return out
+
+
 def answer_pair(answers: list[str], truth: bool) -> tuple[str, str]:
     """(chosen, rejected) for a yes/no question whose judged answer is ``truth``: the target's own answers
     where it gave both, else the bare word."""
@@ -265,9 +277,7 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"unknown pair source(s) {bad}: choose from {SOURCES}, '+'-joined")
-    vocab, prompts = data.vocabulary, data.prompts
-    cap_prompt = prompts.get("caption", CAPTION_PROMPT)
-    q_prompt = prompts.get("question", QUESTION_PROMPT)
+    vocab, cap_prompt, q_prompt = data.vocabulary, data.caption_prompt, data.question_prompt
     images = [data.image_by_file(f) for f in files]
     views = [augmented_view(im, recipe.view, rng) for im in images]
     greedy = SamplingParams(max_tokens=recipe.max_tokens)
@@ -281,6 +291,15 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
     sampled = [captions_of(images, SamplingParams(max_tokens=recipe.max_tokens, temperature=recipe.temperature,
                                                   seed=recipe.seed * 1000 + k), f"captions (sample {k + 1})")
                for k in range(recipe.samples)]
+    steered = ("fisao" if "fisao" in engine.available_methods else "") if recipe.steered == "auto" else recipe.steered
+    for method in filter(None, steered.split(",")):  # the target steered at decoding time (label-free)
+        name, _, strength = method.partition(":")
+        if name not in engine.available_methods:
+            raise ValueError(f"candidates steered with {name!r}: not available with these models ({engine.unavailable.get(name)})")
+        spec = SteeringSpec(name, float(strength) if strength else None)
+        sampled.append([c.text if c.finish_reason == "stop" else None for c in _generate(
+            engine, [GenerationRequest.single_turn(cap_prompt, [im], sampling=greedy, steering=spec) for im in images],
+            f"captions ({method})")])
     judges = {}
     if "verifier" in sources:
         if verifier is None or not verifier.calibrated:
@@ -320,9 +339,11 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
             answers.append([c.text for c in _generate(engine, req(images, s), f"answers (sample {j + 1})")])
         by_q = {q: [a[n] for a in answers] for n, q in enumerate(wanted)}
         for name, qs in asked.items():
+            qa = {True: [], False: []}
             for k, o in qs:
-                ch, rej = answer_pair(by_q[(k, o)], judges[name][k][o] > 0)
-                pairs.append(Pair(files[k], q_prompt.format(o), ch, rej, name))
+                truth = judges[name][k][o] > 0
+                qa[truth].append(Pair(files[k], q_prompt.format(o), *answer_pair(by_q[(k, o)], truth), name))
+            pairs += balanced(qa, rng) if recipe.balance_answers else qa[True] + qa[False]
     if "views" in sources:
         for k, f in enumerate(files):
             if clean[k] and viewed[k] and set(vocab.mentions(clean[k])) != set(vocab.mentions(viewed[k])):
@@ -499,7 +520,7 @@ def train_reward(target: str | Path, data: str | Path, out: str | Path, recipe: 
     order = rng.permutation(len(files))
     pair_files = [files[j] for j in order[: recipe.images]]
     distill_files = [files[j] for j in order[: recipe.distill_images]] if recipe.distill_images else []
-    engine = TransformersEngine(target)
+    engine = TransformersEngine(target, verifier_path=verifier)
     base = engine.model
     tok = engine.tokenizer
     eos = base.generation_config.eos_token_id
@@ -519,8 +540,7 @@ def train_reward(target: str | Path, data: str | Path, out: str | Path, recipe: 
     kl = None
     if distill_files and recipe.distill_steps:
         t = time.time()
-        cap_prompt = dataset.prompts.get("caption", CAPTION_PROMPT)
-        q_prompt = dataset.prompts.get("question", QUESTION_PROMPT)
+        cap_prompt, q_prompt = dataset.caption_prompt, dataset.question_prompt
         greedy = SamplingParams(max_tokens=recipe.max_tokens)
         names = dataset.vocabulary.names
         reqs = []
@@ -540,12 +560,7 @@ def train_reward(target: str | Path, data: str | Path, out: str | Path, recipe: 
     if pairs_path.exists() and run.dir.exists():  # an unfinished run resumed: it keeps its pairs
         pairs = _read_pairs(pairs_path)
     else:
-        v = None
-        if verifier is not None:
-            from reward_models.verifier import Verifier
-
-            v = Verifier(verifier)
-        pairs = make_pairs(engine, dataset, pair_files, recipe, rng, verifier=v)
+        pairs = make_pairs(engine, dataset, pair_files, recipe, rng, verifier=engine.resources.verifier)
         pairs_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs))
     if not pairs:
         raise DataError(f"no preference pairs from {len(pair_files)} images of {data}: the target's candidates never "

@@ -15,13 +15,16 @@ import subprocess
 import sys
 import time
 
+from collections.abc import Callable
+
 import aiohttp
 import httpx
 import numpy as np
 from tqdm import tqdm
 
-from shapeworld.text import CAPTION_PROMPT
-from shapeworld.world import make_scenes
+# Where a benchmark's requests come from: (n, seed) -> (n images, the caption prompt); a data set folder's
+# ``DataSet.sample_images``, or the embedded world's scenes (the CLI chooses).
+ImageSource = Callable[[int, int], tuple[list, str]]
 
 
 def _data_url(img) -> str:
@@ -30,12 +33,12 @@ def _data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _body(model: str, image_url: str, max_tokens: int, method: str = "none") -> dict:
+def _body(model: str, image_url: str, prompt: str, max_tokens: int, method: str = "none") -> dict:
     """A streaming greedy caption request with usage."""
     return {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "steering": {"method": method},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": CAPTION_PROMPT}]}]}
+                                                      {"type": "text", "text": prompt}]}]}
 
 
 def _session(concurrency: int) -> aiohttp.ClientSession:
@@ -93,14 +96,16 @@ async def _one(client: aiohttp.ClientSession, url: str, body: dict, disconnect_a
     return out
 
 
-async def run_load(url: str, concurrency: int, requests: int, methods: list[str], model: str = "shapeworld",
-                   max_tokens: int = 40, disconnect_fraction: float = 0.0, seed: int = 1234,
+async def run_load(url: str, concurrency: int, requests: int, methods: list[str], source: ImageSource,
+                   model: str = "shapeworld", max_tokens: int = 40, disconnect_fraction: float = 0.0, seed: int = 1234,
                    api_key: str | None = None) -> dict:
+    """``requests`` streaming captions of 32 images of ``source`` (cycled), ``concurrency`` at a time."""
     rng = random.Random(seed)
-    images = [_data_url(s.image()) for s in make_scenes("bait", 32, seed)]
+    pictures, prompt = source(32, seed)
+    images = [_data_url(im) for im in pictures]
     jobs = []
     for k in range(requests):
-        body = _body(model, images[k % len(images)], max_tokens, methods[k % len(methods)])
+        body = _body(model, images[k % len(images)], prompt, max_tokens, methods[k % len(methods)])
         jobs.append((body, rng.randint(1, 3) if rng.random() < disconnect_fraction else None))
     queue: asyncio.Queue = asyncio.Queue()
     for j in jobs:
@@ -143,10 +148,10 @@ def format_load(r: dict) -> str:
             f"  statuses {r['statuses']}  5xx {r['errors_5xx']}")
 
 
-async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld", max_tokens: int = 40,
-                       seed: int = 1234, block: int = 8) -> dict:
-    """What the server adds over its engine at concurrency 1: the same requests (greedy captions of bait
-    scenes) through this process's own engine (``generate``, batch 1) and through HTTP streaming, in
+async def run_overhead(url: str, engine, requests: int, source: ImageSource, model: str = "shapeworld",
+                       max_tokens: int = 40, seed: int = 1234, block: int = 8) -> dict:
+    """What the server adds over its engine at concurrency 1: the same requests (greedy captions of the
+    images of ``source``) through this process's own engine (``generate``, batch 1) and through HTTP streaming, in
     alternating blocks of ``block`` requests (and which side goes first alternates) so that both see
     the same machine, whose speed drifts, and each side runs warm, as a busy server does. The engine
     side decodes with one intra-op thread, its fastest setting at batch 1 (a second thread only waits at
@@ -157,8 +162,7 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
 
     from decoding.request import GenerationRequest, SamplingParams
 
-    scenes = make_scenes("bait", requests, seed)
-    images = [s.image() for s in scenes]
+    images, prompt = source(requests, seed)
     urls = [_data_url(im) for im in images]
     seconds = {"engine": 0.0, "http": 0.0}
     tokens = {"engine": 0, "http": 0}
@@ -168,13 +172,13 @@ async def run_overhead(url: str, engine, requests: int, model: str = "shapeworld
 
     async with _session(1) as client:
         async def via_http(i: int) -> int:
-            r = await _one(client, url, _body(model, urls[i], max_tokens), None, None)
+            r = await _one(client, url, _body(model, urls[i], prompt, max_tokens), None, None)
             if r["status"] != 200:
                 raise RuntimeError(f"request failed: {r['status']}")
             return r["tokens"] + r["stopped"]
 
         async def via_engine(i: int) -> int:
-            c = engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, [images[i]],
+            c = engine.generate([GenerationRequest.single_turn(prompt, [images[i]],
                                                                sampling=SamplingParams(max_tokens=max_tokens))])[0]
             return len(c.token_ids) + (c.finish_reason == "stop")
 
@@ -216,7 +220,7 @@ def _free_port() -> int:
 
 
 async def run_engines(engines: list[str], concurrencies: list[int], requests: int, methods: list[str],
-                      max_tokens: int = 40, rounds: int = 3, seed: int = 1234, max_batch: int = 16) -> dict:
+                      source: ImageSource, max_tokens: int = 40, rounds: int = 3, seed: int = 1234, max_batch: int = 16) -> dict:
     """Each engine behind its own `vlm-steer serve` on loopback (started here), loaded at each concurrency,
     round by round in turn, so that every engine and concurrency sees the same machine."""
     model = "shapeworld"
@@ -237,12 +241,14 @@ async def run_engines(engines: list[str], concurrencies: list[int], requests: in
                     except httpx.HTTPError:
                         pass
                     await asyncio.sleep(0.5)
-                await run_load(url, max(concurrencies), max(concurrencies), methods, model, max_tokens, seed=seed + 99)  # warm-up
+                await run_load(url, max(concurrencies), max(concurrencies), methods, source, model, max_tokens,
+                               seed=seed + 99)  # warm-up
         runs = {(e, c): [] for e in engines for c in concurrencies}
         for r in tqdm(range(rounds), desc="rounds"):
             for c in concurrencies:
                 for e in engines:
-                    runs[e, c].append(await run_load(urls[e], c, max(c, requests // rounds), methods, model, max_tokens, seed=seed + r))
+                    runs[e, c].append(await run_load(urls[e], c, max(c, requests // rounds), methods, source, model, max_tokens,
+                                                              seed=seed + r))
     finally:
         for p in procs.values():
             p.send_signal(signal.SIGTERM)

@@ -16,7 +16,6 @@ from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from reward_models.data import DataSet
 from reward_models.metrics import answer_is_yes, binary_scores, chair
 
-CAPTION_PROMPT = "Describe this image in detail."  # a data set's prompts.json may name its own
 CAPTION_MAX_TOKENS = 40
 
 
@@ -31,7 +30,7 @@ def evaluate(engine, data: DataSet, steering: SteeringSpec, batch: int = 32, max
     """CHAIR and recall of greedy captions of every image, and POPE scores per question file."""
     ids = data.image_ids
     images = {i: data.image(i) for i in ids}
-    prompt = data.prompts.get("caption", CAPTION_PROMPT)
+    prompt = data.caption_prompt
     greedy = SamplingParams(max_tokens=max_tokens)
     caps = [GenerationRequest.single_turn(prompt, [images[i]], sampling=greedy, steering=steering) for i in ids]
     t0 = time.perf_counter()

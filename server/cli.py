@@ -6,67 +6,72 @@ import argparse
 import json
 import sys
 
-import numpy as np
 from pathlib import Path
 
-from shapeworld.models import MODELS_DIR
+from server.settings import EMBEDDED as MODELS_DIR  # the committed embedded models: a path, not a dependency
+
+
+def _embedded():
+    """The embedded world's commands: the module the ``vlm_steer.embedded`` entry point names (ShapeWorld's
+    ``shapeworld.commands``, pyproject.toml). It trains the embedded models and supplies the benchmarks'
+    default images; commands given ``--data`` never need it."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="vlm_steer.embedded"))
+    if not found:
+        raise SystemExit("vlm-steer: no embedded data set is installed: give --data DIR (a data set folder)")
+    return found[0].load()
 
 
 def _train(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if args.what in ("verifier", "all"):
-        from shapeworld.train_verifier import VerifierTrainConfig, train_verifier
-
-        cfg = VerifierTrainConfig(seed=args.seed, out=out / "verifier")
-        cfg.steps = args.steps or cfg.steps
-        train_verifier(cfg)
     if args.what == "calibrate" and args.data:  # any verifier on any labelled data set
         from reward_models.calibrate import calibrate
 
         if not args.verifier:
             raise SystemExit("train calibrate --data needs --verifier DIR")
         print(json.dumps(calibrate(Path(args.verifier), args.data.split(","), args.vocabulary), indent=2))
-        return
-    if args.what in ("calibrate", "all"):
-        from shapeworld.calibration import calibrate_shapeworld as calibrate
-
-        print(json.dumps(calibrate(out / "verifier"), indent=2))
-    if args.what in ("vlm", "all"):
-        from shapeworld.train_vlm import RECIPES, VLMTrainConfig, train_vlm
-
-        cfg = VLMTrainConfig(seed=args.seed, verifier=out / "verifier", out=out / "vlm", **RECIPES[args.recipe])
-        for name in ("lr", "grounding_weight", "grounding_warmup"):
-            if getattr(args, name) is not None:
-                setattr(cfg, name, getattr(args, name))
-        cfg.steps = args.steps or cfg.steps
-        train_vlm(cfg)
-    if args.what == "reward" and args.data:  # any target, any folder of images
+    elif args.what == "reward" and args.data:  # any target, any folder of images
         from reward_models.train_reward import train_reward
 
         if not args.target or args.out == str(MODELS_DIR):
             raise SystemExit("train reward --data DIR needs --target DIR (the VLM the reward model steers) and "
                              "--out DIR (the reward model's folder)")
         train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier)
-    elif args.what in ("reward", "all"):
-        from shapeworld.train_reward import train_embedded_reward
+    elif args.data:
+        raise SystemExit(f"train {args.what} trains an embedded model; --data is for calibrate and reward")
+    else:
+        world = _embedded()
+        world.train(args, _recipe(args, world.reward_recipe()))
 
-        train_embedded_reward(out, args.seed + 1, _recipe(args, embedded=True))
 
-
-def _recipe(args: argparse.Namespace, embedded: bool = False):
-    """The reward model's recipe from the command line (defaults: the generic ones, or the embedded model's)."""
+def _recipe(args: argparse.Namespace, base=None):
+    """The reward model's recipe: ``base`` (default: the generic one) with what the command line sets."""
     from dataclasses import replace
 
     from reward_models.train_reward import RewardRecipe
 
-    if embedded:
-        from shapeworld.train_reward import EMBEDDED_RECIPE as base
-    else:
-        base = RewardRecipe(seed=args.seed + 1)
+    base = base or RewardRecipe(seed=args.seed + 1)
     given = {"pairs": args.pairs, "init_layers": args.init_layers, "images": args.images,
              "distill_images": args.distill_images, "distill_steps": args.distill_steps, "dpo_steps": args.steps,
              "view": args.view, "samples": args.samples}
     return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def _images(args: argparse.Namespace):
+    """Where a load or speed benchmark's requests come from: --data's images, else the embedded world's."""
+    if getattr(args, "data", None):
+        from reward_models.data import DataSet
+
+        return DataSet.load(args.data).sample_images
+    return _embedded().images
+
+
+def _write_json(report: dict, path: str | None) -> None:
+    if path:
+        from server.bench_quality import write_json
+
+        write_json(report, Path(path))
+        print(f"wrote {path}")
 
 
 def _engine(args: argparse.Namespace):
@@ -95,19 +100,13 @@ def _strengths(text: str | None) -> dict[str, float]:
 
 
 def _data_shapeworld(args: argparse.Namespace) -> None:
-    from shapeworld.export import export
-
-    print(export(args.split, args.n, args.seed, args.out))
+    _embedded().data(args)
 
 
 def _bench_quality(args: argparse.Namespace) -> None:
-    from shapeworld.bench import RESERVED_SEEDS, format_table, plot_quality, plot_sweep, run_quality, write_json
+    from server.bench_quality import format_table, plot_quality, plot_sweep, write_json
 
-    if args.seed in RESERVED_SEEDS and not args.data:
-        print(f"warning: seed {args.seed} is reserved for training/calibration; results are not held-out",
-              file=sys.stderr)
     engine = _engine(args)
-    splits = args.split.split(",")
     methods = args.methods.split(",")
     sweep = None
     if args.sweep:
@@ -120,10 +119,8 @@ def _bench_quality(args: argparse.Namespace) -> None:
 
         runs = [(Path(d).name, lambda d=d: run_on_data(engine, DataSet.load(d), methods, _strengths(args.strength),
                                                        batch=args.batch, sweep=sweep)) for d in args.data.split(",")]
-    else:  # ShapeWorld splits, exported to those formats on the fly
-        runs = [(split, lambda split=split: run_quality(engine, split, args.n, args.seed, methods,
-                                                        _strengths(args.strength), batch=args.batch, sweep=sweep))
-                for split in splits]
+    else:  # the embedded world's splits (ShapeWorld's: exported to those formats on the fly)
+        runs = _embedded().quality_runs(args, engine, methods, _strengths(args.strength), sweep)
     for name, run in runs:
         rep = run()
         reports.append(rep)
@@ -140,84 +137,64 @@ def _bench_quality(args: argparse.Namespace) -> None:
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
-    from shapeworld.bench import write_json
-    from shapeworld.bench_speed import format_speed, run_speed, tita_limit
+    from server.bench_speed import format_speed, run_speed, tita_limit
 
     engine = _engine(args)
     methods = [m for m in args.methods.split(",") if all(p in engine.available_methods for p in m.split("+"))]
     skipped = sorted(set(args.methods.split(",")) - set(methods))
     if skipped:
         print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
-    rep = run_speed(engine, methods, args.n, args.seed, batch=args.batch, ignore_eos=args.ignore_eos,
-                    max_tokens=args.max_tokens)
+    images, prompt = _images(args)(args.n, args.seed)
+    rep = run_speed(engine, methods, images, prompt, batch=args.batch, ignore_eos=args.ignore_eos,
+                    max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"})
     rep["tita_limit"] = tita_limit(args.model, engine) if "tita" in engine.available_methods else None
     print(format_speed(rep))
     if hasattr(engine, "close"):
         engine.close()
-    if args.json:
-        write_json(rep, Path(args.json))
-        print(f"wrote {args.json}")
+    _write_json(rep, args.json)
 
 
 def _bench_verifier(args: argparse.Namespace) -> None:
-    from shapeworld.bench import write_json
-    from shapeworld.bench_verifier import mentioned_object_scores, plot_scores
-
-    engine = _engine(args)
-    v = engine.resources.verifier
-    if v is None:
-        raise SystemExit(f"no calibrated verifier at {args.verifier}")
-    scores = mentioned_object_scores(engine, v, args.n, args.seed)
-    for k, vals in scores.items():
-        print(f"{k:<13} n={len(vals):<5} mean z={np.mean(vals) if vals else float('nan'):.3f}")
-    if args.json:
-        write_json({"n": args.n, "seed": args.seed, "scores": scores}, Path(args.json))
-    if args.plot:
-        plot_scores(scores, v.calibration, Path(args.plot))
-        print(f"wrote {args.plot}")
+    _write_json(_embedded().bench_verifier(args, _engine(args)), args.json)
 
 
 def _bench_load(args: argparse.Namespace) -> None:
     import asyncio
 
     from server.bench_load import format_load, run_load
-    from shapeworld.bench import write_json
 
+    source = _images(args)
     if args.engines:  # servers of each engine started here, interleaved rounds at each concurrency
         from server.bench_load import format_engines, run_engines
 
         rep = asyncio.run(run_engines(args.engines.split(","), [int(c) for c in str(args.concurrency).split(",")],
-                                      args.requests, args.methods.split(","), max_tokens=args.max_tokens))
+                                      args.requests, args.methods.split(","), source, max_tokens=args.max_tokens))
         print(format_engines(rep))
     elif args.overhead:  # the server vs this process's own engine, interleaved, concurrency 1
         from decoding.transformers_engine import TransformersEngine
         from server.bench_load import format_overhead, run_overhead
 
         engine = TransformersEngine(args.model, device=args.device, dtype=args.dtype)
-        rep = asyncio.run(run_overhead(args.url, engine, args.requests, model=args.model_name, max_tokens=args.max_tokens))
+        rep = asyncio.run(run_overhead(args.url, engine, args.requests, source, model=args.model_name, max_tokens=args.max_tokens))
         print(format_overhead(rep))
     else:
-        rep = asyncio.run(run_load(args.url, int(args.concurrency), args.requests, args.methods.split(","), model=args.model_name,
+        rep = asyncio.run(run_load(args.url, int(args.concurrency), args.requests, args.methods.split(","), source,
+                                   model=args.model_name,
                                    max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
                                    api_key=args.api_key))
         print(format_load(rep))
-    if args.json:
-        write_json(rep, Path(args.json))
-        print(f"wrote {args.json}")
+    _write_json(rep, args.json)
 
 
 def _bench_health(args: argparse.Namespace) -> None:
     import asyncio
 
     from server.bench_health import format_health, run_health
-    from shapeworld.bench import write_json
 
     w, h = (int(x) for x in args.image_size.lower().split("x"))
     rep = asyncio.run(run_health(args.url, (w, h), args.requests, model=args.model_name))
     print(format_health(rep))
-    if args.json:
-        write_json(rep, Path(args.json))
-        print(f"wrote {args.json}")
+    _write_json(rep, args.json)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -319,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoding step, not by the length of their answers")
     s.add_argument("--max-tokens", type=int, default=40)
     s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    s.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
+                                                "(default: the embedded world's bait scenes)")
     s.add_argument("--json", default=None)
     _model_args(s)
     s.set_defaults(func=_bench_speed)
@@ -328,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--concurrency", default="8", help="clients at once (with --engines: a comma-separated list)")
     ld.add_argument("--requests", type=int, default=64)
     ld.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
+    ld.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
+                                                 "(default: the embedded world's bait scenes)")
     ld.add_argument("--model-name", default="vlm")
     ld.add_argument("--max-tokens", type=int, default=40)
     ld.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of clients that hang up mid-stream")

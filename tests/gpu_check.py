@@ -62,7 +62,8 @@ def main(argv=None) -> list[dict]:
         sys.exit("gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
                  "`make bench-speed-mid` for the CPU-sized speed table")
     from decoding.transformers_engine import TransformersEngine
-    from shapeworld.bench_speed import run_speed, tita_limit
+    from server.bench_speed import run_speed, tita_limit
+    from shapeworld.commands import images
     from tests.families import build_set
 
     rows, t0 = [], time.time()
@@ -86,7 +87,7 @@ def main(argv=None) -> list[dict]:
                 else:
                     engine = TransformersEngine(paths["model"], device=device, dtype=str(dtype).removeprefix("torch."),
                                                 reward_path=paths["reward"], verifier_path=paths["verifier"])
-                rep = run_speed(engine, METHODS, a.n, 1234, batch=8, max_tokens=a.max_tokens, ignore_eos=True)
+                rep = run_speed(engine, METHODS, *images(a.n, 1234), batch=8, max_tokens=a.max_tokens, ignore_eos=True)
                 lim = tita_limit(paths["model"], engine)["limit"]
                 eq_count, eq_n, tokens = equality(engine, reference)
                 eq = (eq_count, eq_n)

@@ -1,5 +1,6 @@
-"""The serving, decoding and training code does not depend on ShapeWorld, the project's test world
-(issue 19: `decoding/` and `reward_models/` now; `server/`'s CLI commands and load generator still do)."""
+"""The serving, decoding and training code does not depend on ShapeWorld, the project's test world (issue
+19): `server/`, `decoding/` and `reward_models/` import nothing from `shapeworld/`; the CLI finds the
+embedded world through its entry point."""
 
 import ast
 from pathlib import Path
@@ -17,5 +18,15 @@ def shapeworld_imports(package: str) -> list[str]:
     return found
 
 
-def test_decoding_and_reward_models_import_nothing_from_shapeworld():
-    assert shapeworld_imports("decoding") == [] and shapeworld_imports("reward_models") == []
+def test_serving_decoding_and_training_import_nothing_from_shapeworld():
+    for package in ("server", "decoding", "reward_models"):
+        assert shapeworld_imports(package) == [], package
+
+
+def test_the_cli_finds_the_embedded_world_by_its_entry_point():
+    from server.cli import _embedded
+
+    world = _embedded()
+    assert world.__name__ == "shapeworld.commands"
+    images, prompt = world.images(2, 1234)
+    assert len(images) == 2 and prompt

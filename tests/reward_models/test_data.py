@@ -112,3 +112,22 @@ def test_calibration_without_labelled_vocabulary_objects_changes_nothing(folder,
         main(["train", "calibrate", "--verifier", str(v), "--data", str(folder), "--vocabulary", str(other)])
     assert {f: (v / f).read_text() for f in before} == before
     assert json.loads(before["calibration.json"])["data"] == [str(folder)]
+
+
+def test_coco_categories_default_to_coco80_with_chairs_synonyms(tmp_path):
+    """A COCO folder without vocabulary.json: COCO-80 with CHAIR's synonym lists (plurals included)."""
+    from PIL import Image
+
+    from reward_models.data import DataSet, Vocabulary, write_dataset
+
+    root = write_dataset(tmp_path / "coco", [("1.jpg", Image.new("RGB", (8, 8)))], [["dog", "dining table"]],
+                         [["a puppy under a table"]], Vocabulary.from_names(["dog", "dining table", "person"]))
+    (root / "vocabulary.json").unlink()
+    v = DataSet.load(root).vocabulary
+    assert len(v.names) == 80 and v.template == "a photo of a {}"
+    assert v.mentions("Two men and a woman watch puppies near the desk; a motor bike, hot dogs.") == \
+        ["person", "person", "dog", "dining table", "motorcycle", "hot dog"]
+    other = write_dataset(tmp_path / "other", [("1.jpg", Image.new("RGB", (8, 8)))], [["widget"]], [["a widget"]],
+                          Vocabulary.from_names(["widget"]))
+    (other / "vocabulary.json").unlink()
+    assert DataSet.load(other).vocabulary.names == ["widget"]  # not COCO's categories: their names

@@ -8,6 +8,7 @@ import os
 import httpx
 
 from server.bench_load import run_load
+from shapeworld.commands import images
 from tests.server.conftest import start
 
 METHODS = ["none", "tita", "fisao", "tita+fisao", "vcd"]  # those the engine has (vllm: no VCD)
@@ -24,7 +25,7 @@ def rss_mb() -> float:
 def test_soak_mixed_requests_memory_flat_zero_5xx(steering_engine):
     methods = [m for m in METHODS if all(p in steering_engine.available_methods for p in m.split("+"))]
     with start(steering_engine, max_queue=64, max_batch=16) as srv:
-        load = lambda n, seed: asyncio.run(run_load(srv.url, concurrency=16, requests=n, methods=methods, model="shapeworld",
+        load = lambda n, seed: asyncio.run(run_load(srv.url, concurrency=16, requests=n, methods=methods, source=images, model="shapeworld",
                                                     max_tokens=4, disconnect_fraction=0.1, seed=seed))
         warm = load(500, 1)
         gc.collect()

@@ -46,3 +46,17 @@ def test_bench_speed_ignore_eos_generates_max_tokens(tmp_path):
     assert rep["ignore_eos"] is True
     for m in ("none", "fisao"):  # every request runs to 40 tokens, whatever its captions say
         assert rep["methods"][m]["tokens_per_request"] == 40.0
+
+
+def test_bench_speed_on_a_data_set_folders_images(tmp_path):
+    """`bench speed --data DIR` takes its requests from a data set folder (images and caption prompt)."""
+    from reward_models.data import DataSet
+
+    main(["data", "shapeworld", "--split", "bait", "--n", "3", "--seed", "4321", "--out", str(tmp_path / "d")])
+    images, prompt = DataSet.load(tmp_path / "d").sample_images(5, 0)
+    assert len(images) == 5 and prompt == "describe the image ."  # 3 images, cycled
+    out = tmp_path / "speed.json"
+    main(["bench", "speed", "--methods", "none", "--n", "4", "--batch", "4", "--data", str(tmp_path / "d"),
+          "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 4 and rep["images"] == str(tmp_path / "d") and rep["methods"]["none"]["tokens"] > 0

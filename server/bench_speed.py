@@ -8,26 +8,25 @@ import time
 from tqdm import tqdm
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
-from shapeworld.text import CAPTION_PROMPT
-from shapeworld.world import make_scenes
 
 
-def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max_tokens: int = 40,
-              split: str = "bait", ignore_eos: bool = False) -> dict:
-    """With ``ignore_eos`` every request generates ``max_tokens`` tokens (vLLM's benchmark convention), so
-    that methods are compared per decoding step, not by how long their answers come out."""
+def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int = 8, max_tokens: int = 40,
+              ignore_eos: bool = False, meta: dict | None = None) -> dict:
+    """Caption ``prompt`` on each of ``images`` with every method. With ``ignore_eos`` every request
+    generates ``max_tokens`` tokens (vLLM's benchmark convention), so that methods are compared per
+    decoding step, not by how long their answers come out. ``meta`` joins the report (where the images
+    came from)."""
     pop_verbs = getattr(engine, "pop_verb_seconds", dict)  # the vllm engine reports per method only
-    scenes = make_scenes(split, n, seed)
-    images = [s.image() for s in scenes]
+    n = len(images)
     seconds = dict.fromkeys(methods, 0.0)
     steering = {m: {} for m in methods}  # where the time of steered runs goes, per steering component
     verbs = {m: {} for m in methods}  # and per component's verb (start: prefill-time work, steer, advance)
     tokens = dict.fromkeys(methods, 0)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-    engine.generate([GenerationRequest.single_turn(CAPTION_PROMPT, images[:1], sampling=sampling)])  # warm-up
+    engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
     for i in tqdm(range(0, n, batch), desc="speed"):
         for m in methods:
-            reqs = [GenerationRequest.single_turn(CAPTION_PROMPT, [im], sampling=sampling, steering=SteeringSpec(m))
+            reqs = [GenerationRequest.single_turn(prompt, [im], sampling=sampling, steering=SteeringSpec(m))
                     for im in images[i : i + batch]]
             engine.pop_steering_seconds()
             pop_verbs()
@@ -49,8 +48,7 @@ def run_speed(engine, methods: list[str], n: int, seed: int, batch: int = 8, max
                      "steering_seconds": steering[m],
                      "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
                      "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()}}
-    return {"n": n, "seed": seed, "batch": batch, "split": split, "ignore_eos": ignore_eos, "engine": engine.name,
-            "methods": result}
+    return {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
 
 
 def decoder_flops_per_token(model_path) -> float:
@@ -77,7 +75,7 @@ def tita_limit(model_path, engine) -> dict:
 
 def format_speed(report: dict) -> str:
     fixed = ", ignore_eos" if report.get("ignore_eos") else ""
-    lines = [f"speed: n={report['n']} seed={report['seed']} batch={report['batch']} (interleaved{fixed})",
+    lines = [f"speed: n={report['n']} images {report.get('images', '')} batch={report['batch']} (interleaved{fixed})",
              f"{'method':<12} {'tok/s':>8} {'x none':>7} {'tok/req':>7}  where steering time goes (share of wall time)"]
     for m, r in report["methods"].items():
         ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"
