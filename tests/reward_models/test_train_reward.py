@@ -28,9 +28,11 @@ def test_caption_pairs_prefer_fewer_suspect_then_more_grounded_mentions():
     # the worst first: most suspect, then fewest grounded; saying less is rejected too (omission)
     assert pairs == [(best, "a blue square ."), (best, "a red circle and a blue square ."), (best, "a red circle .")]
     assert caption_pairs(cands, verdict, VOCAB, max_rejected=1) == pairs[:1]
-    # an unsure object (0) neither helps nor hurts; one distinct candidate makes no pair
-    assert caption_pairs(["a blue square ."], verdict, VOCAB, 2) == []
+    # an object the judge is unsure of (0) or does not know counts for nothing
+    assert caption_pairs(["a red circle .", "a red circle and a green triangle ."], {"red circle": 1, "green triangle": 0},
+                         VOCAB, 2) == []
     assert caption_pairs(["a red circle .", "a red circle and a blue square ."], {"red circle": 1}, VOCAB, 2) == []
+    assert caption_pairs(["a blue square ."], verdict, VOCAB, 2) == []  # one distinct candidate: no pair
 
 
 def test_answer_pairs_take_the_targets_own_answers_else_the_bare_word():
@@ -134,3 +136,41 @@ def test_train_reward_says_what_it_needs(tmp_path, shapes, capsys):
     with pytest.raises(ValueError, match="calibrated verifier"):
         main(["train", "reward", "--target", str(path), "--data", str(shapes), "--out", str(tmp_path / "rm"),
               "--images", "2", "--distill-images", "0", "--steps", "1"])
+
+
+def test_a_seeded_run_is_reproduced_bit_for_bit_and_resumes(tmp_path, shapes):
+    """Same seed, same weights (what `make train` relies on); and a run stopped after its pairs and some DPO
+    steps continues from its checkpoint to the same weights."""
+    from safetensors.torch import load_file
+
+    from reward_models.train_reward import RewardRecipe, train_reward
+
+    paths = build_set("llava", tmp_path / "llava")
+    (paths["verifier"] / "calibration.json").unlink()
+    main(["train", "calibrate", "--verifier", str(paths["verifier"]), "--data", str(shapes)])
+    recipe = RewardRecipe(init_layers=1, images=6, distill_images=4, distill_steps=2, distill_batch=4, samples=1,
+                          dpo_steps=4, dpo_batch=4, checkpoint_every=2)
+    runs = [train_reward(paths["model"], shapes, tmp_path / f"rm{k}", recipe, verifier=paths["verifier"]) for k in (0, 1)]
+    a, b = (load_file(r / "model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (runs[0] / "pairs.jsonl").read_text() == (runs[1] / "pairs.jsonl").read_text()
+    # interrupted after the second DPO step's checkpoint, then run again: it resumes to the same weights
+    from reward_models import train_reward as module
+
+    save = module._Run.save
+
+    def crash_after(self, stage, step, *rest):
+        save(self, stage, step, *rest)
+        if stage == "dpo" and step == 2:
+            raise RuntimeError("interrupted")
+
+    module._Run.save = crash_after
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            train_reward(paths["model"], shapes, tmp_path / "rm2", recipe, verifier=paths["verifier"])
+    finally:
+        module._Run.save = save
+    assert (tmp_path / "rm2" / "checkpoints" / "dpo.pt").exists()
+    resumed = load_file(train_reward(paths["model"], shapes, tmp_path / "rm2", recipe, verifier=paths["verifier"])
+                        / "model.safetensors")
+    assert all(torch.equal(a[k], resumed[k]) for k in a)

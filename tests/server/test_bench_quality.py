@@ -1,6 +1,7 @@
 """The quality benchmark on data set folders in the field's formats: ShapeWorld exported by
 `vlm-steer data shapeworld` reproduces the figures of the benchmark before it read files (golden, computed
-by that code on the same scenes), and the readers handle COCO and POPE files as the field writes them."""
+by that code on the same scenes; the TITA entries recomputed through the files when the label-free reward
+model replaced the labelled one, none/FiSAO/VCD unchanged), and the readers handle COCO and POPE files as the field writes them."""
 
 import json
 from pathlib import Path
