@@ -80,7 +80,9 @@ class RewardRecipe:
     # auto: FiSAO where the engine offers it (it needs only the calibrated verifier: label-free candidates)
     temperature: float = 1.0
     view: str = "noise:0.85"  # augmented view: noise:<share of noise> or erase:<share of the image erased>
-    questions: int = 3  # yes/no questions per image (about objects the candidates mention, one at random)
+    # yes/no questions per image (about objects the candidates mention, one at random). Off by default: on
+    # ShapeWorld such verifier-judged pairs lowered POPE-random F1 under TITA (0.916 -> 0.853, tuning seed 60)
+    questions: int = 0
     max_rejected: int = 2  # rejected captions per image
     balance_answers: bool = True  # as many yes/no pairs that prefer yes as prefer no
     dpo_steps: int = 200

@@ -53,7 +53,7 @@ def _recipe(args: argparse.Namespace, base=None):
     base = base or RewardRecipe(seed=args.seed + 1)
     given = {"pairs": args.pairs, "init_layers": args.init_layers, "images": args.images,
              "distill_images": args.distill_images, "distill_steps": args.distill_steps, "dpo_steps": args.steps,
-             "view": args.view, "samples": args.samples}
+             "view": args.view, "samples": args.samples, "questions": args.questions, "steered": args.steered}
     return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-steps", type=int, default=None, help="reward: distillation steps")
     t.add_argument("--samples", type=int, default=None, help="reward: sampled candidate captions per image")
     t.add_argument("--view", default=None, help="reward: augmented view, noise:<share> or erase:<share>")
+    t.add_argument("--questions", type=int, default=None, help="reward: yes/no questions per image (0: caption pairs only)")
+    t.add_argument("--steered", default=None, help="reward: steering methods of extra greedy candidates, e.g. fisao or "
+                                                   "fisao:10 ('' for none; default auto: fisao when calibrated)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("data", help="write a data set in the field's formats")

@@ -17,7 +17,7 @@ from shapeworld.export import export
 # augmented view, samples, FiSAO-steered). Measured on tuning seed 60 (bait CHAIR_i under TITA 0.9, none
 # 0.258): a 3-layer copy distilled on the VLM's outputs 0.138 and its POPE-random F1 0.853 (the distilled copy
 # alone, before DPO, 0.862 against the VLM's 0.916); the full copy 0.119; without the yes/no pairs 0.094.
-EMBEDDED_RECIPE = RewardRecipe(pairs="verifier", init_layers=0, images=2000, distill_images=0, questions=0)
+EMBEDDED_RECIPE = RewardRecipe(pairs="verifier", init_layers=0, images=2000, distill_images=0)
 DATA_SPLIT, DATA_IMAGES = "random", 4000  # unlabelled images of the pairs and the distillation
 
 

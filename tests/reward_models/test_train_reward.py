@@ -113,7 +113,7 @@ def test_train_reward_on_each_family(family, tmp_path, shapes):
     out = tmp_path / "rm"
     main(["train", "reward", "--target", str(paths["model"]), "--data", str(shapes), "--verifier", str(paths["verifier"]),
           "--out", str(out), "--pairs", "verifier+labels+views", "--init-layers", "1", "--images", "6",
-          "--distill-images", "4", "--distill-steps", "2", "--steps", "3", "--samples", "2"])
+          "--distill-images", "4", "--distill-steps", "2", "--steps", "3", "--samples", "2", "--questions", "2"])
     meta = json.loads((out / "training.json").read_text())
     assert meta["recipe"]["pairs"] == "verifier+labels+views" and meta["recipe"]["dpo_steps"] == 3
     assert meta["pairs"].get("labels", 0) > 0 and sum(meta["pairs"].values()) == len((out / "pairs.jsonl").read_text().splitlines())
@@ -148,7 +148,7 @@ def test_a_seeded_run_is_reproduced_bit_for_bit_and_resumes(tmp_path, shapes):
     paths = build_set("llava", tmp_path / "llava")
     (paths["verifier"] / "calibration.json").unlink()
     main(["train", "calibrate", "--verifier", str(paths["verifier"]), "--data", str(shapes)])
-    recipe = RewardRecipe(init_layers=1, images=6, distill_images=4, distill_steps=2, distill_batch=4, samples=1,
+    recipe = RewardRecipe(init_layers=1, images=6, distill_images=4, distill_steps=2, distill_batch=4, samples=1, questions=2,
                           dpo_steps=4, dpo_batch=4, checkpoint_every=2)
     runs = [train_reward(paths["model"], shapes, tmp_path / f"rm{k}", recipe, verifier=paths["verifier"]) for k in (0, 1)]
     a, b = (load_file(r / "model.safetensors") for r in runs)
