@@ -231,6 +231,9 @@ class DataSet:
     def image_by_file(self, file_name: str) -> Image.Image:
         return self.image(self._by_file[file_name])
 
+    def image_id(self, file_name: str) -> int:
+        return self._by_file[file_name]
+
     @property
     def caption_prompt(self) -> str:
         return self.prompts.get("caption", CAPTION_PROMPT)

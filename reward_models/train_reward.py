@@ -275,14 +275,16 @@ def _generate(engine: TransformersEngine, requests: list[GenerationRequest], des
 
 
 def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], recipe: RewardRecipe, rng,
-               verifier=None) -> list[Pair]:
-    """Preference pairs from the target's own answers on ``files`` (see the module's docstring)."""
+               verifier=None, cache: "ImageCache | None" = None) -> list[Pair]:
+    """Preference pairs from the target's own answers on ``files`` (see the module's docstring); ``cache``:
+    the images already read."""
     sources = recipe.pairs.split("+")
     bad = [s for s in sources if s not in SOURCES]
     if bad:
         raise ValueError(f"unknown pair source(s) {bad}: choose from {SOURCES}, '+'-joined")
     vocab, cap_prompt, q_prompt = data.vocabulary, data.caption_prompt, data.question_prompt
-    images = [data.image_by_file(f) for f in files]
+    cache = cache if cache is not None else ImageCache(data)
+    images = [cache[f] for f in files]
     views = [augmented_view(im, recipe.view, rng) for im in images]
     greedy = SamplingParams(max_tokens=recipe.max_tokens)
 
@@ -310,7 +312,7 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
             raise ValueError("pairs judged by the verifier need a calibrated verifier (--verifier DIR)")
         judges["verifier"] = verifier_verdicts(verifier, vocab, images)
     if "labels" in sources:
-        ids = [data._by_file[f] for f in files]
+        ids = [data.image_id(f) for f in files]
         if not any(data.objects[i] for i in ids):
             raise DataError(f"{data.root}: pairs from labels need annotated images (annotations/instances.json)")
         judges["labels"] = label_verdicts(vocab, [data.objects[i] for i in ids])
@@ -322,7 +324,7 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
         for k, f in enumerate(files):
             cands = [c for c in (clean[k], viewed[k], *(s[k] for s in sampled)) if c]
             if name == "labels":
-                cands = data.captions.get(data._by_file[f], [])[:1] + cands
+                cands = data.captions.get(data.image_id(f), [])[:1] + cands
             for ch, rej in caption_pairs(cands, verdicts[k], vocab, recipe.max_rejected):
                 pairs.append(Pair(f, cap_prompt, ch, rej, name))
             # questions about what the candidates mention and one object at random, where the judge is sure
@@ -561,7 +563,7 @@ def train_reward(target: str | Path, data: str | Path, out: str | Path, recipe: 
     if pairs_path.exists() and run.dir.exists():  # an unfinished run resumed: it keeps its pairs
         pairs = _read_pairs(pairs_path)
     else:
-        pairs = make_pairs(engine, dataset, pair_files, recipe, rng, verifier=engine.resources.verifier)
+        pairs = make_pairs(engine, dataset, pair_files, recipe, rng, verifier=engine.resources.verifier, cache=images)
         pairs_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in pairs))
     if not pairs:
         raise DataError(f"no preference pairs from {len(pair_files)} images of {data}: the target's candidates never "
