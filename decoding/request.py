@@ -38,6 +38,7 @@ class SamplingParams:
 class SteeringSpec:
     method: str = "none"
     strength: float | None = None
+    explain: bool = False  # per generated token: what steering changed (``decoding.explain``)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     steered_tokens: int = 0
+    explain: list | None = None  # one ``decoding.explain.TokenExplain`` per token, when the request asked
 
 
 def tokens_covering(text_ends: list[int], length: int) -> int:
@@ -90,6 +92,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list = field(default_factory=list)
+    explain: list = field(default_factory=list)  # these tokens' ``TokenExplain``, when the request asked
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from decoding.explain import StepTrace, contribution
 from decoding.methods import SteeringFailed
 from decoding.sampling import apply_logit_bias
 
@@ -61,19 +62,28 @@ class SteeringPipeline:
         logits processors), then each method, in registry order, rewrites the rows that use it; counts,
         per row, the steps at which steering changed the top token."""
         scores = base = apply_logit_bias(batch.logits, [r.request.sampling.logit_bias for r in batch.rows])
+        explain = [i for i, r in enumerate(batch.rows) if r.request.steering.explain]
+        trace = batch.trace = StepTrace(explain, base[explain].float().log_softmax(-1)) if explain else None
         for name, method in self.methods.items():
             idx = batch.rows_using(name)
             if idx:
                 rows = [batch.rows[i] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
+                pos = [p for p, i in enumerate(explain) if name in batch.rows[i].steer]
+                before = scores[[explain[p] for p in pos]].float() if pos else None  # a copy (in-place writes follow)
                 try:
                     if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
                         scores = self.timed(name, method.steer, batch.states[name], rows, scores, strength)
-                        continue
-                    scores = scores.clone() if scores is base else scores
-                    scores[idx] = self.timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
+                    else:
+                        scores = scores.clone() if scores is base else scores
+                        scores[idx] = self.timed(name, method.steer, batch.states[name], rows, scores[idx], strength)
                 except Exception as e:
                     self.fail(name, rows, e)
+                    continue
+                if pos:
+                    trace.parts[name] = (pos, contribution(before, scores[[explain[p] for p in pos]]))
+        if trace is not None:
+            trace.final = scores[explain].float().log_softmax(-1)
         if scores is not base:
             changed = (scores.argmax(-1) != base.argmax(-1)).tolist()
             for row, c in zip(batch.rows, changed):

@@ -24,7 +24,7 @@ def append_token(row, token: int, tokenizer, eos_ids: set[int], max_context: int
         if at >= 0:
             row.text, row.finish_reason = row.text[:at], "stop"
             keep = tokens_covering(row.text_ends, at)  # the tokens after the cut leave with the stop string
-            del row.token_ids[keep:], row.logprobs[keep:], row.text_ends[keep:]
+            del row.token_ids[keep:], row.logprobs[keep:], row.text_ends[keep:], row.explain[keep:]
             return
     if len(row.token_ids) >= s.max_tokens or len(row.prompt_ids) + len(row.token_ids) >= max_context:
         row.finish_reason = "length"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from decoding.explain import explain_tokens
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, resolve, usable_methods
@@ -49,6 +50,7 @@ class Row:
     image_features: torch.Tensor | None = None  # [images, patches, hidden] the tower's selected features (prefill)
     error: Exception | None = None  # its steering failed: the row must leave the batch, failed, not served unsteered
     text_ends: list[int] = field(default_factory=list)  # len(text) after each generated token (stop-string cuts)
+    explain: list = field(default_factory=list)  # a TokenExplain per generated token, when the request asked
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -65,6 +67,7 @@ class Batch:
     next_pos: torch.Tensor  # [B] position id of each row's next token
     logits: torch.Tensor  # [B, V] next-token logits
     states: dict = field(default_factory=dict)  # steering method -> state of the rows that use it
+    trace: object = None  # this step's ``decoding.explain.StepTrace`` when a row asked for an explanation
 
     def rows_using(self, method: str) -> list[int]:
         return [i for i, r in enumerate(self.rows) if method in r.steer]
@@ -332,11 +335,14 @@ class TransformersEngine:
         want = [p.top_logprobs for p in params]
         if any(k is not None for k in want):
             chosen, top_v, top_i = token_logprobs(logits, tokens, max(k or 0 for k in want))
+        explained = explain_tokens(batch.trace, tokens) if batch.trace is not None else {}
         for i, (row, tok) in enumerate(zip(batch.rows, tokens.tolist())):
             if row.error is not None:
                 continue
             n = len(row.token_ids)
             self._append(row, tok)
+            if i in explained and len(row.token_ids) > n:
+                row.explain.append(explained[i])
             if want[i] is not None and len(row.token_ids) > n:  # a logprob per completion token (not the EOS)
                 k = want[i]
                 top = list(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist()))
@@ -365,7 +371,8 @@ class TransformersEngine:
     def completion(row: Row) -> Completion:
         lp = row.logprobs if row.request.sampling.top_logprobs is not None else None
         return Completion(row.request.request_id, row.token_ids, row.text, row.finish_reason or "length",
-                          len(row.prompt_ids), lp, row.steered_tokens)
+                          len(row.prompt_ids), lp, row.steered_tokens,
+                          row.explain if row.request.steering.explain else None)
 
     # ------------------------------------------------------------ a whole batch of requests
 

@@ -155,6 +155,8 @@ class VLLMEngine:
         return out
 
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
+        if spec.explain:  # the worker's logits processor does not report per-token parts back (yet)
+            raise ValueError("steering.explain is not available on the vllm engine; use the transformers engine")
         return resolve(spec, self.methods, self.unavailable.get)
 
     def pop_steering_seconds(self) -> dict[str, float]:

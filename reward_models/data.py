@@ -103,8 +103,10 @@ class Vocabulary:
         Path(path).write_text(json.dumps({"template": self.template, "categories": cats}, indent=1))
 
     def verifier_spec(self) -> dict:
-        """The verifier's ``objects.json`` (its phrases are the category names)."""
-        return {"phrases": self.names, "template": self.template}
+        """The verifier's ``objects.json``: its phrases are the category names; the synonyms (beyond the name
+        itself) are what grounding reports match in generated text."""
+        syn = {n: [w for w in self.synonyms[n] if w != n] for n in self.names}
+        return {"phrases": self.names, "template": self.template, **({"synonyms": syn} if any(syn.values()) else {})}
 
     def mentions(self, text: str) -> list[str]:
         """The categories a text mentions, in order of appearance: whole-word matches of each category's

@@ -4,8 +4,9 @@
 Three pieces, each a file a user can bring or build:
 - the dual encoder, a hub-shaped folder (config, weights, processor). When the VLM's own vision tower has
   a paired text tower (LLaVA-1.5's CLIP) this is FiSAO's "own vision encoder"; otherwise any dual encoder.
-- the object vocabulary, ``objects.json`` (``{"phrases": [...], "template": "a {}"}``), beside the weights
-  by default (``vocabulary=`` to name another file);
+- the object vocabulary, ``objects.json`` (``{"phrases": [...], "template": "a {}", "synonyms": {phrase:
+  [words that mention it]}}``, synonyms optional: what grounding reports match), beside the weights by
+  default (``vocabulary=`` to name another file);
 - the calibration, ``calibration.json`` (thresholds ``low``/``high`` and ``group_low``/``group_high``), beside
   the weights by default (``calibration=``), written by ``vlm-steer train calibrate``. Without it the
   verifier can score but not reward: FiSAO is not offered.
@@ -71,6 +72,7 @@ class Verifier:
         spec = json.loads(self.vocabulary_path.read_text())
         self.phrases: list[str] = spec["phrases"]
         self.template: str = spec.get("template", "{}")
+        self.synonyms: dict[str, list[str]] = spec.get("synonyms", {})  # phrase -> the words that mention it
         self.calibration_path = Path(calibration) if calibration else self.path / CALIBRATION
         if calibration and not self.calibration_path.exists():
             raise FileNotFoundError(f"verifier calibration {self.calibration_path} does not exist")

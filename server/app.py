@@ -44,6 +44,7 @@ class State:
         self.metrics = Metrics(settings.model_name)
         self.experiment = Experiment.load(settings.experiment) if settings.experiment else None
         self.service: ChatService | None = None
+        self.judge = None  # reward_models.grounding.Judge: grounding blocks and mention metrics
         self.ready = False
         self.draining = False
 
@@ -56,6 +57,14 @@ def _client_request_id(request: Request) -> str | None:
     otherwise the server assigns its own (it is echoed and written to the log)."""
     rid = request.headers.get("x-request-id")
     return rid if rid and len(rid) <= MAX_REQUEST_ID and rid.isascii() and rid.isprintable() else None
+
+
+def load_judge(settings: Settings):
+    """The grounding judge (``reward_models.grounding.Judge``) on the serving device."""
+    from reward_models.grounding import Judge
+    from reward_models.verifier import Verifier
+
+    return Judge(Verifier(settings.grounding_verifier, device=settings.device))
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -83,10 +92,15 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             state.engine = engine or await asyncio.to_thread(load_engine, settings)
             state.scheduler = make_scheduler(state.engine, settings, on_step=on_step, on_failure=on_failure)
         state.service = ChatService(settings, state.engine)
+        if settings.grounding_verifier is not None:
+            state.judge = await asyncio.to_thread(load_judge, settings)
         log.info("serving %s with steering methods: %s", settings.model_name, ", ".join(state.engine.available_methods))
         for name, why in getattr(state.engine, "unavailable", {}).items():
             log.warning("steering method %r not offered: %s", name, why)
         state.metrics.queue_capacity.labels(state.metrics.model).set(settings.max_queue)
+        state.metrics.alert_margin.labels(state.metrics.model).set(settings.grounding_alert_margin)
+        control = state.experiment.control if state.experiment else DEFAULT_ARM
+        state.metrics.control_arm.labels(state.metrics.model, control).set(1)
         state.scheduler.start()
         state.ready = True
         yield
@@ -193,10 +207,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         exp = state.experiment
         if exp is not None and (exp.locked or req.steering is None):
             arm = exp.assign(req.user)
-            return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength)
+            explain = bool(req.steering and req.steering.explain)  # an explanation changes no arm's decoding
+            return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength, explain)
         if req.steering is not None:
-            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength)
-        return DEFAULT_ARM, SteeringSpec()
+            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength,
+                                                                        req.steering.explain)
+        return DEFAULT_ARM, SteeringSpec(explain=bool(req.steering and req.steering.explain))
 
     chat_api = openapi_chat_completions()
     components = chat_api.pop("x-components")
@@ -245,7 +261,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         state.metrics.waiting.labels(state.metrics.model).set(state.scheduler.num_waiting)
         run = Run(state.metrics, state.scheduler, tickets, events, labels, arrival, prepared.prompt_tokens,
                   arrival + settings.request_timeout, request.state.request_id)
-        reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer)
+        images = prepared.rows[0].request.images
+        scores = (loop.run_in_executor(state.service.executor, state.judge.scores, images)
+                  if state.judge is not None and images else None)  # beside the generation, off the event loop
+        show = settings.grounding_default if req.grounding is None else req.grounding
+        reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer, state.judge, scores,
+                      show, spec.explain)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(stream(run, reply, include_usage, req.n), headers=headers)

@@ -48,6 +48,12 @@ async def complete(run: "Run", request: Request, reply: "Reply", headers: dict) 
         run.close()
     choices = [out.choice(i, c.text, c.finish_reason, out.logprobs_block(reply.tokenizer, c.logprobs, c.text))
                for i, c in sorted(done.items())]
+    for ch, (i, c) in zip(choices, sorted(done.items())):
+        if c.explain is not None:
+            ch["explain"] = out.explain_entries(reply.tokenizer, c.explain)
+        block = await reply.ground(c.text, run)
+        if block is not None and reply.show_grounding:
+            ch["grounding"] = block
     gen_tokens = sum(len(c.token_ids) for c in done.values())
     steering = {**reply.steering, "steered_tokens": sum(c.steered_tokens for c in done.values())}
     body = out.completion_body(reply.cid, reply.created, reply.model, choices,
@@ -83,13 +89,20 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
                 wants = run.tickets[i].request.sampling.top_logprobs is not None
                 sent[i] += len(ev.text)
                 lp = {"content": texts[i].entries(ev.logprobs, sent[i])} if wants else None
-                pending.append(chunk([out.delta(i, {"content": ev.text}, lp)]))
+                d = out.delta(i, {"content": ev.text}, lp)
+                if reply.explain:
+                    d["explain"] = out.explain_entries(reply.tokenizer, ev.explain)
+                pending.append(chunk([d]))
             elif isinstance(ev, Finished):
                 finished += 1
                 steered += ev.completion.steered_tokens
                 gen_tokens += len(ev.completion.token_ids)
                 extra = {"steering": {**reply.steering, "steered_tokens": steered}} if finished == n else {}
-                pending.append(chunk([out.delta(i, {}, None, ev.completion.finish_reason)], **extra))
+                d = out.delta(i, {}, None, ev.completion.finish_reason)
+                block = await reply.ground(ev.completion.text, run)
+                if block is not None and reply.show_grounding:
+                    d["grounding"] = block
+                pending.append(chunk([d], **extra))
                 if finished == n:
                     if include_usage:
                         pending.append(chunk([], usage=out.usage(run.prompt_tokens, gen_tokens)))
@@ -114,10 +127,27 @@ def log_failure(method: str, path: str, request_id: str | None, e: BaseException
 
 
 class Reply:
-    """What every response object of one request repeats."""
+    """What every response object of one request repeats, and its grounding: ``scores``, a future of the
+    judge's image scores (None without image or judge), ``show_grounding``: whether choices carry the block."""
 
-    def __init__(self, cid: str, created: int, model: str, steering: dict, tokenizer):
+    def __init__(self, cid: str, created: int, model: str, steering: dict, tokenizer, judge=None, scores=None,
+                 show_grounding: bool = False, explain: bool = False):
         self.cid, self.created, self.model, self.steering, self.tokenizer = cid, created, model, steering, tokenizer
+        self.judge, self.scores, self.show_grounding, self.explain = judge, scores, show_grounding, explain
+
+    async def ground(self, text: str, run: "Run") -> dict | None:
+        """One choice's grounding block, its objects counted in the metrics (None: nothing to judge)."""
+        if self.scores is None:
+            return None
+        try:
+            block = self.judge.report(text, await self.scores)
+        except Exception as e:  # the judge failed: the answer is still served, without its block
+            log_failure("POST", "/v1/chat/completions (grounding)", run.request_id, e)
+            return None
+        m = run.metrics
+        m.mentions.labels(**run.labels).inc(block["counts"]["objects"])
+        m.suspect.labels(**run.labels).inc(block["counts"]["suspect_objects"])
+        return block
 
 
 def engine_error(e: Exception) -> APIError:

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible), or a reward model "
                                      "and a verifier calibration for any target on any data set (--data)")
-    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "all"])
+    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "judge", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--verifier", default=None, help="calibrate: the verifier folder (CLIP, SigLIP, ...) to calibrate")
     t.add_argument("--data", default=None, help="calibrate: labelled data set folder(s), comma-separated "

@@ -34,11 +34,16 @@ class Experiment(BaseModel):
     name: str
     locked: bool = False
     arms: list[Arm] = Field(min_length=1)
+    control: str | None = None  # the arm others are compared with (alerts); default: the first arm
 
     @model_validator(mode="after")
     def _unique(self):
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ValueError("arm names must be unique")
+        if self.control is None:
+            self.control = self.arms[0].name
+        elif self.control not in {a.name for a in self.arms}:
+            raise ValueError(f"control {self.control!r} is not one of the arms")
         return self
 
     @classmethod

@@ -33,6 +33,14 @@ class Metrics:
                                        ["model", "method"], buckets=STEP, registry=r)
         self.steering_failures = Counter(PREFIX + "steering_failures", "Requests failed because their steering method raised",
                                          ["model", "method"], registry=r)
+        self.mentions = Counter(PREFIX + "object_mentions", "Distinct objects mentioned per response, judged by the grounding "
+                                "verifier (CHAIR_i's denominator)", REQ, registry=r)
+        self.suspect = Counter(PREFIX + "suspect_mentions", "Mentioned objects the grounding verifier judges absent "
+                               "(rate(suspect) / rate(object_mentions): an estimated CHAIR_i)", REQ, registry=r)
+        self.control_arm = Gauge(PREFIX + "control_arm", "1 for the experiment's control arm (alerts compare the others "
+                                 "with it)", ["model", "arm"], registry=r)
+        self.alert_margin = Gauge(PREFIX + "grounding_alert_margin", "How far an arm's estimated CHAIR_i may exceed "
+                                  "the control arm's before VlmSteerArmHallucinatesMore fires", ["model"], registry=r)
         self.queue_capacity = Gauge(PREFIX + "queue_capacity", "Requests that may wait for a row (beyond: 429)", ["model"], registry=r)
         self.running = Gauge(PREFIX + "num_requests_running", "Requests in the running batch", ["model"], registry=r)
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a row", ["model"], registry=r)

@@ -61,6 +61,7 @@ class Steering(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
     method: str = "none"
     strength: float | None = None
+    explain: bool = False  # per generated token: the unsteered top token, both log-probs, each method's part
 
 
 class StreamOptions(BaseModel):
@@ -94,6 +95,7 @@ class ChatCompletionRequest(BaseModel):
     service_tier: str | None = None
     # extensions
     steering: Steering | None = None
+    grounding: bool | None = None  # a grounding block per choice (null: the server's grounding_default)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
     # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
     response_format: dict | None = None  # {"type": "text"} (the default) is accepted

@@ -107,3 +107,15 @@ def delta(index: int, content: dict, logprobs: dict | None = None, finish_reason
 
 def error_event(body: dict) -> str:
     return "data: " + json.dumps(body) + "\n\n"
+
+
+def explain_entries(tokenizer, items: list) -> list[dict]:
+    """A choice's ``explain`` entries (``decoding.explain.TokenExplain`` each): the chosen token and the
+    unsteered model's top token (id and text), their log-probs, each method's contribution to the chosen
+    token's score, and whether steering changed the choice."""
+    text = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    return [{"token": text(x.token_id), "token_id": x.token_id, "logprob": finite(x.logprob),
+             "base_logprob": finite(x.base_logprob), "base_token": text(x.base_token_id),
+             "base_token_id": x.base_token_id, "base_top_logprob": finite(x.base_top_logprob),
+             "contributions": {k: (finite(v) if v is not None else NO_LOGPROB) for k, v in x.contributions.items()},
+             "changed": x.changed} for x in items]

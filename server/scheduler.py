@@ -232,5 +232,6 @@ class Scheduler:
                 text = text[: max(t.sent_text, len(whole))]
                 tokens = max(t.sent_tokens, bisect.bisect_right(row.text_ends, len(text)))
         if len(text) > t.sent_text or tokens > t.sent_tokens:
-            t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens : tokens], row.logprobs[t.sent_tokens : tokens]))
+            t.sink(Delta(text[t.sent_text :], row.token_ids[t.sent_tokens : tokens], row.logprobs[t.sent_tokens : tokens],
+                         row.explain[t.sent_tokens : tokens]))
             t.sent_text, t.sent_tokens = len(text), tokens

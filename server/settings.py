@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     """Seconds to fetch an image URL."""
     api_keys: list[str] = []
     """Bearer keys accepted on /v1/* (empty: no authentication). /health and /metrics stay open."""
+    grounding_verifier: Path | None = None
+    """Verifier that judges the object mentions of generated text after generation (grounding blocks and the
+    per-arm mention metrics): a calibrated dual encoder folder like --verifier. Default: the embedded judge
+    (an independent verifier) with the embedded model, else the FiSAO verifier; empty to disable. Judging
+    with the verifier FiSAO steers with biases the estimate of FiSAO arms low (README)."""
+    grounding_default: bool = False
+    """Whether responses to image requests carry a grounding block when the request does not say
+    (``"grounding": true|false``). Mentions are counted in the metrics for every image request either way."""
+    grounding_alert_margin: float = Field(0.05, ge=0)
+    """Exported as vlm_steer_grounding_alert_margin: the alert VlmSteerArmHallucinatesMore fires when an arm's
+    estimated CHAIR_i exceeds the control arm's by more than this."""
     experiment: Path | None = None
     """A/B experiment file (YAML or JSON) with named arms of steering specs and traffic weights."""
     drain_timeout: float = 30.0
@@ -102,6 +113,7 @@ class Settings(BaseSettings):
     """Uvicorn log level."""
 
     @field_validator("reward_model", "verifier", "verifier_vocabulary", "verifier_calibration", "experiment",
+                     "grounding_verifier",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, v):
@@ -116,6 +128,10 @@ class Settings(BaseSettings):
                 self.reward_model = EMBEDDED / "reward"
             if "verifier" not in self.model_fields_set:
                 self.verifier = EMBEDDED / "verifier"
+            if "grounding_verifier" not in self.model_fields_set:
+                self.grounding_verifier = EMBEDDED / "judge"
+        elif "grounding_verifier" not in self.model_fields_set:
+            self.grounding_verifier = self.verifier
         return self
 
     @property

@@ -56,6 +56,12 @@ def train(args: argparse.Namespace, recipe) -> None:
                 setattr(cfg, name, getattr(args, name))
         cfg.steps = args.steps or cfg.steps
         train_vlm(cfg)
+    if args.what in ("judge", "all"):  # the grounding judge: an independent verifier (own seed, deeper tower)
+        from shapeworld.calibration import calibrate_shapeworld
+        from shapeworld.train_verifier import VerifierTrainConfig, train_verifier
+
+        train_verifier(VerifierTrainConfig(seed=args.seed + 7, steps=2000, layers=6, out=out / "judge"))
+        print(json.dumps(calibrate_shapeworld(out / "judge"), indent=2))
     if args.what in ("reward", "all"):
         from shapeworld.train_reward import train_embedded_reward
 

@@ -41,6 +41,8 @@ class VerifierTrainConfig:
     dense_weight: float = 1.0
     caption_weight: float = 0.5
     out: Path = MODELS_DIR / "verifier"
+    hidden: int = VisionShape.hidden  # the towers' width and the vision tower's depth: the embedded VLM's
+    layers: int = VisionShape.layers  # own (its frozen tower); a judge of grounding may be larger
 
 
 def object_phrases() -> list[str]:
@@ -63,7 +65,7 @@ def train_verifier(cfg: VerifierTrainConfig) -> CLIPModel:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     tok = build_tokenizer(for_clip_text=True)
-    model = CLIPModel(verifier_config(len(tok), VisionShape()))
+    model = CLIPModel(verifier_config(len(tok), VisionShape(hidden=cfg.hidden, layers=cfg.layers)))
     grid = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     dense_head = torch.nn.Linear(model.config.vision_config.hidden_size, len(OBJECTS) + 1)
     sig_bias = torch.nn.Parameter(torch.tensor(-5.0))
