@@ -34,7 +34,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(PROMETHEUS):
 	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus >/dev/null
 
-test: $(STAMP) $(PROMETHEUS)
+# Debian's chromium and chromedriver for the playground's browser test.
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
+
+test: $(STAMP) $(PROMETHEUS) $(CHROMEDRIVER)
 	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
 
 # The vLLM engine on CPU, in its own virtualenv (recipe: shared platform notes). vLLM's LLaVA code needs a
@@ -56,7 +61,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $@
 
 # The server suite and the engine-equivalence tests on the vllm engine (CI runs it after `make test`).
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER)
 	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/vllm
 
 # Retrain the embedded models from scratch (seeded; see README for the time it takes on 2 cores).

@@ -8,8 +8,9 @@ calibrated verifier (``reward_models.verifier``), after generation.
             object scores), ``grounded`` at or above ``high`` (where almost no absent object scores),
             ``unsure`` between.
 
-Counted per object (each once per text, as CHAIR_i counts a caption's objects), suspect / mentioned is an
-estimate of CHAIR_i that needs no labels. What it can tell and what not (the verifier's own errors; a FiSAO
+Counted per object (each once per text, as CHAIR_i counts a caption's objects), (suspect + unsure / 2) /
+mentioned is an estimate of CHAIR_i that needs no labels: an object the verifier cannot decide on counts
+as half a hallucination (suspect alone undercounts: measured in the README). What it can tell and what not (the verifier's own errors; a FiSAO
 arm steered by the same verifier) is measured in the README.
 """
 
@@ -79,7 +80,8 @@ def report(text: str, scores: dict[str, float] | None, finder: MentionFinder, lo
                          "verdict": verdict(s, low, high)})
     per_object = {m["object"]: m["verdict"] for m in mentions}
     counts = {"mentions": len(mentions), **{v: sum(m["verdict"] == v for m in mentions) for v in VERDICTS},
-              "objects": len(per_object), "suspect_objects": sum(v == "suspect" for v in per_object.values())}
+              "objects": len(per_object), "suspect_objects": sum(v == "suspect" for v in per_object.values()),
+              "unsure_objects": sum(v == "unsure" for v in per_object.values())}
     return {"mentions": mentions, "counts": counts}
 
 

@@ -9,13 +9,15 @@ cycle and its errors in the OpenAI shape. The routes stay thin:
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -34,6 +36,7 @@ from server.settings import Settings
 from server.sse import EventStreamResponse
 
 log = logging.getLogger("vlm_steer.server")
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
 class State:
@@ -271,6 +274,26 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(stream(run, reply, include_usage, req.n), headers=headers)
         return await complete(run, request, reply, headers)
+
+    # ------------------------------------------------------------ the playground
+
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/playground/examples", include_in_schema=False)
+    async def playground_examples():
+        """The example images (data URLs) and the default question of the playground."""
+        folder = settings.playground_examples
+        if folder is None or not Path(folder).is_dir():
+            return {"prompt": None, "images": []}
+        images = []
+        for f in sorted(Path(folder).iterdir()):
+            kind = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(f.suffix.lower())
+            if kind:
+                images.append({"name": f.name, "url": f"data:image/{kind};base64," + base64.b64encode(f.read_bytes()).decode()})
+        prompt = Path(folder) / "prompt.txt"
+        return {"prompt": prompt.read_text().strip() if prompt.exists() else None, "images": images}
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -147,6 +147,7 @@ class Reply:
         m = run.metrics
         m.mentions.labels(**run.labels).inc(block["counts"]["objects"])
         m.suspect.labels(**run.labels).inc(block["counts"]["suspect_objects"])
+        m.unsure.labels(**run.labels).inc(block["counts"]["unsure_objects"])
         return block
 
 

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     grounding_alert_margin: float = Field(0.05, ge=0)
     """Exported as vlm_steer_grounding_alert_margin: the alert VlmSteerArmHallucinatesMore fires when an arm's
     estimated CHAIR_i exceeds the control arm's by more than this."""
+    playground_examples: Path | None = None
+    """Folder of example images (PNG, JPEG) the playground page (/playground) offers, with an optional
+    prompt.txt (its default question). Default: the embedded scenes with the embedded model, else none."""
     experiment: Path | None = None
     """A/B experiment file (YAML or JSON) with named arms of steering specs and traffic weights."""
     drain_timeout: float = 30.0
@@ -113,7 +116,7 @@ class Settings(BaseSettings):
     """Uvicorn log level."""
 
     @field_validator("reward_model", "verifier", "verifier_vocabulary", "verifier_calibration", "experiment",
-                     "grounding_verifier",
+                     "grounding_verifier", "playground_examples",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, v):
@@ -130,6 +133,8 @@ class Settings(BaseSettings):
                 self.verifier = EMBEDDED / "verifier"
             if "grounding_verifier" not in self.model_fields_set:
                 self.grounding_verifier = EMBEDDED / "judge"
+            if "playground_examples" not in self.model_fields_set:
+                self.playground_examples = EMBEDDED / "examples"
         elif "grounding_verifier" not in self.model_fields_set:
             self.grounding_verifier = self.verifier
         return self

@@ -3,7 +3,8 @@
 `python -m shapeworld.bench_grounding --n 150 --seed 1234`: starts `vlm-steer serve` (in this process, on a
 free loopback port) with an experiment whose arms are the steering methods, sends the caption requests of
 held-out bait and random scenes (each arm its users, assigned by the experiment's own sticky hash), and
-reads the estimate from /metrics alone: per arm, increase of rate(suspect) / increase of rate(mentions).
+reads the estimate from /metrics alone: per arm, (suspect + unsure / 2) / mentioned objects, from the
+counters' increases.
 The true CHAIR_i comes from the scenes; the per-mention verdicts (from the responses' grounding blocks)
 are scored against the truth. ``--judge`` names the grounding verifier (default: the embedded judge;
 ``--judge fisao`` judges with the verifier FiSAO steers with, to measure that bias).
@@ -35,7 +36,7 @@ def _data_url(img) -> str:
 def _counts(url: str) -> dict:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        if fam.name in ("vlm_steer_object_mentions", "vlm_steer_suspect_mentions"):
+        if fam.name in ("vlm_steer_object_mentions", "vlm_steer_suspect_mentions", "vlm_steer_unsure_mentions"):
             for s in fam.samples:
                 if s.name.endswith("_total"):
                     out[(fam.name, s.labels["arm"])] = s.value
@@ -114,9 +115,11 @@ def run(n: int, seed: int, judge: str | None) -> dict:
             for a in arms:
                 name = a["name"]
                 d = lambda f: after.get((f, name), 0) - before.get((f, name), 0)  # noqa: E731
-                ment, sus = d("vlm_steer_object_mentions"), d("vlm_steer_suspect_mentions")
+                ment, sus, uns = (d("vlm_steer_object_mentions"), d("vlm_steer_suspect_mentions"),
+                                  d("vlm_steer_unsure_mentions"))
                 tp = sum(s and h for s, h in verdicts[name])
-                rows[name] = {"estimated_chair_i": sus / ment if ment else 0.0,
+                rows[name] = {"estimated_chair_i": (sus + uns / 2) / ment if ment else 0.0,
+                              "suspect_only": sus / ment if ment else 0.0, "unsure": uns,
                               "true_chair_i": truth[name][0] / truth[name][1] if truth[name][1] else 0.0,
                               "mentions": ment, "suspect": sus,
                               "suspect_precision": tp / max(1, sum(s for s, _ in verdicts[name])),
@@ -140,14 +143,14 @@ def main() -> None:
     a = p.parse_args()
     report = run(a.n, a.seed, a.judge)
     print(f"judge: {report['judge']}  n={a.n} per split, seed={a.seed}")
-    print(f"{'split':<7} {'arm':<11} {'est CHAIR_i':>11} {'true':>7} {'diff':>7} {'prec':>6} {'recall':>6}")
+    print(f"{'split':<7} {'arm':<11} {'est CHAIR_i':>11} {'true':>7} {'diff':>7} {'suspect only':>12} {'prec':>6} {'recall':>6}")
     for split, rows in report["splits"].items():
         for arm, r in rows.items():
             if arm == "all":
-                print(f"{split:<7} {'(all arms)':<11} {'':>11} {'':>7} {'':>7} {r['suspect_precision']:>6.3f} {r['suspect_recall']:>6.3f}")
+                print(f"{split:<7} {'(all arms)':<11} {'':>11} {'':>7} {'':>7} {'':>12} {r['suspect_precision']:>6.3f} {r['suspect_recall']:>6.3f}")
                 continue
             print(f"{split:<7} {arm:<11} {r['estimated_chair_i']:>11.3f} {r['true_chair_i']:>7.3f} "
-                  f"{r['estimated_chair_i'] - r['true_chair_i']:>+7.3f} {r['suspect_precision']:>6.3f} {r['suspect_recall']:>6.3f}")
+                  f"{r['estimated_chair_i'] - r['true_chair_i']:>+7.3f} {r['suspect_only']:>12.3f} {r['suspect_precision']:>6.3f} {r['suspect_recall']:>6.3f}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(report, indent=2))

@@ -99,6 +99,11 @@ def test_promtool_checks_config_and_rules(tmp_path):
     subprocess.run([promtool(), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")], check=True)
 
 
+def test_promtool_unit_tests_of_the_alerts():
+    """The per-arm hallucination alert fires for the arm above the control arm plus the margin, and only it."""
+    subprocess.run([promtool(), "test", "rules", str(Path(__file__).parent / "alerts_test.yml")], check=True)
+
+
 def _expressions() -> list[str]:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]

@@ -26,7 +26,8 @@ def test_verdicts_and_counts_per_object():
     scores = {"red circle": 2.0, "blue square": -0.5, "green star": 1.1}
     r = report("a red circle , a blue square , a blue square and a green star .", scores, f, low=0.9, high=1.3)
     assert [m["verdict"] for m in r["mentions"]] == ["grounded", "suspect", "suspect", "unsure"]
-    assert r["counts"] == {"mentions": 4, "grounded": 1, "unsure": 1, "suspect": 2, "objects": 3, "suspect_objects": 1}
+    assert r["counts"] == {"mentions": 4, "grounded": 1, "unsure": 1, "suspect": 2, "objects": 3, "suspect_objects": 1,
+                           "unsure_objects": 1}
     assert report("nothing here .", scores, f, 0.9, 1.3) == {
-        "mentions": [], "counts": {"mentions": 0, "grounded": 0, "unsure": 0, "suspect": 0, "objects": 0, "suspect_objects": 0}}
+        "mentions": [], "counts": {"mentions": 0, "grounded": 0, "unsure": 0, "suspect": 0, "objects": 0, "suspect_objects": 0, "unsure_objects": 0}}
     assert verdict(0.9, 0.9, 1.3) == "suspect" and verdict(1.3, 0.9, 1.3) == "grounded"
