@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -265,9 +266,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         run = Run(state.metrics, state.scheduler, tickets, events, labels, arrival, prepared.prompt_tokens,
                   arrival + settings.request_timeout, request.state.request_id)
         images = prepared.rows[0].request.images
-        scores = (loop.run_in_executor(state.service.executor, state.judge.scores, images)
-                  if state.judge is not None and images else None)  # beside the generation, off the event loop
         show = settings.grounding_default if req.grounding is None else req.grounding
+        judged = state.judge is not None and images and (show or random.random() < settings.grounding_sample)
+        scores = (loop.run_in_executor(state.service.executor, state.judge.scores, images)
+                  if judged else None)  # beside the generation, off the event loop
         reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer, state.judge, scores,
                       show, spec.explain)
         if req.stream:
