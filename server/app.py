@@ -237,6 +237,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         if req.model != settings.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_name!r}",
                            param="model")
+        if req.grounding and state.judge is None:
+            raise APIError(400, "grounding needs a calibrated grounding verifier, and this server has none "
+                                "(--grounding-verifier)", param="grounding")
         arm, spec = _arm(req)
         try:
             strengths = state.engine.resolve(spec)

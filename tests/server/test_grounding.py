@@ -65,6 +65,18 @@ def test_grounding_block_matches_the_judge_and_counts_in_metrics(live):
     assert final[key("vlm_steer_suspect_mentions")] >= 0
 
 
+def test_grounding_without_a_judge_is_a_clear_400_and_type_errors_too(steering_engine, live):
+    with start(steering_engine, grounding_verifier="") as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "shapeworld", "messages": message(0), "grounding": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "grounding"
+        assert httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "shapeworld", "messages": message(0), "max_tokens": 4}).status_code == 200  # still healthy
+    for bad, param in (({"grounding": "yes"}, "grounding"), ({"steering": {"method": "tita", "explain": 1}}, "steering.explain")):
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60, json={"model": "shapeworld", "messages": message(0), **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_no_block_without_image_or_when_not_asked(live):
     body = post(live, messages=message(0, image=False), grounding=True)
     assert "grounding" not in body["choices"][0]
