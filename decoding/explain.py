@@ -12,7 +12,6 @@ the steered log-prob is the log-softmax of the final scores (before penalties an
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +45,6 @@ def contribution(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return after.float() - before.float().log_softmax(-1)
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def explain_tokens(trace: StepTrace, tokens: torch.Tensor) -> dict[int, TokenExplain]:
     """Batch index -> the explanation of the token it chose (``tokens`` [B], the whole batch's)."""
     idx = torch.tensor(trace.rows, dtype=torch.long)
@@ -65,5 +60,5 @@ def explain_tokens(trace: StepTrace, tokens: torch.Tensor) -> dict[int, TokenExp
     for name, (pos, contrib) in trace.parts.items():
         vals = contrib.gather(-1, chosen[torch.tensor(pos, dtype=torch.long)][:, None]).squeeze(-1).tolist()
         for p, v in zip(pos, vals):
-            out[trace.rows[p]].contributions[name] = _finite(v)
+            out[trace.rows[p]].contributions[name] = v
     return out

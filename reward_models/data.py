@@ -110,20 +110,11 @@ class Vocabulary:
 
     def mentions(self, text: str) -> list[str]:
         """The categories a text mentions, in order of appearance: whole-word matches of each category's
-        synonyms, the longest first (so "hot dog" is not also a "dog"), case-insensitive."""
-        words = _words(text)
-        table = sorted(((tuple(_words(s)), n) for n, syns in self.synonyms.items() for s in syns),
-                       key=lambda t: -len(t[0]))
-        found, i = [], 0
-        while i < len(words):
-            for seq, name in table:
-                if seq and tuple(words[i : i + len(seq)]) == seq:
-                    found.append(name)
-                    i += len(seq)
-                    break
-            else:
-                i += 1
-        return found
+        synonyms, the longest first (so "hot dog" is not also a "dog"), case-insensitive
+        (``reward_models.grounding.MentionFinder``, which also gives their offsets)."""
+        from reward_models.grounding import MentionFinder
+
+        return [m.object for m in MentionFinder(self.names, self.synonyms)(text)]
 
 
 def _default_vocabulary(categories: list[str]) -> Vocabulary:

@@ -1,7 +1,7 @@
 """Grounding reports: the object mentions of a generated text, each judged against the request's images by a
 calibrated verifier (``reward_models.verifier``), after generation.
 
-    text -> ``find_mentions`` (whole-word matches of the vocabulary's phrases and synonyms, longest first,
+    text -> ``MentionFinder`` (whole-word matches of the vocabulary's phrases and synonyms, longest first,
             CHAIR's matching (Rohrbach et al. 2018), with character offsets)
          -> each mentioned object's verifier score (z over the vocabulary, the best over the request's images)
          -> a verdict by the calibrated thresholds: ``suspect`` at or below ``low`` (where almost no present
@@ -10,8 +10,8 @@ calibrated verifier (``reward_models.verifier``), after generation.
 
 Counted per object (each once per text, as CHAIR_i counts a caption's objects), (suspect + unsure / 2) /
 mentioned is an estimate of CHAIR_i that needs no labels: an object the verifier cannot decide on counts
-as half a hallucination (suspect alone undercounts: measured in the README). What it can tell and what not (the verifier's own errors; a FiSAO
-arm steered by the same verifier) is measured in the README.
+as half a hallucination (suspect alone undercounts). What it can tell and what not (the verifier's own
+errors; a FiSAO arm steered by the same verifier) is measured in the README.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def verdict(score: float, low: float, high: float) -> str:
     return "suspect" if score <= low else "grounded" if score >= high else "unsure"
 
 
-def report(text: str, scores: dict[str, float] | None, finder: MentionFinder, low: float, high: float) -> dict:
+def report(text: str, scores: dict[str, float], finder: MentionFinder, low: float, high: float) -> dict:
     """The ``grounding`` block of one generated text: every mention (phrase, offsets, score, verdict) and the
     counts, per mention and per distinct object (``objects``, ``suspect_objects``: what the metrics count).
     ``scores``: object -> verifier score for the request's images."""

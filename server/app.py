@@ -208,15 +208,16 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         return await state.service.parse(bytes(raw))
 
     def _arm(req: ChatCompletionRequest) -> tuple[str, SteeringSpec]:
+        """The request's arm and steering; ``explain`` is the request's own whatever the arm (it changes no
+        arm's decoding)."""
         exp = state.experiment
+        explain = bool(req.steering and req.steering.explain)
         if exp is not None and (exp.locked or req.steering is None):
             arm = exp.assign(req.user)
-            explain = bool(req.steering and req.steering.explain)  # an explanation changes no arm's decoding
             return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength, explain)
         if req.steering is not None:
-            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength,
-                                                                        req.steering.explain)
-        return DEFAULT_ARM, SteeringSpec(explain=bool(req.steering and req.steering.explain))
+            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength, explain)
+        return DEFAULT_ARM, SteeringSpec(explain=explain)
 
     chat_api = openapi_chat_completions()
     components = chat_api.pop("x-components")

@@ -36,7 +36,7 @@ class Metrics:
         self.mentions = Counter(PREFIX + "object_mentions", "Distinct objects mentioned per response, judged by the grounding "
                                 "verifier (CHAIR_i's denominator)", REQ, registry=r)
         self.suspect = Counter(PREFIX + "suspect_mentions", "Mentioned objects the grounding verifier judges absent "
-                               "(rate(suspect) / rate(object_mentions): an estimated CHAIR_i)", REQ, registry=r)
+                               "((suspect + unsure / 2) / object_mentions: an estimated CHAIR_i)", REQ, registry=r)
         self.unsure = Counter(PREFIX + "unsure_mentions", "Mentioned objects the grounding verifier cannot decide on "
                               "(counted as half a hallucination in the estimate)", REQ, registry=r)
         self.control_arm = Gauge(PREFIX + "control_arm", "1 for the experiment's control arm (alerts compare the others "

@@ -117,5 +117,5 @@ def explain_entries(tokenizer, items: list) -> list[dict]:
     return [{"token": text(x.token_id), "token_id": x.token_id, "logprob": finite(x.logprob),
              "base_logprob": finite(x.base_logprob), "base_token": text(x.base_token_id),
              "base_token_id": x.base_token_id, "base_top_logprob": finite(x.base_top_logprob),
-             "contributions": {k: (finite(v) if v is not None else NO_LOGPROB) for k, v in x.contributions.items()},
+             "contributions": {k: finite(v) for k, v in x.contributions.items()},
              "changed": x.changed} for x in items]
