@@ -140,7 +140,7 @@ class TransformersEngine:
                 raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
                                  "TITA needs identical tokenizers")
         if verifier_path is not None:
-            from reward_models.verifier import Verifier
+            from decoding.verifier import Verifier
 
             verifier = Verifier(verifier_path, device=device, **(verifier_files or {}))
         self.resources = Resources(self, reward, verifier)

@@ -89,7 +89,7 @@ class VLLMEngine:
             os.environ.pop(REWARD_ENV, None)
         os.environ.pop(VERIFIER_ENV, None)
         if verifier_path is not None:
-            from reward_models.verifier import Verifier
+            from decoding.verifier import Verifier
 
             files = verifier_files or {}
             verifier = Verifier(verifier_path, weights=False, **files)  # its files: what FiSAO can do

@@ -49,7 +49,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
 
             reward = TransformersEngine(os.environ[REWARD_ENV], device=str(device), dtype=dtype)
         if os.environ.get(VERIFIER_ENV):
-            from reward_models.verifier import Verifier
+            from decoding.verifier import Verifier
 
             spec = json.loads(os.environ[VERIFIER_ENV])
             verifier = Verifier(spec["path"], device=str(device), vocabulary=spec.get("vocabulary"),

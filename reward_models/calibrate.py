@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reward_models.data import DataError, DataSet, Vocabulary
-from reward_models.verifier import CALIBRATION, OBJECTS, Verifier
+from decoding.verifier import CALIBRATION, OBJECTS, Verifier
 
 
 def first_word_groups(phrases: list[str]) -> np.ndarray:

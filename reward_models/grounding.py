@@ -1,5 +1,5 @@
 """Grounding reports: the object mentions of a generated text, each judged against the request's images by a
-calibrated verifier (``reward_models.verifier``), after generation.
+calibrated verifier (``decoding.verifier``), after generation.
 
     text -> ``MentionFinder`` (whole-word matches of the vocabulary's phrases and synonyms, longest first,
             CHAIR's matching (Rohrbach et al. 2018), with character offsets)
@@ -87,7 +87,7 @@ def report(text: str, scores: dict[str, float], finder: MentionFinder, low: floa
 
 class Judge:
     """A calibrated verifier used after generation: per request, its image scores (``scores``, once), then
-    a report per generated text (``report``). ``verifier``: a ``reward_models.verifier.Verifier`` with a
+    a report per generated text (``report``). ``verifier``: a ``decoding.verifier.Verifier`` with a
     calibration; its objects.json may carry ``synonyms`` (category -> words) for the mention matching."""
 
     def __init__(self, verifier):
@@ -103,6 +103,17 @@ class Judge:
         grounded). Shape: one float per vocabulary phrase."""
         z = self.verifier.scores(images).amax(0).tolist()
         return dict(zip(self.verifier.phrases, z))
+
+    @torch.inference_mode()
+    def scores_batch(self, requests: list[list]) -> list[dict[str, float]]:
+        """``scores`` for several requests in one verifier pass over all their images (concurrent requests
+        judged together: one tower call instead of one per request)."""
+        z = self.verifier.scores([im for images in requests for im in images])
+        out, at = [], 0
+        for images in requests:
+            out.append(dict(zip(self.verifier.phrases, z[at : at + len(images)].amax(0).tolist())))
+            at += len(images)
+        return out
 
     def report(self, text: str, scores: dict[str, float]) -> dict:
         return report(text, scores, self.finder, self.low, self.high)

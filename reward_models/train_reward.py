@@ -11,7 +11,7 @@ the reward model must share the target's tokenizer and start close to it. The re
    per image, candidate captions (greedy on the image, greedy on an augmented view, ``samples`` sampled
    at ``temperature``) and yes/no answers about the objects the candidates mention. A *judge* decides,
    object by object, which objects are in the image:
-   - ``verifier``: FiSAO's dual encoder with its calibrated thresholds (``reward_models.verifier``;
+   - ``verifier``: FiSAO's dual encoder with its calibrated thresholds (``decoding.verifier``;
      +1 grounded, -1 suspect, 0 unsure), the label-free way (FiSAO's verifier building TITA's preferences);
    - ``labels``: the data set's COCO instances (when the images are annotated), whose reference captions
      join the candidates;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reward_models.data import Vocabulary, write_dataset
 from shapeworld.pope import SAMPLINGS, questions_for
-from shapeworld.text import CAPTION_PROMPT, QUESTION, question
+from shapeworld.text import CAPTION_PROMPT, QUESTION, caption, question
 from shapeworld.world import OBJECTS, make_scenes, phrase
 
 
@@ -23,4 +23,4 @@ def export(split: str, n: int, seed: int, out: str | Path) -> Path:
     pope = {name: [{"image": files[k], "text": question(q.obj), "label": q.answer}
                    for k, s in enumerate(scenes) for q in questions_for(s, name)] for name in SAMPLINGS}
     return write_dataset(out, [(f, s.image()) for f, s in zip(files, scenes)], [[phrase(o) for o in s.objects] for s in scenes],
-                         [[s.caption()] for s in scenes], vocabulary(), pope, prompts={"caption": CAPTION_PROMPT, "question": QUESTION})
+                         [[caption(s.objects)] for s in scenes], vocabulary(), pope, prompts={"caption": CAPTION_PROMPT, "question": QUESTION})

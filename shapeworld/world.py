@@ -91,11 +91,6 @@ class Scene:
     def image(self) -> Image.Image:
         return render(self)
 
-    def caption(self) -> str:
-        from shapeworld.text import caption
-
-        return caption(self.objects)
-
 
 # ---------------------------------------------------------------- sampling
 

@@ -1,3 +1,5 @@
+"""Shared fixtures: the embedded target engine, with and without its reward model and verifier, on the engine under test (VLM_STEER_TEST_ENGINE)."""
+
 import os
 
 import pytest

@@ -31,7 +31,7 @@ class Resources:
 
     target: Any
     reward: Any = None  # a TransformersEngine over the TITA reward model
-    verifier: Any = None  # a reward_models.verifier.Verifier
+    verifier: Any = None  # a decoding.verifier.Verifier
 
 
 class SteeringMethod(ABC):

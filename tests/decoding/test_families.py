@@ -153,7 +153,7 @@ def test_siglip_verifier_scores_are_its_own_cosines(family_engines):
 
 def test_verifier_without_vocabulary_is_a_clear_error(tmp_path):
     v = build_verifier("clip", tmp_path / "v")
-    from reward_models.verifier import Verifier
+    from decoding.verifier import Verifier
 
     with pytest.raises(FileNotFoundError, match="object vocabulary"):
         Verifier(v)

@@ -1,3 +1,5 @@
+"""Sampling as pure functions over logits: greedy, temperature, top-p, logprobs."""
+
 import torch
 
 from decoding.sampling import sample_tokens, token_logprobs, top_p_filter

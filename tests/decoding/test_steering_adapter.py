@@ -13,7 +13,7 @@ from decoding.steering_adapter import PerRequestSteering, WorkerTarget
 from decoding.transformers_engine import TransformersEngine
 from decoding.vllm_engine import _png
 from decoding.vllm_protocol import ARG, Counters
-from reward_models.verifier import Verifier
+from decoding.verifier import Verifier
 from shapeworld.models import MODELS_DIR
 from shapeworld.text import CAPTION_PROMPT, question
 from shapeworld.world import make_scenes

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from reward_models.data import Vocabulary, write_dataset
-from reward_models.verifier import Verifier
+from decoding.verifier import Verifier
 from server.cli import main
 from shapeworld.models import MODELS_DIR
 from tests.families import build_verifier

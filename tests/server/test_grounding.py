@@ -8,8 +8,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from decoding.explain import StepTrace, contribution, explain_tokens
+from decoding.verifier import Verifier
 from reward_models.grounding import Judge
-from reward_models.verifier import Verifier
 from server.settings import EMBEDDED
 from shapeworld.text import CAPTION_PROMPT, parse_objects
 from shapeworld.world import make_scenes, phrase

@@ -373,7 +373,7 @@ def test_logprobs_of_tokens_that_cannot_be_chosen_are_finite(live, steering_engi
 
 def test_one_created_per_completion_and_null_usage_until_the_last_chunk(live, monkeypatch):
     clock = itertools.count(1_700_000_000)
-    monkeypatch.setattr("server.app.now", lambda: next(clock))
+    monkeypatch.setattr("server.serving_chat.now", lambda: next(clock))
     chunks = sse(post(live, body(0, stream=True, stream_options={"include_usage": True})))
     assert len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
     assert all("usage" in c and c["usage"] is None for c in chunks[:-1])

@@ -1,3 +1,5 @@
+"""CHAIR and the yes/no scores on known inputs."""
+
 import pytest
 
 from shapeworld.metrics import binary_scores, chair

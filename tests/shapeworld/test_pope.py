@@ -1,3 +1,5 @@
+"""POPE question sampling (random, popular, adversarial) of ShapeWorld scenes."""
+
 from collections import Counter
 
 from shapeworld.pope import MAX_POSITIVES, SAMPLINGS, questions_for, training_statistics

@@ -1,3 +1,5 @@
+"""Captions, questions and their parsing back into objects and yes/no."""
+
 from shapeworld.text import caption, parse_objects, parse_yes_no, question
 
 

@@ -1,3 +1,5 @@
+"""The embedded models' tokenizer and LLaVA processor."""
+
 from PIL import Image
 
 from shapeworld.models import llava_processor

@@ -1,3 +1,5 @@
+"""Scenes: the same per seed, well formed, objects in reading order, bait scenes and the planted bias, patch labels."""
+
 import hashlib
 
 import numpy as np

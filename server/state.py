@@ -1,0 +1,44 @@
+"""What a running server holds (settings, engine, scheduler, metrics, experiment, services, judge) and the
+scheduler's callbacks into the metrics: one object, ``app.state.vlm``, that the routes read."""
+
+from __future__ import annotations
+
+from server.experiments import Experiment
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+class State:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = None
+        self.scheduler = None  # server.scheduler.Scheduler or one with its interface (engine process, vLLM)
+        self.metrics = Metrics(settings.model_name)
+        self.experiment = Experiment.load(settings.experiment) if settings.experiment else None
+        self.service = None  # server.chat_service.ChatService: bodies into engine rows
+        self.chat = None  # server.serving_chat.ChatServing: the chat-completions handler
+        self.judge = None  # reward_models.grounding.Judge: grounding blocks and mention metrics
+        self.judging = None  # server.judging.BatchedJudge: its image scoring, batched across requests
+        self.ready = False
+        self.draining = False
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and not self.draining
+
+    @property
+    def methods(self) -> list[str]:
+        return self.engine.available_methods if self.engine else []
+
+    def on_step(self, sched) -> None:
+        """After each engine step: batch gauges and steering seconds per method."""
+        m = self.metrics
+        m.running.labels(m.model).set(sched.num_running)
+        m.waiting.labels(m.model).set(sched.num_waiting)
+        for method, sec in sched.engine.pop_steering_seconds().items():
+            m.steering_time.labels(m.model, method).observe(sec)
+
+    def on_failure(self, e: Exception) -> None:
+        """A row whose steering failed (``decoding.methods.SteeringFailed``)."""
+        m = self.metrics
+        m.steering_failures.labels(m.model, getattr(e, "method", "unknown")).inc()
