@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-vllm install train bench clean-venv bench-speed-mid gpu-check
+.PHONY: serve test test-unit test-vllm install train bench clean-venv bench-speed-mid gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ $(CHROMEDRIVER):
 
 test: $(STAMP) $(PROMETHEUS) $(CHROMEDRIVER)
 	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
+
+# The fast tier for the inner loop (under a minute): everything but the files tests/conftest.py calls SLOW.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/vllm -m "not slow"
 
 # The vLLM engine on CPU, in its own virtualenv (recipe: shared platform notes). vLLM's LLaVA code needs a
 # working torchvision, so this one takes PyPI's torch 2.13.0 build (CUDA-linked, runs on CPU), bypassing

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded target engine, with and without its reward model and verifier, on the engine under test (VLM_STEER_TEST_ENGINE)."""
+"""Shared fixtures: the embedded target engine, with and without its reward model and verifier, on the engine under test (VLM_STEER_TEST_ENGINE); the fast tier's slow list."""
 
 import os
 
@@ -31,3 +31,24 @@ def steering_engine():
     from decoding.transformers_engine import TransformersEngine
 
     yield TransformersEngine(MODELS_DIR / "vlm", **paths)
+
+
+# The fast tier (`make test-unit`, under a minute) leaves out these files: the ones that train, soak, fuzz,
+# start several servers or processes, or drive a browser. `make test` runs everything.
+SLOW = {
+    "server/test_soak.py", "server/test_families.py", "server/test_protocol.py", "server/test_engine_process.py",
+    "server/test_lifecycle.py", "server/test_bench_quality.py", "server/test_openapi_fuzz.py",
+    "server/test_playground.py", "reward_models/test_train_reward.py", "deploy/test_manifests.py",
+    "shapeworld/test_bench.py", "test_gpu_check.py", "docs/test_docs.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if os.path.relpath(str(item.path), here) in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the fast tier (make test-unit)")
