@@ -16,7 +16,9 @@ when their tokens have grown by one. A batched start that fails is retried row b
 faulty request fails. Then each method ``steer``s its rows' logits in registry order, as in the
 transformers engine. A row whose steering fails ends at once (its logits allow only the EOS) and is
 reported through the counters: never served unsteered. Steered tokens are counted when steering
-changes the top token and taken back at the next step if that sample was discarded.
+changes the top token and taken back at the next step if that sample was discarded. Rows that ask for
+an explanation (``args["explain"]``, with or without steering) get one entry per step in the
+``decoding.vllm_protocol.ExplainRing``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import time
 
 import torch
 
+from decoding.explain import contribution
 from decoding.methods import usable_methods
 from decoding.model_inputs import inputs_for
 from decoding.request import GenerationRequest
-from decoding.vllm_protocol import ARG, METHODS
+from decoding.vllm_protocol import ARG, EXPLAIN_TOP, METHODS
 
 
 class WorkerTarget:
@@ -142,7 +145,8 @@ class PerRequestSteering:
     to each step's logits. ``counters`` (``decoding.vllm_protocol.Counters``) receives engine steps,
     seconds per method, steered tokens and failures per request slot."""
 
-    def __init__(self, resources, counters=None):
+    def __init__(self, resources, counters=None, explain=None):
+        self.explain = explain  # decoding.vllm_protocol.ExplainRing, where explaining rows' steps go
         self.methods = {name: cls(resources) for name, cls in usable_methods(resources, METHODS).items()}
         self.groups = {name: _MethodRows(m) for name, m in self.methods.items()}
         self.target = resources.target
@@ -162,7 +166,7 @@ class PerRequestSteering:
                 self._pending.pop(id(e[0]), None)
         for i, params, prompt_ids, output_ids in added:
             args = (params.extra_args or {}).get(ARG) if params is not None else None
-            if not args or not args.get("methods"):
+            if not args or not (args.get("methods") or args.get("explain") is not None):
                 self.rows.pop(i, None)
                 continue
             self.rows[i] = (self._row(args, list(prompt_ids or []), output_ids), args)
@@ -176,8 +180,11 @@ class PerRequestSteering:
     def _row(self, args: dict, prompt_ids: list[int], output_ids: list[int]):
         from decoding.transformers_engine import Row
 
-        steer = {name: float(args["methods"][name]) for name in METHODS if name in args["methods"]}
+        methods = args.get("methods") or {}
+        steer = {name: float(methods[name]) for name in METHODS if name in methods}
         row = Row(None, prompt_ids, {}, token_ids=output_ids, steer=steer)
+        if not steer:  # explained, not steered: nothing to start
+            return row
         try:  # a request whose steering cannot start (an unreadable image) fails alone
             from PIL import Image
 
@@ -204,6 +211,8 @@ class PerRequestSteering:
             return logits
         before = logits.argmax(-1)
         scores = logits.clone()
+        ex = [i for i, (r, a) in rows.items() if a.get("explain") is not None and r.error is None] if self.explain else []
+        parts: dict[str, tuple[list[int], torch.Tensor]] = {}  # method -> (positions in ex, contributions [m, V])
         for k, (name, group) in enumerate(self.groups.items()):
             idx = [i for i, (r, _) in rows.items() if name in r.steer and r.error is None]
             if not idx:
@@ -218,8 +227,12 @@ class PerRequestSteering:
                 idx = [i for i in idx if id(rows[i][0]) not in lost]
                 members = [rows[i][0] for i in idx]
                 strength = torch.tensor([r.steer[name] for r in members], device=logits.device)
+                pos = [p for p, i in enumerate(ex) if i in idx]
+                kept = scores[[ex[p] for p in pos]].float() if pos else None  # a copy, before the method
                 if idx:
                     scores[idx] = group.steer(members, scores[idx], strength).to(scores.dtype)
+                if pos:
+                    parts[name] = (pos, contribution(kept, scores[[ex[p] for p in pos]]))
             except Exception as e:  # only these rows fail: they end now and the server reports the failure
                 for i in idx:
                     self._fail(*rows[i], name, e)
@@ -227,6 +240,8 @@ class PerRequestSteering:
             if self.counters is not None:
                 self.counters.t[1 + METHODS.index(name)] += time.perf_counter() - t0
         changed = (scores.argmax(-1) != before).tolist()
+        if ex:
+            self._explain([rows[i] for i in ex], logits[ex], scores[ex], parts, [changed[i] for i in ex])
         for i, (r, args) in rows.items():
             if r.error is not None:  # never served unsteered: the row ends at once (end of sequence)
                 scores[i] = float("-inf")
@@ -234,6 +249,26 @@ class PerRequestSteering:
             elif changed[i]:
                 self._count(r, args, +1)
         return scores
+
+    def _explain(self, rows: list, logits: torch.Tensor, scores: torch.Tensor, parts: dict, changed: list) -> None:
+        """Each explaining row's step into the ring: the steered scores' top candidates with their unsteered
+        log-probs and each method's contribution (NaN where the method does not steer the row), and the
+        unsteered top token, at the row's position (its generated tokens so far)."""
+        base, final = logits.float().log_softmax(-1), scores.float().log_softmax(-1)
+        top_v, top_i = final.topk(min(EXPLAIN_TOP, final.shape[-1]), -1)
+        cols = [top_i.float(), top_v, base.gather(-1, top_i)]
+        for name in METHODS:
+            c = torch.full_like(top_v, float("nan"))
+            if name in parts:
+                pos, contrib = parts[name]
+                at = torch.tensor(pos, dtype=torch.long, device=c.device)
+                c[at] = contrib.gather(-1, top_i[at])
+            cols.append(c)
+        table = torch.stack(cols, -1).cpu()  # [rows, k, COLUMNS]
+        base_v, base_i = base.max(-1)
+        for k, (r, args) in enumerate(rows):
+            slot, nonce = args["explain"]
+            self.explain.write(slot, nonce, len(r.token_ids), (int(base_i[k]), float(base_v[k])), changed[k], table[k])
 
     def _count(self, row, args: dict, delta: int) -> None:
         """Steered tokens: counted when steering changes the top token; taken back at the next step if the

@@ -29,7 +29,8 @@ from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usabl
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
 from decoding.prompts import render_prompt
-from decoding.vllm_protocol import ARG, COUNTERS_ENV, METHODS, REWARD_ENV, SLOTS, VERIFIER_ENV, Counters
+from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV, SLOTS,
+                                    VERIFIER_ENV, Counters, ExplainRing)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class VLLMRow:
     params: object  # vllm.SamplingParams
     steer: dict[str, float] = field(default_factory=dict)
     slot: int = 0
+    explain: tuple[int, int] | None = None  # (slot, nonce) in the explanation ring, when the request asked
 
 
 def _png(img) -> bytes:
@@ -101,6 +103,10 @@ class VLLMEngine:
         self._counter_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-counters-", delete=False)
         self.counters = Counters(self._counter_file.name)
         os.environ[COUNTERS_ENV] = self._counter_file.name
+        self._explain_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-explain-", delete=False)
+        self.explain_ring = ExplainRing(self._explain_file.name)
+        os.environ[EXPLAIN_ENV] = self._explain_file.name
+        self._explains = itertools.count()
         self._slots = itertools.count()
         self._seconds_seen = [0.0] * len(METHODS)
 
@@ -137,6 +143,7 @@ class VLLMEngine:
             self.llm = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         os.unlink(self._counter_file.name)
+        os.unlink(self._explain_file.name)
 
     # ------------------------------------------------------------ what the server asks of an engine
 
@@ -155,8 +162,6 @@ class VLLMEngine:
         return out
 
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
-        if spec.explain:  # the worker's logits processor does not report per-token parts back (yet)
-            raise ValueError("steering.explain is not available on the vllm engine; use the transformers engine")
         return resolve(spec, self.methods, self.unavailable.get)
 
     def pop_steering_seconds(self) -> dict[str, float]:
@@ -179,21 +184,36 @@ class VLLMEngine:
         prompt = {"prompt": text}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
-        slot = self._slot()
-        extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}} if steering else None
-        return VLLMRow(request, list(ids), prompt, self._params(request.sampling, extra), steering, slot)
+        slot, explain = self._slot(), self._explain_slot(request)
+        extra = None
+        if steering or explain:
+            extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}}
+            if explain:
+                extra[ARG]["explain"] = list(explain)
+        return VLLMRow(request, list(ids), prompt, self._params(request.sampling, extra), steering, slot, explain)
 
     def row_for(self, row: VLLMRow, request: GenerationRequest) -> VLLMRow:
         """Another choice of an encoded request (same messages and images, its own sampling): the prompt
         and the steering arguments (FiSAO's table, TITA's image) are shared; the counter slot is its own."""
-        slot = self._slot()
-        extra = {ARG: {**row.params.extra_args[ARG], "slot": slot}} if row.steer else None
-        return VLLMRow(request, row.prompt_ids, row.prompt, self._params(request.sampling, extra), dict(row.steer), slot)
+        slot, explain = self._slot(), self._explain_slot(request)
+        extra = {ARG: {**row.params.extra_args[ARG], "slot": slot}} if row.params.extra_args else None
+        if explain:
+            extra[ARG]["explain"] = list(explain)
+        return VLLMRow(request, row.prompt_ids, row.prompt, self._params(request.sampling, extra), dict(row.steer), slot,
+                       explain)
 
     def _slot(self) -> int:
         slot = next(self._slots) % SLOTS
         self.counters.slot(slot).zero_()
         return slot
+
+    def _explain_slot(self, request: GenerationRequest) -> tuple[int, int] | None:
+        """(ring slot, nonce) for a choice that asked for an explanation: slots are reused in turn, the
+        nonce tells a slot's entries from an earlier user's."""
+        if not request.steering.explain:
+            return None
+        n = next(self._explains)
+        return n % EXPLAIN_SLOTS, n % NONCES
 
     @staticmethod
     def _params(s, extra: dict | None):
@@ -214,6 +234,8 @@ class VLLMEngine:
         reward model with its own processor) and the images, encoded losslessly."""
         if "tita" in steering and not request.images:
             raise ValueError("tita on the vllm engine needs an image in the request")
+        if not steering:  # explained, not steered: the worker needs nothing of the request
+            return {"methods": {}}
         return {"methods": steering, "messages": request.messages, "images": [_png(im) for im in request.images]}
 
     # ------------------------------------------------------------ running requests
@@ -225,6 +247,7 @@ class VLLMEngine:
     async def _stream(self, row: VLLMRow, sink) -> None:
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
+        explained: list = []  # a TokenExplain per token (or a blank one: see ``_explained``), when asked
         text_ends: list[int] = []  # with stop strings: the text's length after each token
         sent = 0  # tokens sent in deltas
         text = ""
@@ -239,6 +262,8 @@ class VLLMEngine:
                     ids = ids[:-1]  # the EOS token is not part of the completion (as in the transformers engine)
                     lps = lps[: len(ids)]
                 piece = o.text if text else o.text.lstrip()  # as the tokenizer decodes a whole completion
+                if row.explain:
+                    explained += [self._explained(row.explain, len(token_ids) + j, t) for j, t in enumerate(ids)]
                 token_ids += ids
                 logprobs += lps
                 text += piece
@@ -248,11 +273,11 @@ class VLLMEngine:
                         text_ends.append(len(self.tokenizer.decode(token_ids[: j + 1], skip_special_tokens=True)))
                     if out.finished and isinstance(o.stop_reason, str):  # cut at a stop string: its tokens leave
                         ready = tokens_covering(text_ends, len(text))
-                        del token_ids[ready:], logprobs[ready:]
+                        del token_ids[ready:], logprobs[ready:], explained[ready:]
                     elif not out.finished:
                         ready = max(sent, bisect.bisect_right(text_ends, len(text)))
                 if piece or ready > sent:
-                    sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready]))
+                    sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready], explained[sent:ready]))
                     sent = ready
                 if out.finished:
                     steered, failed = (int(v) for v in self.counters.slot(row.slot).tolist())
@@ -260,12 +285,22 @@ class VLLMEngine:
                         sink(Failed(SteeringFailed(METHODS[failed - 1], RuntimeError("the steering processor failed"))))
                         return
                     sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
-                                             len(row.prompt_ids), logprobs if k is not None else None, steered)))
+                                             len(row.prompt_ids), logprobs if k is not None else None, steered,
+                                             explained if row.explain else None)))
                     return
         except Exception as e:  # vLLM refused the request (its client errors become ValueError: HTTP 400) or failed
             from vllm.exceptions import VLLMClientError
 
             sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
+
+    def _explained(self, explain: tuple[int, int], position: int, token: int):
+        """The worker's explanation of ``token``; when the token was outside the worker's candidates (a
+        sample beyond the steered top ``EXPLAIN_TOP``) or the entry was overwritten, a blank one: unknown
+        log-probs (the API's "very unlikely" value), no contributions."""
+        from decoding.explain import TokenExplain
+
+        got = self.explain_ring.read(*explain, position, token)
+        return got if got is not None else TokenExplain(token, float("nan"), float("nan"), -1, float("nan"))
 
     @staticmethod
     def _logprob(token: int, d: dict, k: int) -> TokenLogprob:

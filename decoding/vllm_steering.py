@@ -5,7 +5,7 @@ which runs the same steering method objects as the transformers engine. The proc
 worker process, so it loads what the methods need there: the reward model (``REWARD_ENV``) and the
 verifier (``VERIFIER_ENV``), and reads the target's processor and config (not its weights). What the
 server needs back (steered tokens, failures, steering time, engine steps) goes through a small shared
-counter file (``COUNTERS_ENV``).
+counter file (``COUNTERS_ENV``), and per-token explanations through a ring file (``EXPLAIN_ENV``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from decoding.methods import Resources
 from decoding.steering_adapter import PerRequestSteering, WorkerTarget
-from decoding.vllm_protocol import ARG, COUNTERS_ENV, REWARD_ENV, VERIFIER_ENV, Counters, validate
+from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, VERIFIER_ENV, Counters, ExplainRing,
+                                    validate)
 
 
 def _rank() -> int:
@@ -42,6 +43,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         # with tensor parallelism every rank runs this processor alike; one of them reports
         counters = Counters(os.environ[COUNTERS_ENV]) if os.environ.get(COUNTERS_ENV) and _rank() == 0 else None
+        explain = ExplainRing(os.environ[EXPLAIN_ENV]) if os.environ.get(EXPLAIN_ENV) and _rank() == 0 else None
         dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         reward = verifier = None
         if os.environ.get(REWARD_ENV):
@@ -55,7 +57,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             verifier = Verifier(spec["path"], device=str(device), vocabulary=spec.get("vocabulary"),
                                 calibration=spec.get("calibration"))
         target = WorkerTarget(vllm_config.model_config.model)
-        self.steering = PerRequestSteering(Resources(target, reward, verifier), counters)
+        self.steering = PerRequestSteering(Resources(target, reward, verifier), counters, explain)
 
     def is_argmax_invariant(self) -> bool:
         return False

@@ -34,9 +34,8 @@ log = logging.getLogger("vlm_steer.server")
 
 def load_judge(settings: Settings):
     """The grounding judge (``reward_models.grounding.Judge``) on the serving device."""
-    from reward_models.grounding import Judge
     from decoding.verifier import Verifier
-
+    from reward_models.grounding import Judge
     return Judge(Verifier(settings.grounding_verifier, device=settings.device))
 
 

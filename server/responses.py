@@ -112,10 +112,12 @@ def error_event(body: dict) -> str:
 def explain_entries(tokenizer, items: list) -> list[dict]:
     """A choice's ``explain`` entries (``decoding.explain.TokenExplain`` each): the chosen token and the
     unsteered model's top token (id and text), their log-probs, each method's contribution to the chosen
-    token's score, and whether steering changed the choice."""
-    text = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    token's score, and whether steering changed the choice. On the vllm engine a sampled token outside the
+    worker's top candidates has unknown numbers: the API's "very unlikely" log-probs, base token null,
+    no contributions."""
+    text = lambda t: tokenizer.decode([t], skip_special_tokens=False) if t >= 0 else None  # noqa: E731  (-1: unknown)
     return [{"token": text(x.token_id), "token_id": x.token_id, "logprob": finite(x.logprob),
              "base_logprob": finite(x.base_logprob), "base_token": text(x.base_token_id),
-             "base_token_id": x.base_token_id, "base_top_logprob": finite(x.base_top_logprob),
+             "base_token_id": x.base_token_id if x.base_token_id >= 0 else None, "base_top_logprob": finite(x.base_top_logprob),
              "contributions": {k: finite(v) for k, v in x.contributions.items()},
              "changed": x.changed} for x in items]

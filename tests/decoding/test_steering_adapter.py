@@ -12,7 +12,7 @@ from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from decoding.steering_adapter import PerRequestSteering, WorkerTarget
 from decoding.transformers_engine import TransformersEngine
 from decoding.vllm_engine import _png
-from decoding.vllm_protocol import ARG, Counters
+from decoding.vllm_protocol import ARG, Counters, ExplainRing
 from decoding.verifier import Verifier
 from shapeworld.models import MODELS_DIR
 from shapeworld.text import CAPTION_PROMPT, question
@@ -28,12 +28,12 @@ def adapter_resources(steering_engine):
                      Verifier(MODELS_DIR / "verifier"))
 
 
-def _requests(method, n=8, max_tokens=24):
+def _requests(method, n=8, max_tokens=24, explain=False):
     out = []
     for i, s in enumerate(SCENES[:n]):
         text = question(s.objects[0]) if i % 3 == 2 else CAPTION_PROMPT
         out.append(GenerationRequest.single_turn(text, [s.image()], sampling=SamplingParams(max_tokens=max_tokens + i),
-                                                 steering=SteeringSpec(method)))
+                                                 steering=SteeringSpec(method, explain=explain)))
     return out
 
 
@@ -41,7 +41,9 @@ def _params(engine, req, slot):
     steer = engine.resolve(req.steering)
     args = {"slot": slot, "eos": engine.tokenizer.eos_token_id, "methods": steer, "messages": req.messages,
             "images": [_png(im) for im in req.images]}
-    return types.SimpleNamespace(extra_args={ARG: args} if steer else None)
+    if req.steering.explain:
+        args["explain"] = [slot, 1000 + slot]  # ring slot, nonce
+    return types.SimpleNamespace(extra_args={ARG: args} if steer or req.steering.explain else None)
 
 
 def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3):
@@ -178,3 +180,29 @@ def test_a_row_whose_start_fails_among_others_fails_alone(steering_engine, adapt
     want = [c.token_ids for c in steering_engine.generate(requests)]
     assert got[2] == [] and int(steering.counters.slot(2)[1]) == 1  # request 2 is the question
     assert [got[i] for i in (0, 1, 3, 4)] == [want[i] for i in (0, 1, 3, 4)]
+
+
+@pytest.mark.parametrize("method", ["tita+fisao", "none"])
+def test_explanations_through_the_ring_equal_the_transformers_engines(steering_engine, adapter_resources, tmp_path, method):
+    """Per token, what the worker writes to the explanation ring (read back by token and position, as the
+    vllm engine's server side does) equals the transformers engine's own ``explain``, late joiners and
+    their chunked prefill included; a stale nonce or an unknown token reads nothing."""
+    requests = _requests(method, n=6, explain=True)
+    want = steering_engine.generate(requests)
+    ring = ExplainRing(str(tmp_path / "explain"))
+    got = run_like_vllm(steering_engine, PerRequestSteering(adapter_resources, Counters(str(tmp_path / "c")), ring),
+                        requests, join_late=(1, 4))
+    for i, c in enumerate(want):
+        assert got[i] == c.token_ids and len(c.explain) == len(c.token_ids) > 0
+        for pos, (tok, e) in enumerate(zip(got[i], c.explain)):
+            r = ring.read(i, 1000 + i, pos, tok)
+            assert r is not None, (i, pos)
+            assert (r.token_id, r.base_token_id, r.changed) == (e.token_id, e.base_token_id, e.changed)
+            assert r.logprob == pytest.approx(e.logprob, abs=1e-4)
+            assert r.base_logprob == pytest.approx(e.base_logprob, abs=1e-4)
+            assert r.base_top_logprob == pytest.approx(e.base_top_logprob, abs=1e-4)
+            assert r.contributions.keys() == e.contributions.keys()
+            for m in e.contributions:
+                assert r.contributions[m] == pytest.approx(e.contributions[m], abs=1e-3)
+    assert ring.read(0, 999, 0, got[0][0]) is None  # another request's nonce
+    assert ring.read(0, 1000, 0, -5) is None  # a token that is no candidate

@@ -47,7 +47,7 @@ def test_playground_answers_equal_the_api(live, browser):
     image = examples["images"][1]["url"]
     for method in methods:
         card = browser.find_element(By.CSS_SELECTOR, f'.answer[data-method="{method}"]')
-        steering = {"method": method} if ENGINE == "vllm" else {"method": method, "explain": True}
+        steering = {"method": method, "explain": True}
         api = httpx.post(live.url + "/v1/chat/completions", timeout=60, json={
             "model": "shapeworld", "temperature": 0, "max_tokens": 40, "grounding": True, "steering": steering,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
@@ -59,7 +59,7 @@ def test_playground_answers_equal_the_api(live, browser):
         assert [(s.text, s.get_attribute("class").split()[-1]) for s in spans] == [
             (m["text"], m["verdict"]) for m in choice["grounding"]["mentions"]]
         tokens = card.find_elements(By.CSS_SELECTOR, ".tokens span")
-        assert len(tokens) == len(choice.get("explain", []))  # vllm: the page asks again without explain
+        assert len(tokens) == len(choice["explain"]) > 0
         assert all("contributions" in t.get_attribute("title") for t in tokens)
         assert f"arm {api['steering']['arm']}" in card.text
     if os.environ.get("VLM_STEER_SCREENSHOT"):

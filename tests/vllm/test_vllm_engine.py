@@ -49,6 +49,26 @@ def test_greedy_outputs_equal_the_transformers_engine(steering_engine, reference
         assert sum(w.steered_tokens for w in want) > 0  # the steering did something to compare
 
 
+@pytest.mark.parametrize("method", ["none", "tita+fisao"])
+def test_explanations_equal_the_transformers_engine(steering_engine, reference, method):
+    """``steering.explain`` on the vllm engine (the worker's ring, read back per token): the transformers
+    engine's numbers for every token of 20 greedy requests."""
+    def explained(reqs):
+        return [dataclasses.replace(r, steering=SteeringSpec(method, explain=True)) for r in reqs]
+
+    got = steering_engine.generate(explained(requests(method)))
+    want = reference.generate(explained(requests(method)))
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids and len(g.explain) == len(w.explain) == len(w.token_ids)
+        for a, b in zip(g.explain, w.explain):
+            assert (a.token_id, a.base_token_id, a.changed) == (b.token_id, b.base_token_id, b.changed)
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+            assert a.base_logprob == pytest.approx(b.base_logprob, abs=1e-3)
+            assert a.contributions.keys() == b.contributions.keys()
+            assert all(a.contributions[m] == pytest.approx(b.contributions[m], abs=1e-3) for m in b.contributions)
+    assert sum(e.changed for c in want for e in c.explain) == sum(c.steered_tokens for c in want)
+
+
 @pytest.mark.parametrize("method", ["none", "tita"])
 def test_penalties_equal_the_transformers_engine(steering_engine, reference, method):
     """OpenAI's presence and frequency penalties: vLLM's sampler applies them after our steering processor,
