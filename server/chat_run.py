@@ -128,12 +128,15 @@ def log_failure(method: str, path: str, request_id: str | None, e: BaseException
 
 class Reply:
     """What every response object of one request repeats, and its grounding: ``scores``, a future of the
-    judge's image scores (None without image or judge), ``show_grounding``: whether choices carry the block."""
+    judge's image scores (None without image or judge), ``show_grounding``: whether choices carry the block,
+    ``weight``: what each counted object weighs in the mention metrics (1 / the sampling share for a request
+    judged by sampling, so that the counters estimate every request's objects: Horvitz-Thompson)."""
 
     def __init__(self, cid: str, created: int, model: str, steering: dict, tokenizer, judge=None, scores=None,
-                 show_grounding: bool = False, explain: bool = False):
+                 show_grounding: bool = False, explain: bool = False, weight: float = 1.0):
         self.cid, self.created, self.model, self.steering, self.tokenizer = cid, created, model, steering, tokenizer
         self.judge, self.scores, self.show_grounding, self.explain = judge, scores, show_grounding, explain
+        self.weight = weight
 
     async def ground(self, text: str, run: "Run") -> dict | None:
         """One choice's grounding block, its objects counted in the metrics (None: nothing to judge)."""
@@ -145,9 +148,9 @@ class Reply:
             log_failure("POST", "/v1/chat/completions (grounding)", run.request_id, e)
             return None
         m = run.metrics
-        m.mentions.labels(**run.labels).inc(block["counts"]["objects"])
-        m.suspect.labels(**run.labels).inc(block["counts"]["suspect_objects"])
-        m.unsure.labels(**run.labels).inc(block["counts"]["unsure_objects"])
+        m.mentions.labels(**run.labels).inc(self.weight * block["counts"]["objects"])
+        m.suspect.labels(**run.labels).inc(self.weight * block["counts"]["suspect_objects"])
+        m.unsure.labels(**run.labels).inc(self.weight * block["counts"]["unsure_objects"])
         return block
 
 

@@ -34,7 +34,7 @@ class Metrics:
         self.steering_failures = Counter(PREFIX + "steering_failures", "Requests failed because their steering method raised",
                                          ["model", "method"], registry=r)
         self.mentions = Counter(PREFIX + "object_mentions", "Distinct objects mentioned per response, judged by the grounding "
-                                "verifier (CHAIR_i's denominator)", REQ, registry=r)
+                                "verifier (CHAIR_i's denominator; a response judged by sampling weighs 1/--grounding-sample)", REQ, registry=r)
         self.suspect = Counter(PREFIX + "suspect_mentions", "Mentioned objects the grounding verifier judges absent "
                                "((suspect + unsure / 2) / object_mentions: an estimated CHAIR_i)", REQ, registry=r)
         self.unsure = Counter(PREFIX + "unsure_mentions", "Mentioned objects the grounding verifier cannot decide on "

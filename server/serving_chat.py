@@ -83,10 +83,11 @@ class ChatServing:
                   arrival + settings.request_timeout, request.state.request_id)
         images = prepared.rows[0].request.images
         show = settings.grounding_default if req.grounding is None else req.grounding
-        judged = state.judge is not None and images and (show or random.random() < settings.grounding_sample)
+        p = settings.grounding_sample
+        judged = state.judge is not None and images and (show or random.random() < p)
         scores = state.judging.scores(images) if judged else None  # beside the generation, off the event loop
         reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer, state.judge, scores,
-                      show, spec.explain)
+                      show, spec.explain, weight=1.0 if show else 1.0 / p if p > 0 else 0.0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(stream(run, reply, include_usage, req.n), headers=headers)

@@ -101,11 +101,14 @@ class Settings(BaseSettings):
     with the verifier FiSAO steers with biases the estimate of FiSAO arms low (README)."""
     grounding_default: bool = False
     """Whether responses to image requests carry a grounding block when the request does not say
-    (``"grounding": true|false``). Mentions are counted in the metrics for every image request either way."""
-    grounding_sample: float = Field(1.0, ge=0, le=1)
+    (``"grounding": true|false``). Judged requests count in the mention metrics either way (see
+    ``grounding_sample``)."""
+    grounding_sample: float = Field(0.05, ge=0, le=1)
     """Share of image requests judged for the mention metrics when they do not ask for a grounding block
-    (drawn at random per request; the estimate stays unbiased, its cost scales with the share: the judge
-    costs a verifier pass per request). Requests that ask for the block are always judged."""
+    (drawn at random per request, so the estimate stays unbiased; its cost scales with the share: a judge
+    pass costs about a quarter of a tiny-model caption's throughput on 2 CPU cores, see the README; 1.0
+    judges every request, for a precise estimate at that cost). Requests that ask for the block are always
+    judged and counted."""
     grounding_alert_margin: float = Field(0.05, ge=0)
     """Exported as vlm_steer_grounding_alert_margin: the alert VlmSteerArmHallucinatesMore fires when an arm's
     estimated CHAIR_i exceeds the control arm's by more than this."""

@@ -56,12 +56,26 @@ def test_grounding_block_matches_the_judge_and_counts_in_metrics(live):
             assert m["verdict"] in ("grounded", "unsure", "suspect")
     after = counters(live)
     key = lambda n: (n, "none", "default")  # noqa: E731
-    n_obj = sum(len(set(parse_objects(post(live, messages=message(i))["choices"][0]["message"]["content"])))
-                for i in range(len(SCENES)))  # without the block: still counted
-    final = counters(live)
-    assert final[key("vlm_steer_object_mentions")] - after.get(key("vlm_steer_object_mentions"), 0) == n_obj
-    assert after[key("vlm_steer_object_mentions")] - before.get(key("vlm_steer_object_mentions"), 0) == n_obj
-    assert final[key("vlm_steer_suspect_mentions")] >= 0
+    assert after[key("vlm_steer_object_mentions")] - before.get(key("vlm_steer_object_mentions"), 0) == sum(
+        b for b in (len(set(parse_objects(t))) for t in texts(live)))
+
+
+def texts(srv, **body):
+    return [post(srv, messages=message(i), **body)["choices"][0]["message"]["content"] for i in range(len(SCENES))]
+
+
+def test_sampled_judging_weighs_each_judged_response_by_the_inverse_share(steering_engine, monkeypatch):
+    """Requests that do not ask for the block are judged with probability --grounding-sample, and each
+    judged one counts 1/share times, so that the counters estimate every request's objects."""
+    draws = iter([0.3, 0.7] * len(SCENES))  # judged, not judged, ...
+    monkeypatch.setattr("server.serving_chat.random.random", lambda: next(draws))
+    key = lambda n: (n, "none", "default")  # noqa: E731
+    with start(steering_engine, grounding_sample=0.5) as srv:
+        got = texts(srv)
+        counted = counters(srv)[key("vlm_steer_object_mentions")]
+        assert counted == 2 * sum(len(set(parse_objects(t))) for t in got[::2])
+        asked = texts(srv, grounding=True)  # asked for: always judged, weight 1
+        assert counters(srv)[key("vlm_steer_object_mentions")] - counted == sum(len(set(parse_objects(t))) for t in asked)
 
 
 def test_grounding_without_a_judge_is_a_clear_400_and_type_errors_too(steering_engine, live):
