@@ -22,6 +22,7 @@ from decoding.explain import explain_tokens
 from decoding.kv_cache import GrowingCache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, resolve, usable_methods
+from decoding.methods.tita import check_rows
 from decoding.model_inputs import batch_inputs, inputs_for, positions_for, prefill_groups, row_inputs
 from decoding.prompts import render_prompt
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
@@ -139,6 +140,7 @@ class TransformersEngine:
             if reward.tokenizer.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
                                  "TITA needs identical tokenizers")
+            check_rows(reward.vocab_size, len(self.tokenizer), reward_path)
         if verifier_path is not None:
             from decoding.verifier import Verifier
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
+from decoding.methods.tita import check_rows
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
 from decoding.prompts import render_prompt
@@ -86,6 +87,7 @@ class VLLMEngine:
             if reward_tok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
                                  "TITA needs identical tokenizers")
+            check_rows(AutoConfig.from_pretrained(reward_path).get_text_config().vocab_size, len(self.tokenizer), reward_path)
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
         else:
             os.environ.pop(REWARD_ENV, None)

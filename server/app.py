@@ -54,7 +54,7 @@ async def start(state: State, engine=None) -> None:
     state.chat = ChatServing(state)
     if settings.grounding_verifier is not None:
         state.judge = await asyncio.to_thread(load_judge, settings)
-        state.judging = BatchedJudge(state.judge, state.service.executor)
+        state.judging = BatchedJudge(state.judge)
     log.info("serving %s with steering methods: %s", settings.model_name, ", ".join(state.methods))
     for name, why in getattr(state.engine, "unavailable", {}).items():
         log.warning("steering method %r not offered: %s", name, why)

@@ -4,17 +4,21 @@ verifier pass runs are scored together in the next one (no timer, so no added la
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 MAX_IMAGES = 64  # images per verifier pass
 
 
 class BatchedJudge:
     """``scores(images)`` -> a future of the judge's ``{object: z-score}`` for one request's images.
-    ``judge``: a ``reward_models.grounding.Judge``; ``executor``: where the verifier passes run (off the
-    event loop). A pass that fails is retried request by request, so only a faulty request loses its scores."""
+    ``judge``: a ``reward_models.grounding.Judge``; ``executor``: where the verifier passes run (default:
+    a thread of its own, off the event loop and out of the way of request preprocessing, which would
+    otherwise queue behind judge passes). A pass that fails is retried request by request, so only a
+    faulty request loses its scores."""
 
-    def __init__(self, judge, executor):
-        self.judge, self.executor = judge, executor
+    def __init__(self, judge, executor=None):
+        self.judge = judge
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vlm-steer-judge")
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.running = False
 

@@ -99,6 +99,9 @@ SIZES = {  # language model: hidden, layers, heads, kv heads, intermediate, voca
     # vision: hidden, layers, heads, image size, patch
     "tiny": dict(hidden=128, layers=2, heads=2, kv=1, inter=256, vocab=None, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
     "tiny_rm": dict(hidden=64, layers=1, heads=1, kv=1, inter=128, vocab=None, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
+    # output layers padded past the tokenizer, or short of it (Qwen2.5-VL-7B vs 3B: 152,064 vs 151,936 rows)
+    "tiny_padded": dict(hidden=128, layers=2, heads=2, kv=1, inter=256, vocab=700, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
+    "tiny_rm_short": dict(hidden=64, layers=1, heads=1, kv=1, inter=128, vocab=64, v_hidden=64, v_layers=2, v_heads=2, image=32, patch=8),
     # a LLaVA-1.5-shaped target of about 240 M language-model parameters (Llama vocabulary rows) and a
     # reward model of about 1/4 of its FLOPs per token, small images: a CPU-sized speed benchmark
     "mid": dict(hidden=1024, layers=16, heads=16, kv=16, inter=2816, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=32, patch=8),

@@ -22,6 +22,28 @@ def same_inputs(a, b) -> bool:
             and getattr(a.config, "image_token_id", None) == getattr(b.config, "image_token_id", None))
 
 
+def target_rows(reward_logits: torch.Tensor, n: int) -> torch.Tensor:
+    """The reward model's logits [B, V_rm] over the target's ``n`` output rows [B, n]. Checkpoints of one
+    family pad their output layer past the tokenizer differently (Qwen2.5-VL-3B has 151,936 rows, 7B
+    152,064): rows beyond the reward model's get its lowest logit of the row (no token of the shared
+    tokenizer lives there), extra rows are dropped. Engines check at load that both cover the tokenizer."""
+    v = reward_logits.shape[-1]
+    if v == n:
+        return reward_logits
+    if v > n:
+        return reward_logits[..., :n]
+    pad = reward_logits.amin(-1, keepdim=True).expand(*reward_logits.shape[:-1], n - v)
+    return torch.cat([reward_logits, pad], -1)
+
+
+def check_rows(rows: int, tokens: int, reward_path) -> None:
+    """The reward model's output rows must cover the shared tokenizer (padding rows beyond it may differ:
+    ``decoding.methods.tita.target_rows``)."""
+    if rows < tokens:
+        raise ValueError(f"the reward model at {reward_path} has {rows} output rows for a tokenizer of {tokens} "
+                         "tokens; TITA needs a log-prob for every token")
+
+
 @register
 class Tita(SteeringMethod):
     name = "tita"
@@ -52,7 +74,7 @@ class Tita(SteeringMethod):
             rm_row = self.rm.encode(row.request, steer=False)
         if row.token_ids:
             n = len(rm_row.prompt_ids)
-            rm_row = type(rm_row)(rm_row.request, rm_row.prompt_ids + list(row.token_ids),
+            rm_row = type(rm_row)(rm_row.request, rm_row.prompt_ids + [min(t, self.rm.vocab_size - 1) for t in row.token_ids],
                                   extended(rm_row.inputs, n, len(row.token_ids)), image_features=rm_row.image_features)
         return rm_row
 
@@ -60,10 +82,12 @@ class Tita(SteeringMethod):
         return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)
 
     def steer(self, state, rows, logits, strength):
-        return tita(logits, state.logits, strength)
+        return tita(logits, target_rows(state.logits, logits.shape[-1]), strength)
 
     def advance(self, state, rows, tokens: torch.Tensor) -> None:
-        self.rm.decode_one_token(state, tokens)
+        # a token past the reward model's rows is past the shared tokenizer too (an output row of padding,
+        # which only a random-weight target picks): the reward model reads its last row instead of failing
+        self.rm.decode_one_token(state, tokens.clamp_max(self.rm.vocab_size - 1))
 
     def select(self, state, keep):
         return self.rm.select(state, keep)

@@ -87,6 +87,34 @@ def test_tita_at_strength_zero_is_none_and_steers_above(family_engines, family):
     assert sum(c.steered_tokens for c in steered) > 0  # the reward model's log-ratio reached the logits
 
 
+def test_tita_with_reward_and_target_output_rows_that_differ(tmp_path):
+    """One tokenizer, output layers padded differently past it (Qwen2.5-VL-3B as the reward model of
+    7B): TITA runs either way, is the unsteered model at strength 0 and steers above; a reward model
+    whose rows do not cover the tokenizer is refused at load."""
+    padded = build("qwen2_5_vl", tmp_path / "padded", size="tiny_padded")
+    plain = build("qwen2_5_vl", tmp_path / "plain", size="tiny_rm", seed=1)
+    for target, reward in ((padded, plain), (plain, padded)):
+        e = TransformersEngine(target, reward_path=reward)
+        assert e.vocab_size != e.resources.reward.vocab_size and "tita" in e.available_methods
+        none = [c.token_ids for c in e.generate(requests())]
+        assert [c.token_ids for c in e.generate(requests("tita", 0.0))] == none
+        steered = e.generate(requests("tita", 1.0))
+        assert sum(c.steered_tokens for c in steered) > 0
+        assert all(t < len(e.tokenizer) for c in steered for t in c.token_ids)
+    short = build("qwen2_5_vl", tmp_path / "short", size="tiny_rm_short", seed=2)
+    with pytest.raises(ValueError, match="output rows for a tokenizer of"):
+        TransformersEngine(padded, reward_path=short)
+
+
+def test_target_rows_pads_with_the_rows_lowest_logit_and_truncates():
+    from decoding.methods.tita import target_rows
+
+    x = torch.tensor([[1.0, -2.0, 3.0]])
+    assert target_rows(x, 5).tolist() == [[1.0, -2.0, 3.0, -2.0, -2.0]]
+    assert target_rows(x, 2).tolist() == [[1.0, -2.0]]
+    assert target_rows(x, 3) is x
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["fisao", "vcd", "tita+fisao"])
 def test_every_method_runs_on_every_family(family_engines, family, method):
