@@ -33,10 +33,12 @@ COPY models ./models
 # hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "gpu" ]; then pip install --no-cache-dir '.[vllm]'; else pip install --no-cache-dir .; fi
 # The embedded models live in /app/models; a volume mounted there (or VLM_STEER_MODEL and friends)
-# replaces them.
+# replaces them. (The installed package does not hold them, so every embedded default is named here.)
 ENV VLM_STEER_MODEL=/app/models/shapeworld/vlm \
     VLM_STEER_REWARD_MODEL=/app/models/shapeworld/reward \
-    VLM_STEER_VERIFIER=/app/models/shapeworld/verifier
+    VLM_STEER_VERIFIER=/app/models/shapeworld/verifier \
+    VLM_STEER_GROUNDING_VERIFIER=/app/models/shapeworld/judge \
+    VLM_STEER_PLAYGROUND_EXAMPLES=/app/models/shapeworld/examples
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

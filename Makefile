@@ -68,7 +68,7 @@ $(VLLM_STAMP): pyproject.toml
 test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER)
 	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/vllm
 
-# Retrain the embedded models from scratch (seeded; see README for the time it takes on 2 cores).
+# Retrain the embedded models from scratch (seeded; docs/benchmarks.md gives the time it takes on 2 cores).
 train: $(STAMP)
 	$(BIN)/vlm-steer train all --seed 0
 

@@ -11,7 +11,7 @@ calibrated verifier (``decoding.verifier``), after generation.
 Counted per object (each once per text, as CHAIR_i counts a caption's objects), (suspect + unsure / 2) /
 mentioned is an estimate of CHAIR_i that needs no labels: an object the verifier cannot decide on counts
 as half a hallucination (suspect alone undercounts). What it can tell and what not (the verifier's own
-errors; a FiSAO arm steered by the same verifier) is measured in the README.
+errors; a FiSAO arm steered by the same verifier) is measured in docs/benchmarks.md ("Grounding estimate").
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ the reward model must share the target's tokenizer and start close to it. The re
    the answer tokens and the end-of-turn token), plus TRL's ``rpo_alpha`` NLL term on chosen answers
    (without it the small reward model collapsed: recall 0.003 under TITA at lr 3e-4, measured).
 
-The loop is ours rather than TRL's ``DPOTrainer`` for a measured reason (README, "The embedded models"):
+The loop is ours rather than TRL's ``DPOTrainer`` for a measured reason (docs/benchmarks.md, "DPO: our loop against TRL's DPOTrainer"):
 on the embedded models TRL took 19.7x longer per step for the same loss. It is written against
 transformers' generic forward (any family ``AutoModelForImageTextToText`` loads: the processor's tensors
 per row, M-RoPE positions), so the same code trains the tiny test checkpoints and real ones, and its DPO

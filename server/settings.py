@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     """Verifier that judges the object mentions of generated text after generation (grounding blocks and the
     per-arm mention metrics): a calibrated dual encoder folder like --verifier. Default: the embedded judge
     (an independent verifier) with the embedded model, else the FiSAO verifier; empty to disable. Judging
-    with the verifier FiSAO steers with biases the estimate of FiSAO arms low (README)."""
+    with the verifier FiSAO steers with biases the estimate of FiSAO arms low (docs/benchmarks.md,
+    "Grounding estimate")."""
     grounding_default: bool = False
     """Whether responses to image requests carry a grounding block when the request does not say
     (``"grounding": true|false``). Judged requests count in the mention metrics either way (see
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
     grounding_sample: float = Field(0.05, ge=0, le=1)
     """Share of image requests judged for the mention metrics when they do not ask for a grounding block
     (drawn at random per request, so the estimate stays unbiased; its cost scales with the share: a judge
-    pass costs about a quarter of a tiny-model caption's throughput on 2 CPU cores, see the README; 1.0
+    pass costs about a quarter of the tiny model's throughput on 2 CPU cores, docs/benchmarks.md; 1.0
     judges every request, for a precise estimate at that cost). Requests that ask for the block are always
     judged and counted."""
     grounding_alert_margin: float = Field(0.05, ge=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 from reward_models.train_reward import RewardRecipe, train_reward
 from shapeworld.export import export
 
-# The committed reward model's recipe (README, "The label-free reward model"): a copy of the VLM (no
+# The committed reward model's recipe (docs/benchmarks.md, "The label-free reward model"): a copy of the VLM (no
 # distillation needed), DPO on caption pairs the verifier judged among the VLM's own candidates (greedy,
 # augmented view, samples, FiSAO-steered). Measured on tuning seed 60 (bait CHAIR_i under TITA 0.9, none
 # 0.258): a 3-layer copy distilled on the VLM's outputs 0.138 and its POPE-random F1 0.853 (the distilled copy

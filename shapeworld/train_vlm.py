@@ -72,7 +72,7 @@ class VLMTrainConfig:
 # Named training recipes (`vlm-steer train vlm --recipe NAME`); the defaults above are "committed", the
 # recipe of the committed model: colour bound to shape in yes/no answers (grounding loss, cross
 # negatives, no-answers that name the near misses), 3,000 steps. Measured on tuning seed 60, n=300
-# (README "Base model recipes"): "plain" (the model committed before: no grounding, plain yes/no)
+# (docs/benchmarks.md, "Base model recipes"): "plain" (the model committed before: no grounding, plain yes/no)
 # answers every question "yes" (POPE F1 0.667); "bound-qa" (1,500 steps at lr 1e-3) answers well
 # (F1 0.948) but captions worse (recall 0.837); "committed" keeps both (F1 0.915, recall 0.907).
 RECIPES: dict[str, dict] = {

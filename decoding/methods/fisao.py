@@ -112,7 +112,7 @@ class Fisao(SteeringMethod):
                     "(run `vlm-steer train calibrate`)")
         return reason
     alpha = 0.01  # plausibility set {v : p(v) >= alpha * max p}
-    bonus_weight = 0.0  # weight of positive rewards relative to penalties (see README: penalties only)
+    bonus_weight = 0.0  # weight of positive rewards relative to penalties (docs/benchmarks.md, "Tried and dropped": penalties only)
 
     def __init__(self, resources):
         super().__init__(resources)

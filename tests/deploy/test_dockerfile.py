@@ -30,3 +30,25 @@ def test_image_serves_the_embedded_models_as_non_root_with_a_health_check():
         assert f"/app/models/shapeworld/{name}" in env
     args = [i["value"] for i in df.structure if i["instruction"] == "ARG"]
     assert "VARIANT=cpu" in args  # CPU by default, --build-arg VARIANT=gpu for the vLLM image
+
+
+def test_image_names_every_embedded_default(monkeypatch):
+    """The installed package holds no models: every setting that `make serve` fills with an embedded path
+    must be set by the image's ENV to the same folder under /app/models."""
+    from server.settings import EMBEDDED, Settings
+
+    df = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    env = {}
+    for i in df.structure:
+        if i["instruction"] == "ENV":
+            for pair in i["value"].split():
+                k, _, v = pair.partition("=")
+                env[k] = v
+    local = Settings()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    image = Settings()
+    for name in Settings.model_fields:
+        want = getattr(local, name)
+        if isinstance(want, Path) and want.is_relative_to(EMBEDDED):
+            assert getattr(image, name) == Path("/app/models/shapeworld") / want.relative_to(EMBEDDED), name
