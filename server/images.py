@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
 import warnings
 from concurrent.futures import Executor
@@ -89,7 +90,10 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise APIError(413, f"image rejected: {e}", param="messages") from None
+        # Pillow refuses it at open, before our check, quoting its own limit: say ours
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"of {int(n.group(1))} pixels " if n else ""
+        raise APIError(413, f"image {size}exceeds the limit of {limits.max_pixels} pixels", param="messages") from None
     except UnidentifiedImageError:
         raise APIError(400, f"could not decode image: not an image in a supported format ({', '.join(FORMATS)})",
                        param="messages") from None

@@ -65,8 +65,9 @@ class ChatServing:
             state.on_failure(e)
             raise engine_error(e) from None
 
-        labels = state.metrics.labels(spec.method, arm)
-        steering_info = {"method": spec.method, "strength": strengths or None, "arm": arm}
+        method = "+".join(strengths) or "none"  # in application order: "fisao+tita" is "tita+fisao"
+        labels = state.metrics.labels(method, arm)
+        steering_info = {"method": method, "strength": strengths or None, "arm": arm}
         headers = {"X-Steering-Arm": arm, "X-Request-Id": request.state.request_id}
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

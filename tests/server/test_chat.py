@@ -91,6 +91,15 @@ def test_steering_per_request_equals_engine(client, steering_engine, method):
     assert set(s["strength"]) == set(method.split("+"))
 
 
+def test_a_combination_in_any_order_is_the_same_method(client):
+    """``fisao+tita`` is ``tita+fisao`` (methods apply in registry order): same answer, one method name in
+    the response and in the metrics' labels."""
+    a = create(client, 2, extra_body={"steering": {"method": "fisao+tita"}})
+    b = create(client, 2, extra_body={"steering": {"method": "tita+fisao"}})
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.model_extra["steering"]["method"] == b.model_extra["steering"]["method"] == "tita+fisao"
+
+
 def test_n_seed_and_logprobs(client):
     r = create(client, 3, n=2, temperature=1.0, seed=11, max_tokens=8, logprobs=True, top_logprobs=2)
     again = create(client, 3, n=2, temperature=1.0, seed=11, max_tokens=8, logprobs=True, top_logprobs=2)
