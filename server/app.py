@@ -71,6 +71,8 @@ def stop(state: State, owns_engine: bool) -> None:
     state.draining = True
     state.scheduler.stop()
     state.service.close()
+    if state.judging is not None:
+        state.judging.close()
     if owns_engine and hasattr(state.engine, "close"):
         state.engine.close()
 

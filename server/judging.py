@@ -22,6 +22,9 @@ class BatchedJudge:
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.running = False
 
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def scores(self, images: list) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

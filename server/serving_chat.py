@@ -24,6 +24,7 @@ from server.protocol import ChatCompletionRequest, completion_id, now
 from server.scheduler import QueueFull
 from server.sse import EventStreamResponse
 
+
 def check_model(model: str, served: str) -> None:
     if model != served:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r}", param="model")
