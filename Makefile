@@ -77,10 +77,17 @@ clean-venv:
 
 # Speed near TITA's limit at a realistic shape ratio, CPU-sized: a LLaVA-1.5-shaped random-weight pair
 # (Llama hidden 1024 x 16 layers, 32064 vocabulary rows; reward model 512 x 12), one interleaved run.
+# Each TITA design on it: the separate reward model, then forks of the target's top 1 and 2 layers (random
+# weights: no step is confident, so the forks' heads run at every step, their gate's worst case).
 bench-speed-mid: $(STAMP)
-	$(BIN)/python -m tests.families llava runs/mid --size mid --reward-size mid_rm
+	$(BIN)/python -m tests.families llava runs/mid --size mid --reward-size mid_rm --fork-layers 1
+	$(BIN)/python -c "from tests.families import build_fork; build_fork('runs/mid/vlm', 'runs/mid/fork2', layers=2)"
 	$(BIN)/vlm-steer bench speed --model runs/mid/vlm --reward-model runs/mid/reward --verifier runs/mid/verifier \
 		--methods none,tita,fisao,tita+fisao --ignore-eos --n 16 --batch 8 --json runs/speed-mid.json
+	$(BIN)/vlm-steer bench speed --model runs/mid/vlm --reward-model runs/mid/fork --verifier '' \
+		--methods none,tita --ignore-eos --n 16 --batch 8 --json runs/speed-mid-fork1.json
+	$(BIN)/vlm-steer bench speed --model runs/mid/vlm --reward-model runs/mid/fork2 --verifier '' \
+		--methods none,tita --ignore-eos --n 16 --batch 8 --json runs/speed-mid-fork2.json
 
 # On a machine with a CUDA GPU: real-shape random pairs (LLaVA-1.5-7B + 1.1B, Qwen2.5-VL-7B + 3B, bfloat16),
 # speed table and greedy equality on both engines, one table. Refuses on CPU.

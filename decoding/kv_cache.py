@@ -8,6 +8,7 @@ is picked up at the next update: the layer then re-adopts the new tensors into a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -46,3 +47,29 @@ class GrowingCache(DynamicCache):
     def __init__(self):
         super().__init__()
         self.layer_class_to_replicate = GrowingLayer
+
+
+def select_cache(cache, mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Keep rows ``idx`` of a left-padded cache (in place) and return their mask [len(idx), T'], with the
+    leading columns that are now padding for every row dropped from both."""
+    cache.batch_select_indices(idx)
+    mask = mask[idx]
+    drop = int((mask.sum(0) == 0).long().cumprod(0).sum())
+    if drop:
+        mask = mask[:, drop:]
+        for layer in cache.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+    return mask
+
+
+def merge_caches(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor) -> tuple[GrowingCache, torch.Tensor]:
+    """One left-padded cache from two: the shorter is left-padded (masked) to the longer one."""
+    ta, tb = mask_a.shape[1], mask_b.shape[1]
+    t = max(ta, tb)
+    cache = GrowingCache()
+    for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        k = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(lb.keys, (0, 0, t - tb, 0))])
+        v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
+        cache.update(k, v, i)
+    return cache, torch.cat([F.pad(mask_a, (t - ta, 0)), F.pad(mask_b, (t - tb, 0))])

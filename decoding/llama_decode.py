@@ -44,7 +44,7 @@ class LlamaDecoder:
     def __init__(self, text_model, head: torch.nn.Module):
         cfg = text_model.config
         self.embed = text_model.embed_tokens.weight
-        self.head = head.weight
+        self.head = head.weight if head is not None else None
         self.norm = (text_model.norm.weight, text_model.norm.variance_epsilon)
         self.inv_freq = text_model.rotary_emb.inv_freq
         self.rope_scale = text_model.rotary_emb.attention_scaling
@@ -72,26 +72,42 @@ class LlamaDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        b = tokens.shape[0]
-        x = F.embedding(tokens.view(b, 1), self.embed)  # [B, 1, D]
-        freqs = positions.view(b, 1, 1).float() * self.inv_freq.float()
+    def __call__(self, tokens: torch.Tensor | None, mask: torch.Tensor, positions: torch.Tensor, cache,
+                 embeds: torch.Tensor | None = None, capture: int | None = None, head: bool = True) -> torch.Tensor:
+        """Feed ``tokens`` [B] (one per row), or ``embeds`` [B, P, D] (hidden states entering the first layer,
+        P new positions per row: a forked reward model's catch-up). ``mask`` [B, T] covers the cache and the
+        new positions, ``positions`` [B] (the first new position; the others follow). ``capture``: keep the
+        hidden state entering that layer in ``self.captured`` [B, P, D]. Returns the logits [B, V] of the
+        last position, or with ``head=False`` its final-normed hidden state [B, D]."""
+        x = F.embedding(tokens.view(-1, 1), self.embed) if embeds is None else embeds  # [B, P, D]
+        b, p = x.shape[:2]
+        pos = positions.view(b, 1).float() + torch.arange(p, device=x.device, dtype=torch.float32)
+        freqs = pos[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [B, 1, 1, hd]
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [B, 1, P, hd]
         sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None]
         attend = mask.bool()[:, None, None, :]  # [B, 1, 1, T]: padding is not attended
+        if p > 1:  # the new positions see each other causally
+            t = mask.shape[1]
+            causal = torch.ones(p, t, dtype=torch.bool, device=x.device).tril(t - p)
+            attend = attend & causal
         gqa = self.kv_heads != self.heads
         for i, (w_in, eps_in, wqkv, wo, w_post, eps_post, w_gate_up, wd) in enumerate(self.layers):
+            if i == capture:
+                self.captured = x
             h = self._rms(x, w_in, eps_in)
             q, k, v = F.linear(h, wqkv).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q.view(b, p, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, p, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, p, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             k, v = cache.update(k, v, i)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.scale, enable_gqa=gqa)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, 1, -1), wo)
+            x = x + F.linear(o.transpose(1, 2).reshape(b, p, -1), wo)
             h = self._rms(x, w_post, eps_post)
             gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, wd)
-        return F.linear(self._rms(x[:, -1], *self.norm), self.head)
+        if capture == len(self.layers):
+            self.captured = x
+        out = self._rms(x[:, -1], *self.norm)
+        return F.linear(out, self.head) if head else out

@@ -101,6 +101,10 @@ class Positions:
     def decode(self, next_pos: torch.Tensor) -> torch.Tensor:
         return next_pos.view(-1, 1)
 
+    def span(self, next_pos: torch.Tensor, n: int) -> torch.Tensor:
+        """Position ids of ``n`` text tokens per row from ``next_pos`` [B] on (a catch-up forward)."""
+        return next_pos.view(-1, 1) + torch.arange(n, device=next_pos.device)
+
 
 class MultimodalRotaryPositions(Positions):
     """M-RoPE (Qwen2-VL family): the model's ``get_rope_index`` places image tokens on a 3-D grid; text
@@ -121,6 +125,9 @@ class MultimodalRotaryPositions(Positions):
 
     def decode(self, next_pos):
         return next_pos.view(1, -1, 1)
+
+    def span(self, next_pos, n):
+        return (next_pos.view(-1, 1) + torch.arange(n, device=next_pos.device))[None]
 
 
 def positions_for(model) -> Positions:

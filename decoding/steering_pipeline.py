@@ -94,8 +94,11 @@ class SteeringPipeline:
         """Each method's state takes the tokens its rows chose."""
         for name, state in batch.states.items():
             idx = batch.rows_using(name)
+            method = self.methods[name]
+            # a method that reads the target's hidden states (TITA with a forked reward model) gets them too
+            extra = (batch.trunk[idx],) if getattr(method, "reads_trunk", False) else ()
             try:
-                self.timed(name, self.methods[name].advance, state, [batch.rows[i] for i in idx], tokens[idx])
+                self.timed(name, method.advance, state, [batch.rows[i] for i in idx], tokens[idx], *extra)
             except Exception as e:
                 self.fail(name, [batch.rows[i] for i in idx], e)
 

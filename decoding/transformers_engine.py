@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from decoding.explain import explain_tokens
-from decoding.kv_cache import GrowingCache
+from decoding.fork import Fork, is_fork, materialise
+from decoding.kv_cache import GrowingCache, merge_caches, select_cache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, resolve, usable_methods
 from decoding.methods.tita import check_rows
@@ -52,6 +52,7 @@ class Row:
     error: Exception | None = None  # its steering failed: the row must leave the batch, failed, not served unsteered
     text_ends: list[int] = field(default_factory=list)  # len(text) after each generated token (stop-string cuts)
     explain: list = field(default_factory=list)  # a TokenExplain per generated token, when the request asked
+    trunk: tuple | None = None  # (hidden [n, D], positions, next position, prebuilt masks) of its prompt, for a fork
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -68,6 +69,7 @@ class Batch:
     next_pos: torch.Tensor  # [B] position id of each row's next token
     logits: torch.Tensor  # [B, V] next-token logits
     states: dict = field(default_factory=dict)  # steering method -> state of the rows that use it
+    trunk: torch.Tensor | None = None  # [B, 1, D] the hidden state entering a forked reward model's first layer
     trace: object = None  # this step's ``decoding.explain.StepTrace`` when a row asked for an explanation
 
     def rows_using(self, method: str) -> list[int]:
@@ -108,13 +110,23 @@ class TransformersEngine:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
-                 verifier_files: dict | None = None):
+                 verifier_files: dict | None = None, tita_gate: float = 1.0, fork_target: str | Path | None = None):
+        """``reward_path``: a reward model folder, whole or forked (``decoding.fork``); ``tita_gate``: TITA
+        consults the reward model only at steps where the target's top-1 probability is below it (1.0:
+        every step); ``fork_target``: when ``model_path`` itself is a fork, the target it was forked from
+        (the engine then serves the materialised whole reward model: the vllm engine's worker)."""
         self.model_path = str(model_path)
+        self.tita_gate = tita_gate
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
+        if is_fork(self.model_path):
+            if fork_target is None:
+                raise ValueError(f"{self.model_path} is a forked reward model: it runs inside its target's engine")
+            self.model = materialise(AutoModelForImageTextToText.from_pretrained(fork_target, dtype=self.dtype), self.model_path)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
         self.config = self.model.config
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -134,12 +146,17 @@ class TransformersEngine:
             # (read at hook time: Llava's forward later overwrites ``pooler_output`` with projected features)
             tower.register_forward_hook(lambda mod, args, out: self._tower_out.append(
                 (out.pooler_output, self._selected_features(out) if out.hidden_states is not None else None)))
-        reward = verifier = None
+        reward = verifier = self.fork = None
+        self._trunk = None  # the hidden state entering the fork's first layer, captured by the last forward
+        self._masks = None  # prebuilt attention masks the language model was given (Gemma 3: images attend both ways)
         if reward_path is not None:
+            self._check_vocabulary(reward_path)
+        if is_fork(reward_path):  # the reward model's layers run on this model's own hidden states
+            reward = self.fork = Fork(self.model, self.positions, reward_path)
+            self.model.get_decoder().layers[self.fork.capture].register_forward_pre_hook(self._capture, with_kwargs=True)
+            self.model.get_decoder().register_forward_pre_hook(self._capture_masks, with_kwargs=True)
+        elif reward_path is not None:
             reward = TransformersEngine(reward_path, device=device, dtype=dtype)
-            if reward.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
-                                 "TITA needs identical tokenizers")
             check_rows(reward.vocab_size, len(self.tokenizer), reward_path)
         if verifier_path is not None:
             from decoding.verifier import Verifier
@@ -149,14 +166,33 @@ class TransformersEngine:
         self.methods = {name: cls(self.resources) for name, cls in usable_methods(self.resources).items()}
         text_model = self.model.get_decoder()  # the language model under the image-text wrapper
         self._decoder = LlamaDecoder(text_model, self.model.get_output_embeddings()) if supported(text_model) else None
+        self._capture_at = self.fork.capture if self.fork is not None else None
         # intra-op threads for prefill, when the caller runs decode steps on fewer (prefill is compute-bound:
         # 1 -> 2 threads took a 1-row prefill from 5.6 to 4.4 ms; a small batch's decode step is fastest on 1)
         self.prefill_threads: int | None = None
         self.steering = SteeringPipeline(self.methods)
 
+    def _check_vocabulary(self, reward_path) -> None:
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(reward_path).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"the reward model at {reward_path} does not share the target's vocabulary; "
+                             "TITA needs identical tokenizers")
+
+    def _capture(self, module, args, kwargs) -> None:
+        self._trunk = args[0] if args else kwargs["hidden_states"]
+
+    def _capture_masks(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self._masks = mask if isinstance(mask, dict) else None
+
     def pop_steering_seconds(self) -> dict[str, float]:
         """Steering time per method since the last call."""
         return self.steering.pop_seconds()
+
+    def pop_consultations(self) -> dict[str, tuple[int, int]]:
+        """Per method that consults a reward model: (consulted, skipped) row-steps since the last call."""
+        return {n: m.pop_consultations() for n, m in self.methods.items() if hasattr(m, "pop_consultations")}
 
     def pop_verb_seconds(self) -> dict[str, float]:
         """Steering time per method and verb (``tita.start``, ``tita.steer``, ``tita.advance``, ...)."""
@@ -253,6 +289,13 @@ class TransformersEngine:
             logits_to_keep=1,
         )
         batch = Batch(rows, out.past_key_values, mask.to(self.device), next_pos.to(self.device), out.logits[:, -1].float())
+        if self.fork is not None:  # each row's prompt as the fork reads it (TITA's ``start``)
+            for i, r in enumerate(rows):
+                n = len(r.prompt_ids)
+                masks = {k: m[i : i + 1, ..., -n:, -n:] if m is not None else None
+                         for k, m in self._masks.items()} if self._masks else None
+                r.trunk = (self._trunk[i, -n:], pos[..., i, -n:].to(self.device), batch.next_pos[i], masks)
+            self._trunk = self._masks = None
         if self._tower_out and pixels:
             pooled = torch.cat([p for p, _ in self._tower_out])
             feats = torch.cat([f for _, f in self._tower_out]) if all(f is not None for _, f in self._tower_out) else None
@@ -273,7 +316,8 @@ class TransformersEngine:
     def decode_one_token(self, batch: Batch, tokens: torch.Tensor, steer: bool = True) -> None:
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
         if self._decoder is not None:  # a decode step has no image: straight to the language model
-            logits = self._decoder(tokens.to(self.device), batch.mask, batch.next_pos, batch.cache)
+            logits = self._decoder(tokens.to(self.device), batch.mask, batch.next_pos, batch.cache, capture=self._capture_at)
+            self._trunk = self._decoder.captured if self._capture_at is not None else None
         else:
             out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=batch.mask,
                              position_ids=self.positions.decode(batch.next_pos), past_key_values=batch.cache,
@@ -281,6 +325,7 @@ class TransformersEngine:
             batch.cache, logits = out.past_key_values, out.logits[:, -1]
         batch.next_pos = batch.next_pos + 1
         batch.logits = logits.float()
+        batch.trunk, self._trunk = self._trunk, None
         if steer:
             self.steering.advance(batch, tokens)
 
@@ -298,27 +343,13 @@ class TransformersEngine:
         if keep == list(range(len(batch.rows))):
             return batch
         idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        batch.cache.batch_select_indices(idx)
-        mask = batch.mask[idx]
-        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # columns now padding for every row
-        if drop:
-            mask = mask[:, drop:]
-            for layer in batch.cache.layers:
-                if layer.keys is not None and layer.keys.numel():
-                    layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        mask = select_cache(batch.cache, batch.mask, idx)
         states = self.steering.select(batch, keep)
         return Batch([batch.rows[i] for i in keep], batch.cache, mask, batch.next_pos[idx], batch.logits[idx], states)
 
     def merge(self, a: Batch, b: Batch) -> Batch:
         """One batch from two: the shorter cache is left-padded (masked) to the longer one."""
-        ta, tb = a.mask.shape[1], b.mask.shape[1]
-        t = max(ta, tb)
-        cache = GrowingCache()
-        for i, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-            k = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(lb.keys, (0, 0, t - tb, 0))])
-            v = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(lb.values, (0, 0, t - tb, 0))])
-            cache.update(k, v, i)
-        mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(b.mask, (t - tb, 0))])
+        cache, mask = merge_caches(a.cache, a.mask, b.cache, b.mask)
         states = self.steering.merge(a, b)
         return Batch(a.rows + b.rows, cache, mask, torch.cat([a.next_pos, b.next_pos]),
                      torch.cat([a.logits, b.logits]), states)

@@ -166,6 +166,10 @@ class VLLMEngine:
     def resolve(self, spec: SteeringSpec) -> dict[str, float]:
         return resolve(spec, self.methods, self.unavailable.get)
 
+    def pop_consultations(self) -> dict[str, tuple[int, int]]:
+        """Not counted on this engine: its TITA consults the reward model at every step (no gate yet)."""
+        return {}
+
     def pop_steering_seconds(self) -> dict[str, float]:
         out = {}
         for k, name in enumerate(METHODS):

@@ -49,7 +49,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
         if os.environ.get(REWARD_ENV):
             from decoding.transformers_engine import TransformersEngine
 
-            reward = TransformersEngine(os.environ[REWARD_ENV], device=str(device), dtype=dtype)
+            # a forked reward model runs here as a whole model: the target (vLLM's, loaded again) with the
+            # fork's layers in place; inside vLLM's own model in the next step of the design (docs/architecture.md)
+            reward = TransformersEngine(os.environ[REWARD_ENV], device=str(device), dtype=dtype,
+                                        fork_target=vllm_config.model_config.model)
         if os.environ.get(VERIFIER_ENV):
             from decoding.verifier import Verifier
 

@@ -3,6 +3,8 @@ captions, POPE's scores (Li et al. 2023) for yes/no answers."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from collections.abc import Hashable, Iterable
 
 
@@ -44,6 +46,26 @@ def binary_scores(predicted_yes: list[bool], truth_yes: list[bool]) -> dict[str,
         "f1": f1,
         "yes_ratio": (tp + fp) / n if n else 0.0,
     }
+
+
+def f1_difference_interval(a_yes: list[bool], b_yes: list[bool], truth_yes: list[bool], draws: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap of F1(a) - F1(b) on the same questions: questions are resampled with replacement,
+    both methods' answers to a question stay together (Efron & Tibshirani 1993, percentile interval).
+    Returns ``{"diff", "lo", "hi"}`` (F1 points, the interval at ``level``)."""
+    a, b, t = (np.asarray(x, dtype=bool) for x in (a_yes, b_yes, truth_yes))
+    if not (len(a) == len(b) == len(t)) or not len(t):
+        raise ValueError("the paired bootstrap needs both methods' answers to the same, non-empty questions")
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(draws, len(t)))
+
+    def f1(pred, truth):  # per draw: 2 tp / (2 tp + fp + fn)
+        tp = (pred & truth).sum(-1)
+        wrong = (pred != truth).sum(-1)
+        return np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
+
+    diffs = f1(a[idx], t[idx]) - f1(b[idx], t[idx])
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(f1(a, t) - f1(b, t)), "lo": float(lo), "hi": float(hi)}
 
 
 def answer_is_yes(text: str) -> bool | None:

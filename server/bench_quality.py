@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from reward_models.data import DataSet
-from reward_models.metrics import answer_is_yes, binary_scores, chair
+from reward_models.metrics import answer_is_yes, binary_scores, chair, f1_difference_interval
 
 CAPTION_MAX_TOKENS = 40
 
@@ -45,6 +45,8 @@ def evaluate(engine, data: DataSet, steering: SteeringSpec, batch: int = 32, max
     answers = {k: answer_is_yes(c.text) is True for k, c in zip(keys, _generate(engine, asks, batch * 2, "POPE"))}
     result["pope"] = {name: binary_scores([answers[(q.image, q.text)] for q in qs], [q.label for q in qs])
                       for name, qs in data.pope.items()}
+    # each question's answer (1 = yes), in file order: the paired bootstrap against `none` reads them
+    result["pope_answers"] = {name: [int(answers[(q.image, q.text)]) for q in qs] for name, qs in data.pope.items()}
     result["tokens_per_second"] = generated / seconds
     result["examples"] = [{"truth": (data.captions.get(i) or [""])[0], "generated": c.text} for i, c in zip(ids[:5], done[:5])]
     return result
@@ -64,6 +66,13 @@ def run_quality(engine, data: DataSet, methods: list[str], strengths: dict | Non
         name, values = sweep
         for v in values:
             report["methods"][f"{name}@{v:g}"] = evaluate(engine, data, SteeringSpec(name, v), batch)
+    base = report["methods"].get("none")
+    if base is not None:  # each method's POPE F1 minus none's, with a paired bootstrap 95% interval
+        truth = {name: [q.label for q in qs] for name, qs in data.pope.items()}
+        for m, r in report["methods"].items():
+            if m != "none":
+                r["pope_vs_none"] = {f: f1_difference_interval(r["pope_answers"][f], base["pope_answers"][f], truth[f])
+                                     for f in truth}
     return report
 
 
@@ -89,6 +98,11 @@ def format_table(report: dict) -> str:
                         for s in files)
         lines.append(f"{m:<12} {r['chair_i']:>8.3f} {r['chair_s']:>8.3f} {r['recall']:>7.3f} {pope} "
                      f"{r['tokens_per_second']:>8.1f}")
+    intervals = [(m, r["pope_vs_none"]) for m, r in report["methods"].items() if "pope_vs_none" in r]
+    if intervals:
+        lines.append("POPE F1 - none's, paired bootstrap 95% interval:")
+        for m, per in intervals:
+            lines.append(f"  {m:<12} " + "  ".join(f"{f} {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" for f, v in per.items()))
     return "\n".join(lines)
 
 

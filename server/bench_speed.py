@@ -22,6 +22,8 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
     steering = {m: {} for m in methods}  # where the time of steered runs goes, per steering component
     verbs = {m: {} for m in methods}  # and per component's verb (start: prefill-time work, steer, advance)
     tokens = dict.fromkeys(methods, 0)
+    asked = {m: {} for m in methods}  # per method: (consulted, skipped) row-steps of its reward model
+    pop_asked = getattr(engine, "pop_consultations", dict)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
     for i in tqdm(range(0, n, batch), desc="speed"):
@@ -30,6 +32,7 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
                     for im in images[i : i + batch]]
             engine.pop_steering_seconds()
             pop_verbs()
+            pop_asked()
             t0 = time.perf_counter()
             out = engine.generate(reqs, max_batch=batch)
             seconds[m] += time.perf_counter() - t0
@@ -37,6 +40,10 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
                 steering[m][name] = steering[m].get(name, 0.0) + sec
             for name, sec in pop_verbs().items():
                 verbs[m][name] = verbs[m].get(name, 0.0) + sec
+            for name, (a, b) in pop_asked().items():
+                if a or b:
+                    old = asked[m].get(name, (0, 0))
+                    asked[m][name] = (old[0] + a, old[1] + b)
             tokens[m] += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
     base = tokens.get("none", 0) / seconds["none"] if "none" in seconds else None
     result = {}
@@ -47,7 +54,8 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
                      "tokens_per_request": tokens[m] / n,
                      "steering_seconds": steering[m],
                      "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
-                     "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()}}
+                     "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()},
+                     "consulted_share": {k: a / (a + b) for k, (a, b) in asked[m].items()}}
     return {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
 
 
@@ -64,13 +72,24 @@ def decoder_flops_per_token(model_path) -> float:
     return 2.0 * (n + model.get_output_embeddings().weight.numel())
 
 
-def tita_limit(model_path, engine) -> dict:
+def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
     """TITA's speed limit against none when the reward model runs in series with the target:
-    1 / (1 + c_RM / c_target), c = FLOPs per token (compute-bound decoding)."""
+    1 / (1 + c_RM / c_target), c = FLOPs per token (compute-bound decoding). A separate reward model costs
+    its whole decoder per token; a fork (``decoding.fork``) its k layers every token (the catch-up reads
+    every token) plus its output head at the ``consulted`` share of steps."""
     reward = engine.resources.reward
+    c_t = decoder_flops_per_token(model_path)
+    fork = getattr(engine, "fork", None)
+    if fork is not None:
+        layers = 2.0 * sum(p.numel() for p in fork.text.layers.parameters())
+        head = 2.0 * fork.head.weight.numel()
+        c_r = layers + consulted * head
+        return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),
+                "design": f"fork of {fork.k} layers, head at {consulted:.0%} of steps"}
     reward_path = getattr(reward, "model_path", reward)  # the vllm engine holds the reward model's path
-    c_t, c_r = decoder_flops_per_token(model_path), decoder_flops_per_token(reward_path)
-    return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t)}
+    c_r = decoder_flops_per_token(reward_path)
+    return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),
+            "design": "separate reward model, every step"}
 
 
 def format_speed(report: dict) -> str:
@@ -82,11 +101,12 @@ def format_speed(report: dict) -> str:
         share = ", ".join(f"{k} {v:.0%}" for k, v in r["steering_share"].items())
         if r["verb_share"]:
             share += " (" + ", ".join(f"{k} {v:.0%}" for k, v in r["verb_share"].items()) + ")"
-        lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7} {r['tokens_per_request']:>7.1f}  {share}")
+        asked = "".join(f", {k} consulted at {v:.0%} of row-steps" for k, v in r.get("consulted_share", {}).items())
+        lines.append(f"{m:<12} {r['tokens_per_second']:>8.1f} {ratio:>7} {r['tokens_per_request']:>7.1f}  {share}{asked}")
     lim = report.get("tita_limit")
     if lim and "tita" in report["methods"] and report["methods"]["tita"]["ratio_to_none"]:
         got = report["methods"]["tita"]["ratio_to_none"]
-        lines.append(f"TITA limit by FLOPs per token 1/(1 + {lim['reward_flops_per_token'] / 1e6:.3g}M/"
+        lines.append(f"TITA ({lim.get('design', 'separate reward model')}) limit by FLOPs per token 1/(1 + {lim['reward_flops_per_token'] / 1e6:.3g}M/"
                      f"{lim['target_flops_per_token'] / 1e6:.3g}M) = {lim['limit']:.2f}x none; measured "
                      f"{got:.2f}x = {got / lim['limit']:.2f} of the limit")
     return "\n".join(lines)

@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> None:
         if not args.target or args.out == str(MODELS_DIR):
             raise SystemExit("train reward --data DIR needs --target DIR (the VLM the reward model steers) and "
                              "--out DIR (the reward model's folder)")
-        train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier)
+        train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier,
+                     pairs_from=args.pairs_from)
     elif args.data:
         raise SystemExit(f"train {args.what} trains an embedded model; --data is for calibrate and reward")
     else:
@@ -51,8 +52,9 @@ def _recipe(args: argparse.Namespace, base=None):
     from reward_models.train_reward import RewardRecipe
 
     base = base or RewardRecipe(seed=args.seed + 1)
-    given = {"pairs": args.pairs, "init_layers": args.init_layers, "images": args.images,
+    given = {"pairs": args.pairs, "init_layers": args.init_layers, "fork_layers": args.fork_layers, "anchor": args.anchor, "images": args.images,
              "distill_images": args.distill_images, "distill_steps": args.distill_steps, "dpo_steps": args.steps,
+             "dpo_lr": args.lr if args.what == "reward" else None,
              "view": args.view, "samples": args.samples, "questions": args.questions, "steered": args.steered}
     return replace(base, **{k: v for k, v in given.items() if v is not None})
 
@@ -87,8 +89,11 @@ def _engine(args: argparse.Namespace):
                           max_batch=max(8, getattr(args, "batch", 8)))
     from decoding.transformers_engine import TransformersEngine
 
+    from server.settings import Settings
+
+    gate = args.tita_gate if getattr(args, "tita_gate", None) is not None else Settings.model_fields["tita_gate"].default
     return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward,
-                              verifier_path=verifier)
+                              verifier_path=verifier, tita_gate=gate)
 
 
 def _strengths(text: str | None) -> dict[str, float]:
@@ -147,7 +152,8 @@ def _bench_speed(args: argparse.Namespace) -> None:
     images, prompt = _images(args)(args.n, args.seed)
     rep = run_speed(engine, methods, images, prompt, batch=args.batch, ignore_eos=args.ignore_eos,
                     max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"})
-    rep["tita_limit"] = tita_limit(args.model, engine) if "tita" in engine.available_methods else None
+    share = rep["methods"].get("tita", {}).get("consulted_share", {}).get("tita", 1.0)
+    rep["tita_limit"] = tita_limit(args.model, engine, share) if "tita" in engine.available_methods else None
     print(format_speed(rep))
     if hasattr(engine, "close"):
         engine.close()
@@ -203,6 +209,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="TITA reward model (same tokenizer; default: the embedded one for the embedded VLM; '' for none)")
     p.add_argument("--verifier", default=None, help="FiSAO verifier folder (CLIP/SigLIP with objects.json and "
                                                      "calibration.json; default: the embedded one for the embedded VLM)")
+    p.add_argument("--tita-gate", type=float, default=None,
+                   help="TITA with a forked reward model: consult it only where the target's top-1 probability is "
+                        "below this (default: the server's default, see `vlm-steer serve --help`)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
 
@@ -241,13 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vlm: weight of the per-image-slot object loss on the projector (0: off)")
     t.add_argument("--grounding-warmup", type=int, default=None,
                    help="vlm: projector-only steps on that loss before the language model trains")
-    t.add_argument("--lr", type=float, default=None, help="vlm: override the peak learning rate")
+    t.add_argument("--lr", type=float, default=None, help="vlm: override the peak learning rate; reward: the DPO learning rate")
     t.add_argument("--steps", type=int, default=None, help="override the number of training (or DPO) steps")
     t.add_argument("--target", default=None, help="reward: the target VLM folder the reward model steers")
     t.add_argument("--init", default=None, help="reward: a smaller VLM with the target's tokenizer to start from "
                                                 "(default: a copy of the target, see --init-layers)")
     t.add_argument("--init-layers", type=int, default=None,
-                   help="reward without --init: keep the target's first N decoder layers (0: all)")
+                   help="reward without --init: a separate copy of the target keeping its first N decoder layers "
+                        "(0: all); it runs its own whole forward beside the target at every step")
+    t.add_argument("--fork-layers", type=int, default=None,
+                   help="reward: a fork instead, the target's top N decoder layers, final norm and head trained on the "
+                        "target's frozen trunk; served inside the target's engine on its hidden states (N layers "
+                        "and a head per step), only with the exact target it was trained on")
+    t.add_argument("--anchor", type=float, default=None,
+                   help="reward: weight of a KL anchor on the target's own yes/no answers during DPO (0: none)")
+    t.add_argument("--pairs-from", default=None,
+                   help="reward: reuse the pairs.jsonl of an earlier run on the same target and data")
     t.add_argument("--pairs", default=None,
                    help="reward: preference pair sources, '+'-joined: verifier (label-free: the calibrated --verifier "
                         "judges the target's own answers), labels (the data set's annotations), views (clean vs "

@@ -57,6 +57,7 @@ class EngineFrontend:
         self.image_methods = set(image_methods)  # methods that read a request's decoded images (see ``_wire``)
         self.unavailable = dict(unavailable or {})  # registered methods this engine cannot run, and why
         self.steering_seconds: dict[str, float] = {}
+        self.consultations: dict[str, tuple[int, int]] = {}  # method -> (consulted, skipped) row-steps
 
     @property
     def available_methods(self) -> list[str]:
@@ -70,6 +71,10 @@ class EngineFrontend:
 
     def pop_steering_seconds(self) -> dict[str, float]:
         out, self.steering_seconds = self.steering_seconds, {}
+        return out
+
+    def pop_consultations(self) -> dict[str, tuple[int, int]]:
+        out, self.consultations = self.consultations, {}
         return out
 
     row_for = staticmethod(row_for)
@@ -201,7 +206,8 @@ def _engine_main(settings, commands, events) -> None:
 
     def flush(sched: Scheduler) -> None:
         fit_threads(sched.num_running)
-        stats = {"steps": sched.steps, "steering_seconds": engine.pop_steering_seconds()}
+        stats = {"steps": sched.steps, "steering_seconds": engine.pop_steering_seconds(),
+                 "consultations": engine.pop_consultations()}
         done, outbox[:] = outbox[:], []
         errors, failures[:] = failures[:], []
         _send(events, ("events", done, stats, errors))
@@ -391,6 +397,9 @@ class ProcessScheduler:
         self.steps = stats["steps"]
         for method, sec in stats["steering_seconds"].items():
             self.engine.steering_seconds[method] = self.engine.steering_seconds.get(method, 0.0) + sec
+        for method, (asked, skipped) in stats["consultations"].items():
+            a, s = self.engine.consultations.get(method, (0, 0))
+            self.engine.consultations[method] = (a + asked, s + skipped)
         if self.on_step:
             self.on_step(self)
 

@@ -16,7 +16,7 @@ def load_engine(s: Settings):
     from decoding.transformers_engine import TransformersEngine
 
     return TransformersEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
-                              verifier_files=verifier_files(s))
+                              verifier_files=verifier_files(s), tita_gate=s.tita_gate)
 
 
 def verifier_files(s: Settings) -> dict:

@@ -31,6 +31,9 @@ class Metrics:
         self.steered = Counter(PREFIX + "steered_tokens", "Steps at which steering changed the chosen token", REQ, registry=r)
         self.steering_time = Histogram(PREFIX + "steering_step_seconds", "Steering time per engine step (reward model, verifier, contrast)",
                                        ["model", "method"], buckets=STEP, registry=r)
+        self.consultations = Counter(PREFIX + "reward_consultations", "Row-steps at which a steering method consulted "
+                                     "its reward model (outcome consulted) or left the target's scores alone (skipped: "
+                                     "the target was confident, --tita-gate)", ["model", "method", "outcome"], registry=r)
         self.steering_failures = Counter(PREFIX + "steering_failures", "Requests failed because their steering method raised",
                                          ["model", "method"], registry=r)
         self.mentions = Counter(PREFIX + "object_mentions", "Distinct objects mentioned per response, judged by the grounding "

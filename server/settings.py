@@ -27,8 +27,14 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     """Model name clients send and /v1/models lists (default: the model folder's name)."""
     reward_model: Path | None = None
-    """TITA reward model folder (a smaller VLM with the target's tokenizer); none: no TITA. Defaults to the
+    """TITA reward model folder: a smaller VLM with the target's tokenizer, or a fork of the target (its top
+    layers and head, `fork.json`; served only with the exact target it was trained on); none: no TITA. Defaults to the
     embedded reward model only when the model is the embedded one; empty to disable."""
+    tita_gate: float = Field(1.0, gt=0, le=1)
+    """TITA with a forked reward model (`vlm-steer train reward --fork-layers`): consult the reward model only
+    at steps where the target's top-1 probability is below this (1: every step). Skipped steps cost nothing
+    of the reward model; their tokens reach its KV cache at the next consulted step, in one forward. A
+    separate reward model steps with the target and is consulted every step."""
     verifier: Path | None = None
     """FiSAO verifier folder: an image-text dual encoder transformers loads (CLIP, SigLIP, ...), hub layout;
     none: no FiSAO. Defaults to the embedded verifier only when the model is the embedded one; empty to

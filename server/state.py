@@ -37,6 +37,9 @@ class State:
         m.waiting.labels(m.model).set(sched.num_waiting)
         for method, sec in sched.engine.pop_steering_seconds().items():
             m.steering_time.labels(m.model, method).observe(sec)
+        for method, (asked, skipped) in sched.engine.pop_consultations().items():
+            m.consultations.labels(m.model, method, "consulted").inc(asked)
+            m.consultations.labels(m.model, method, "skipped").inc(skipped)
 
     def on_failure(self, e: Exception) -> None:
         """A row whose steering failed (``decoding.methods.SteeringFailed``)."""

@@ -324,6 +324,30 @@ def build_set(family: str, root: str | Path, size: str = "tiny", reward_size: st
     return out
 
 
+def build_fork(target: str | Path, path: str | Path, layers: int = 1, seed: int = 0, noise: float = 0.02) -> Path:
+    """A forked reward model (``decoding.fork``) of the checkpoint at ``target``: its top ``layers`` layers,
+    final norm and head, each weight moved by ``noise`` x a standard normal draw (seeded), so that it differs
+    from the target the way a trained fork does."""
+    import copy
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from decoding.fork import fork_prefixes, save_fork
+
+    model = AutoModelForImageTextToText.from_pretrained(target)
+    prefixes, _ = fork_prefixes(model, layers)
+    fork = copy.deepcopy(model)
+    head = fork.get_output_embeddings()
+    if head.weight is fork.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fork.named_parameters():
+            if any(name.startswith(q) for q in prefixes):
+                p.add_(noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return save_fork(fork, model, layers, AutoProcessor.from_pretrained(target), path)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -334,8 +358,12 @@ if __name__ == "__main__":
     ap.add_argument("--reward-size", default="tiny_rm", choices=list(SIZES))
     ap.add_argument("--verifier", default="clip", choices=["clip", "siglip"])
     ap.add_argument("--model-only", action="store_true")
+    ap.add_argument("--fork-layers", type=int, default=0, help="also a forked reward model of N layers, in OUT/fork")
     a = ap.parse_args()
     if a.model_only:
         print(json.dumps(str(build(a.family, a.out, a.size))))
     else:
-        print(json.dumps({k: str(v) for k, v in build_set(a.family, a.out, a.size, a.reward_size, a.verifier).items()}))
+        paths = build_set(a.family, a.out, a.size, a.reward_size, a.verifier)
+        if a.fork_layers:
+            paths["fork"] = build_fork(paths["model"], Path(a.out) / "fork", a.fork_layers)
+        print(json.dumps({k: str(v) for k, v in paths.items()}))

@@ -1,14 +1,24 @@
 """TITA: the log-prob ratio of a small DPO-trained reward VLM and the target VLM, added at every step.
 
-The reward model is a second engine with the same tokenizer. Its rows (prefilled once with the same
-image and prompt, in its own KV cache) follow the target's rows and are fed the chosen tokens, one
-batched reward-model step per target step.
+The reward model is either
+- a second engine with the same tokenizer: its rows (prefilled once with the same image and prompt, in
+  its own KV cache) follow the target's rows and are fed the chosen tokens, one batched reward-model step
+  per target step; or
+- a fork of the target (``decoding.fork``): its top k layers and head, fed the target's own hidden
+  states, consulted lazily.
+
+The gate (the engine's ``tita_gate``): a row whose target top-1 probability is at least the gate keeps the
+target's scores at that step (the log-ratio is taken as zero, as Nudging, arXiv 2410.09300, leaves
+confident tokens to the base model). With a fork, a step where no row is consulted runs nothing of it; at
+a consulted step the fork first reads every token since its last consultation in one forward, then its
+head runs for the consulted rows only. A separate reward model still steps every token (its cache).
 """
 
 from __future__ import annotations
 
 import torch
 
+from decoding.fork import Fork
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.model_inputs import extended
 from decoding.steer_math import tita
@@ -44,6 +54,26 @@ def check_rows(rows: int, tokens: int, reward_path) -> None:
                          "tokens; TITA needs a log-prob for every token")
 
 
+def _padded_masks(per_row: list[dict], n: int) -> dict:
+    """The prebuilt 4-D prompt masks of rows (Gemma 3's, where image tokens attend both ways), each
+    [1, 1, t, t], left-padded into [B, 1, n, n]: padding positions attend only to themselves."""
+    out = {}
+    for key in per_row[0]:
+        blocks = [m[key] for m in per_row]
+        if blocks[0] is None:
+            out[key] = None
+            continue
+        ref = blocks[0]
+        blocked, allowed = (False, True) if ref.dtype == torch.bool else (torch.finfo(ref.dtype).min, 0.0)
+        full = torch.full((len(blocks), 1, n, n), blocked, dtype=ref.dtype, device=ref.device)
+        full[:, :, torch.arange(n), torch.arange(n)] = allowed
+        for i, m in enumerate(blocks):
+            t = m.shape[-1]
+            full[i, :, n - t:, n - t:] = m[0]
+        out[key] = full
+    return out
+
+
 @register
 class Tita(SteeringMethod):
     name = "tita"
@@ -53,6 +83,11 @@ class Tita(SteeringMethod):
 
     def __init__(self, resources):
         super().__init__(resources)
+        self.reads_trunk = isinstance(resources.reward, Fork)
+        self.gate = float(getattr(resources.target, "tita_gate", 1.0))
+        self.consulted = self.skipped = 0  # row-steps at which the reward model was / was not consulted
+        if self.reads_trunk:
+            return
         # The reward model sees the same image and prompt: when its processor and vision tower are the
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
         self.reuse_inputs = same_inputs(resources.target, self.rm)
@@ -78,13 +113,67 @@ class Tita(SteeringMethod):
                                   extended(rm_row.inputs, n, len(row.token_ids)), image_features=rm_row.image_features)
         return rm_row
 
+    def pop_consultations(self) -> tuple[int, int]:
+        """(consulted, skipped) row-steps since the last call."""
+        out = (self.consulted, self.skipped)
+        self.consulted = self.skipped = 0
+        return out
+
     def start(self, rows):
+        if self.reads_trunk:
+            return self._start_fork(rows)
         return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)
 
-    def steer(self, state, rows, logits, strength):
-        return tita(logits, target_rows(state.logits, logits.shape[-1]), strength)
+    def _start_fork(self, rows):
+        """The fork over the rows' prompts, left-padded (the target captured their hidden states)."""
+        if any(r.trunk is None for r in rows):
+            raise RuntimeError("a forked reward model starts only with the target's prefill (no captured hidden states)")
+        n = max(len(r.trunk[0]) for r in rows)
+        h0, p0, _, m0 = rows[0].trunk
+        hidden = h0.new_zeros((len(rows), n, h0.shape[-1]))
+        pos = p0.new_zeros((*p0.shape[:-1], len(rows), n))  # [B, T], or [axes, B, T] for M-RoPE
+        mask = torch.zeros((len(rows), n), dtype=torch.long, device=hidden.device)
+        for i, r in enumerate(rows):
+            h, p, _, _ = r.trunk
+            hidden[i, n - len(h):] = h
+            pos[..., i, n - len(h):] = p
+            mask[i, n - len(h):] = 1
+        masks = _padded_masks([r.trunk[3] for r in rows], n) if m0 else None
+        next_pos = torch.stack([r.trunk[2] for r in rows])
+        for r in rows:
+            r.trunk = None  # read once: the prompt's hidden states are not kept
+        return self.rm.prefill(hidden, mask, pos, next_pos, masks)
 
-    def advance(self, state, rows, tokens: torch.Tensor) -> None:
+    def _consulted(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Row indices [n] whose target top-1 probability is below the gate (None: every row)."""
+        if self.gate >= 1.0:
+            return None
+        ask = (logits.float().softmax(-1).amax(-1) < self.gate).nonzero().flatten()
+        return None if len(ask) == len(logits) else ask
+
+    def steer(self, state, rows, logits, strength):
+        ask = self._consulted(logits)
+        n = len(rows) if ask is None else len(ask)
+        self.consulted += n
+        self.skipped += len(rows) - n
+        if n == 0:  # every row is confident: the reward model is not consulted (a fork runs nothing)
+            return logits
+        if self.reads_trunk:
+            self.rm.catch_up(state)
+            rm = self.rm.logits(state, ask)
+        else:  # a separate reward model has stepped with the target: the gate only leaves confident rows alone
+            rm = state.logits if ask is None else state.logits[ask]
+        rm = target_rows(rm, logits.shape[-1])
+        if ask is None:
+            return tita(logits, rm, strength)
+        out = logits.clone()
+        out[ask] = tita(logits[ask], rm, strength[ask])
+        return out
+
+    def advance(self, state, rows, tokens: torch.Tensor, trunk: torch.Tensor | None = None) -> None:
+        if self.reads_trunk:
+            self.rm.feed(state, trunk)  # read at the next consultation
+            return
         # a token past the reward model's rows is past the shared tokenizer too (an output row of padding,
         # which only a random-weight target picks): the reward model reads its last row instead of failing
         self.rm.decode_one_token(state, tokens.clamp_max(self.rm.vocab_size - 1))

@@ -1,0 +1,146 @@
+"""The forked reward model (``decoding.fork``): served inside the target's engine on its own hidden states,
+it steers exactly as the same weights do as a whole separate reward model, on every family; the lazy
+gate's catch-up gives the reward model the whole prefix; a fork of the untouched target changes nothing;
+a fork is refused beside any other target; and `vlm-steer train reward --fork-layers` trains and serves one
+on each family's tiny checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from decoding.fork import is_fork, materialise, trunk_fingerprint
+from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from decoding.transformers_engine import TransformersEngine
+from reward_models.data import DataSet
+from server.cli import main
+from shapeworld.models import MODELS_DIR
+from shapeworld.world import make_scene
+from tests.families import FAMILIES, build, build_fork, build_set
+
+
+def _requests(images, method="tita", n=24, strength=None):
+    return [GenerationRequest.single_turn("describe the image .", [im], sampling=SamplingParams(max_tokens=n),
+                                          steering=SteeringSpec(method, strength)) for im in images]
+
+
+def _separate(path, fork, tmp_path, **kw):
+    """The same reward model as a whole checkpoint (the target with the fork's layers in place)."""
+    from reward_models.checkpoints import save_checkpoint
+
+    engine = TransformersEngine(path)
+    whole = materialise(engine.model, fork)
+    save_checkpoint(whole, engine.processor, tmp_path / "whole")
+    return TransformersEngine(path, reward_path=tmp_path / "whole", **kw)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [make_scene(split, i, 4321).image() for i in range(3) for split in ("bait", "random")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fork_steers_as_the_same_weights_as_a_separate_model(family, tmp_path, scenes):
+    """Greedy TITA, in one batch of rows of different prompt lengths: the fork (k=1, on the target's hidden
+    states, its own KV cache) gives the same tokens and steered-step counts as the materialised whole model
+    run as a separate reward model; with the gate, the same again (its catch-up feeds the skipped tokens)."""
+    path = build(family, tmp_path / family)
+    fork = build_fork(path, tmp_path / "fork", layers=1, noise=0.2)
+    assert is_fork(fork) and not is_fork(path)
+    reqs = _requests(scenes[:4], n=12)
+    reqs[1] = GenerationRequest.single_turn("what is there ? describe it .", [scenes[1]], sampling=SamplingParams(max_tokens=12),
+                                            steering=SteeringSpec("tita"))
+    # a gate at the median top-1 probability of the plain model's steps: some steps consulted, some skipped
+    plain = TransformersEngine(path).generate([GenerationRequest(r.messages, r.images, SamplingParams(max_tokens=12, top_logprobs=0))
+                                               for r in reqs])
+    median = float(torch.tensor([lp.logprob for c in plain for lp in c.logprobs]).exp().median())
+    for gate in (1.0, median):
+        forked = TransformersEngine(path, reward_path=fork, tita_gate=gate)
+        whole = _separate(path, fork, tmp_path, tita_gate=gate)
+        a, b = forked.generate(reqs), whole.generate(reqs)
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        assert [c.steered_tokens for c in a] == [c.steered_tokens for c in b]
+        asked, skipped = forked.pop_consultations()["tita"]
+        assert asked + skipped == sum(len(c.token_ids) + (c.finish_reason == "stop") for c in a)
+        assert asked > 0 and (skipped > 0) == (gate < 1.0)
+        assert (skipped == 0) == (gate == 1.0)
+
+
+def test_fork_logits_equal_the_whole_models_step_by_step(tmp_path, scenes):
+    """On the embedded model, the fork's log-probs at each step (consulted every step and after a catch-up
+    of several tokens) equal the materialised model's own forward over the whole prefix."""
+    fork = build_fork(MODELS_DIR / "vlm", tmp_path / "fork", layers=2, noise=0.1)
+    engine = TransformersEngine(MODELS_DIR / "vlm", reward_path=fork)
+    whole = materialise(TransformersEngine(MODELS_DIR / "vlm").model, fork)
+    row = engine.encode(_requests(scenes[:1])[0])
+    batch = engine.prefill([row])
+    state = batch.states["tita"]
+    tokens = []
+    for step in range(6):
+        tok = batch.logits.argmax(-1)
+        tokens.append(int(tok))
+        engine.decode_one_token(batch, tok)
+        state = batch.states["tita"]
+        if step in (0, 4, 5):  # consult after 1, then 4 waiting tokens, then 1
+            engine.fork.catch_up(state)
+            got = engine.fork.logits(state).log_softmax(-1)
+            ids = torch.tensor([row.prompt_ids + tokens])
+            ref = whole(input_ids=ids, pixel_values=row.pixel_values).logits[:, -1].float().log_softmax(-1)
+            assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_a_fork_of_the_untouched_target_changes_nothing(tmp_path, scenes):
+    fork = build_fork(MODELS_DIR / "vlm", tmp_path / "fork", layers=1, noise=0.0)
+    engine = TransformersEngine(MODELS_DIR / "vlm", reward_path=fork)
+    steered = engine.generate(_requests(scenes, strength=1.0))
+    plain = engine.generate(_requests(scenes, method="none"))
+    assert [c.token_ids for c in steered] == [c.token_ids for c in plain]
+    assert sum(c.steered_tokens for c in steered) == 0
+
+
+def test_a_fork_is_refused_beside_another_target(tmp_path):
+    a = build("llava", tmp_path / "a", seed=0)
+    b = build("llava", tmp_path / "b", seed=5)
+    fork = build_fork(a, tmp_path / "fork", layers=1)
+    with pytest.raises(ValueError, match="another target's weights"):
+        TransformersEngine(b, reward_path=fork)
+    with pytest.raises(ValueError, match="runs inside its target's engine"):
+        TransformersEngine(fork)
+    other = build("qwen2_5_vl", tmp_path / "q")
+    with pytest.raises(ValueError, match="was built for a llava target"):
+        TransformersEngine(other, reward_path=fork)
+    # the fingerprint reads the weights, not their dtype: the same checkpoint in bfloat16 is the same target
+    m32 = TransformersEngine(a).model
+    m16 = TransformersEngine(a, dtype="bfloat16").model
+    assert trunk_fingerprint(m32, 1) == trunk_fingerprint(m16, 1)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    main(["data", "shapeworld", "--split", "random", "--n", "6", "--seed", "4321", "--out", str(root)])
+    return root
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_a_fork_on_each_family_and_steer_with_it(family, tmp_path, shapes):
+    """`vlm-steer train reward --fork-layers 1`: only the fork trains (the trunk is checked at save), the
+    folder holds the fork and no whole model, training.json no absolute path, and it steers."""
+    paths = build_set(family, tmp_path / family, verifier="siglip" if family == "gemma3" else "clip")
+    (paths["verifier"] / "calibration.json").unlink()
+    main(["train", "calibrate", "--verifier", str(paths["verifier"]), "--data", str(shapes)])
+    out = tmp_path / "rm"
+    main(["train", "reward", "--target", str(paths["model"]), "--data", str(shapes), "--verifier", str(paths["verifier"]),
+          "--out", str(out), "--fork-layers", "1", "--images", "6", "--steps", "3", "--samples", "2",
+          "--questions", "2", "--anchor", "0.5"])
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["recipe"]["fork_layers"] == 1 and "distill" not in meta["seconds"]
+    assert not any(isinstance(v, str) and v.startswith("/") for v in meta.values())
+    assert is_fork(out) and not (out / "model.safetensors").exists()
+    fork_meta = json.loads((out / "fork.json").read_text())
+    n = TransformersEngine(paths["model"]).config.get_text_config().num_hidden_layers
+    assert fork_meta["layers"] == 1 and fork_meta["first_layer"] == n - 1
+    engine = TransformersEngine(paths["model"], reward_path=out)
+    data = DataSet.load(shapes)
+    a, b = engine.generate(_requests([data.image(data.image_ids[0])] * 2, n=6))
+    assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
