@@ -126,17 +126,24 @@ def check_trunk(info: dict, target, path) -> None:
                          "fingerprint differs): a fork serves only the exact target it was built from")
 
 
+def untied_copy(model):
+    """A deep copy of ``model`` whose output head owns its weights (a tied head, Gemma 3's, shares the input
+    embedding: a fork trains and stores the head, never the trunk's embedding)."""
+    model = copy.deepcopy(model)
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False  # saved as a whole model, the head keeps its own weights
+    return model
+
+
 def materialise(target, path: str | Path):
     """A whole reward model: a copy of ``target`` with the fork's tensors in place (same arithmetic as
     ``Fork``; what an engine that runs a separate reward model loads)."""
     info, tensors = read_fork(path)
     check_trunk(info, target, path)
-    model = copy.deepcopy(target)
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:  # tied: the fork's head is its own
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            cfg.tie_word_embeddings = False  # saved as a whole model, the head must keep its own weights
+    model = untied_copy(target)
     state = model.state_dict()
     for name, t in tensors.items():
         if name not in state or state[name].shape != t.shape:
@@ -192,7 +199,6 @@ class Fork:
         fork.norm = copy.deepcopy(text.norm)
         head = copy.deepcopy(target_model.get_output_embeddings())
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        prefixes, _ = fork_prefixes(target_model, self.k)
         names = {id(m): n + "." for n, m in target_model.named_modules()}
         mods = {names[id(m)]: mine for m, mine in zip([*text.layers[self.capture:], text.norm], [*layers, fork.norm])}
         mods[names[id(target_model.get_output_embeddings())]] = head

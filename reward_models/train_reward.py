@@ -371,13 +371,10 @@ def make_pairs(engine: TransformersEngine, data: DataSet, files: list[str], reci
 def build_fork(target, k: int):
     """A full copy of the target in which only the fork (top ``k`` decoder layers, final norm, output head,
     untied from the input embedding) is trainable: DPO on it trains exactly what ``decoding.fork`` serves."""
-    from decoding.fork import fork_prefixes
+    from decoding.fork import fork_prefixes, untied_copy
 
     prefixes, _ = fork_prefixes(target, k)
-    model = copy.deepcopy(target)
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    model = untied_copy(target)
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(q) for q in prefixes))
     return model

@@ -33,6 +33,16 @@ def steering_engine():
     yield TransformersEngine(MODELS_DIR / "vlm", **paths)
 
 
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """Six held-out ShapeWorld scenes exported as a data set folder (the trainers' tests train on it)."""
+    from server.cli import main
+
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    main(["data", "shapeworld", "--split", "random", "--n", "6", "--seed", "4321", "--out", str(root)])
+    return root
+
+
 # The fast tier (`make test-unit`, under a minute) leaves out these files: the ones that train, soak, fuzz,
 # start several servers or processes, or drive a browser. `make test` runs everything.
 SLOW = {

@@ -328,18 +328,13 @@ def build_fork(target: str | Path, path: str | Path, layers: int = 1, seed: int 
     """A forked reward model (``decoding.fork``) of the checkpoint at ``target``: its top ``layers`` layers,
     final norm and head, each weight moved by ``noise`` x a standard normal draw (seeded), so that it differs
     from the target the way a trained fork does."""
-    import copy
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from decoding.fork import fork_prefixes, save_fork
+    from decoding.fork import fork_prefixes, save_fork, untied_copy
 
     model = AutoModelForImageTextToText.from_pretrained(target)
     prefixes, _ = fork_prefixes(model, layers)
-    fork = copy.deepcopy(model)
-    head = fork.get_output_embeddings()
-    if head.weight is fork.get_input_embeddings().weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    fork = untied_copy(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in fork.named_parameters():

@@ -115,13 +115,6 @@ def test_a_fork_is_refused_beside_another_target(tmp_path):
     assert trunk_fingerprint(m32, 1) == trunk_fingerprint(m16, 1)
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
-    main(["data", "shapeworld", "--split", "random", "--n", "6", "--seed", "4321", "--out", str(root)])
-    return root
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_a_fork_on_each_family_and_steer_with_it(family, tmp_path, shapes):
     """`vlm-steer train reward --fork-layers 1`: only the fork trains (the trunk is checked at save), the

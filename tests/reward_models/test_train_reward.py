@@ -55,13 +55,6 @@ def test_label_verdicts_and_views():
         augmented_view(img, "blur:1", np.random.default_rng(0))
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
-    main(["data", "shapeworld", "--split", "random", "--n", "6", "--seed", "4321", "--out", str(root)])
-    return root
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scorer_logps_equal_an_unpadded_forward(family, tmp_path, shapes):
     """Batched, left-padded answers of different lengths score as transformers' forward scores each alone
