@@ -18,10 +18,18 @@ multimodal rotary positions (M-RoPE: Qwen2-VL, Qwen2.5-VL and kin, recognised by
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 
 TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def local_folder(path, what: str) -> None:
+    """Models load from local folders only: a missing one is a clear ValueError at once (``from_pretrained``
+    would take it for a hub id and retry the network for a minute before failing)."""
+    if not Path(path).is_dir():
+        raise ValueError(f"{what} {path}: no such folder (models load from local folders)")
 
 
 def row_inputs(processor_output) -> dict[str, torch.Tensor]:

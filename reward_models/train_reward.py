@@ -384,8 +384,8 @@ def build_init(target, init: str | Path | None, layers: int, fork: int = 0):
     """The model DPO starts from: ``init`` (a VLM with the target's tokenizer), a fork of the target's top
     ``fork`` layers (``build_fork``), or a copy of the target that keeps its first ``layers`` decoder layers
     (0: all)."""
-    if init and fork:
-        raise ValueError("--init (a separate model) and --fork-layers (a fork of the target) exclude each other")
+    if (init or layers) and fork:
+        raise ValueError("--init/--init-layers (a separate model) and --fork-layers (a fork of the target) exclude each other")
     if fork:
         return build_fork(target, fork)
     if init:
@@ -587,7 +587,7 @@ def train_reward(target: str | Path, data: str | Path, out: str | Path, recipe: 
     rm = build_init(base, init, recipe.init_layers, recipe.fork_layers)
     freeze_vision(rm)
     rm_scorer = Scorer(rm, processor, images)
-    n_params = sum(p.numel() for p in rm.parameters())
+    n_params = sum(p.numel() for p in rm.parameters() if p.requires_grad or not recipe.fork_layers)  # a fork: its own
     print(f"reward model: {n_params / 1e6:.2f} M parameters (target {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M)")
 
     kl = None

@@ -36,8 +36,11 @@ def _train(args: argparse.Namespace) -> None:
         if not args.target or args.out == str(MODELS_DIR):
             raise SystemExit("train reward --data DIR needs --target DIR (the VLM the reward model steers) and "
                              "--out DIR (the reward model's folder)")
-        train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier,
-                     pairs_from=args.pairs_from)
+        try:
+            train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier,
+                         pairs_from=args.pairs_from)
+        except ValueError as e:  # a recipe that does not fit the target (layers out of range, ...): one line
+            raise SystemExit(f"vlm-steer: {e}") from None
     elif args.data:
         raise SystemExit(f"train {args.what} trains an embedded model; --data is for calibrate and reward")
     else:
@@ -94,6 +97,14 @@ def _engine(args: argparse.Namespace):
     gate = args.tita_gate if getattr(args, "tita_gate", None) is not None else Settings.model_fields["tita_gate"].default
     return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward,
                               verifier_path=verifier, tita_gate=gate)
+
+
+def probability(text: str) -> float:
+    """--tita-gate: a probability in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
 
 
 def _strengths(text: str | None) -> dict[str, float]:
@@ -206,12 +217,13 @@ def _bench_health(args: argparse.Namespace) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(MODELS_DIR / "vlm"), help="target VLM folder (any family transformers loads)")
     p.add_argument("--reward", "--reward-model", dest="reward", default=None,
-                   help="TITA reward model (same tokenizer; default: the embedded one for the embedded VLM; '' for none)")
+                   help="TITA reward model: a fork of the target or a separate model with its tokenizer (default: the "
+                        "embedded one for the embedded VLM; '' for none)")
     p.add_argument("--verifier", default=None, help="FiSAO verifier folder (CLIP/SigLIP with objects.json and "
                                                      "calibration.json; default: the embedded one for the embedded VLM)")
-    p.add_argument("--tita-gate", type=float, default=None,
-                   help="TITA with a forked reward model: consult it only where the target's top-1 probability is "
-                        "below this (default: the server's default, see `vlm-steer serve --help`)")
+    p.add_argument("--tita-gate", type=probability, default=None,
+                   help="TITA: consult the reward model only where the target's top-1 probability is below this, in "
+                        "(0, 1] (default: the server's, see `vlm-steer serve --help`)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
 
@@ -364,10 +376,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from reward_models.data import DataError
 
+    from pydantic import ValidationError
+
     try:
         args.func(args)
     except DataError as e:  # a user's data set file: one clear line, no traceback
         raise SystemExit(f"vlm-steer: {e}") from None
+    except ValidationError as e:  # a setting out of range: each field and why
+        raise SystemExit("vlm-steer: invalid settings: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
 
 
 if __name__ == "__main__":

@@ -156,8 +156,8 @@ class Tita(SteeringMethod):
         n = len(rows) if ask is None else len(ask)
         self.consulted += n
         self.skipped += len(rows) - n
-        if n == 0:  # every row is confident: the reward model is not consulted (a fork runs nothing)
-            return logits
+        if n == 0:  # every row is confident: the reward model is not consulted (a fork runs nothing); the
+            return logits.float().log_softmax(-1)  # scores are log-probs like a consulted row's (contribution 0)
         if self.reads_trunk:
             self.rm.catch_up(state)
             rm = self.rm.logits(state, ask)
@@ -166,7 +166,7 @@ class Tita(SteeringMethod):
         rm = target_rows(rm, logits.shape[-1])
         if ask is None:
             return tita(logits, rm, strength)
-        out = logits.clone()
+        out = logits.float().log_softmax(-1)
         out[ask] = tita(logits[ask], rm, strength[ask])
         return out
 

@@ -137,3 +137,37 @@ def test_train_a_fork_on_each_family_and_steer_with_it(family, tmp_path, shapes)
     data = DataSet.load(shapes)
     a, b = engine.generate(_requests([data.image(data.image_ids[0])] * 2, n=6))
     assert a.token_ids == b.token_ids and len(a.token_ids) >= 1
+
+
+def test_skipped_steps_explain_as_unsteered(tmp_path, scenes):
+    """A step the gate leaves to the target reports no TITA contribution (the method still returns log-probs),
+    and the rows are consulted at none of them."""
+    fork = build_fork(MODELS_DIR / "vlm", tmp_path / "fork", layers=1, noise=0.2)
+    engine = TransformersEngine(MODELS_DIR / "vlm", reward_path=fork, tita_gate=1e-6)
+    reqs = [GenerationRequest.single_turn("describe the image .", [im], sampling=SamplingParams(max_tokens=8),
+                                          steering=SteeringSpec("tita", explain=True)) for im in scenes[:2]]
+    for c in engine.generate(reqs):
+        assert c.explain and all(abs(e.contributions["tita"]) < 1e-5 and e.logprob == pytest.approx(e.base_logprob, abs=1e-5)
+                                 for e in c.explain)
+    asked, skipped = engine.pop_consultations()["tita"]
+    assert asked == 0 and skipped > 0
+
+
+def test_clear_errors_before_any_work(tmp_path, capsys):
+    from reward_models.train_reward import build_init
+
+    with pytest.raises(ValueError, match="no such folder"):
+        TransformersEngine(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no such folder"):
+        TransformersEngine(MODELS_DIR / "vlm", reward_path=tmp_path / "missing")
+    target = TransformersEngine(MODELS_DIR / "vlm").model
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_init(target, None, 2, fork=1)
+    with pytest.raises(SystemExit, match="invalid settings: tita_gate"):
+        main(["serve", "--tita-gate", "2"])
+    with pytest.raises(SystemExit):
+        main(["bench", "speed", "--tita-gate", "abc"])
+    assert "invalid probability value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "speed", "--tita-gate", "0"])
+    assert "is not in (0, 1]" in capsys.readouterr().err
