@@ -36,16 +36,36 @@ def _train(args: argparse.Namespace) -> None:
         if not args.target or args.out == str(MODELS_DIR):
             raise SystemExit("train reward --data DIR needs --target DIR (the VLM the reward model steers) and "
                              "--out DIR (the reward model's folder)")
-        try:
-            train_reward(args.target, args.data, args.out, _recipe(args), init=args.init, verifier=args.verifier,
-                         pairs_from=args.pairs_from)
-        except ValueError as e:  # a recipe that does not fit the target (layers out of range, ...): one line
-            raise SystemExit(f"vlm-steer: {e}") from None
+        recipe = _recipe(args)
+        _check_fork(recipe, args)
+        train_reward(args.target, args.data, args.out, recipe, init=args.init, verifier=args.verifier,
+                     pairs_from=args.pairs_from)
     elif args.data:
         raise SystemExit(f"train {args.what} trains an embedded model; --data is for calibrate and reward")
     else:
         world = _embedded()
         world.train(args, _recipe(args, world.reward_recipe()))
+
+
+def _check_fork(recipe, args: argparse.Namespace) -> None:
+    """A fork's layer count against the target's, and its exclusion of a separate model, in one line before
+    any work (the trainer raises the same as ValueError)."""
+    if not recipe.fork_layers:
+        return
+    if args.init or recipe.init_layers:
+        raise SystemExit("vlm-steer: --init/--init-layers (a separate model) and --fork-layers (a fork of the target) "
+                         "exclude each other")
+    from transformers import AutoConfig
+
+    from decoding.model_inputs import local_folder
+
+    try:
+        local_folder(args.target, "target")
+    except ValueError as e:
+        raise SystemExit(f"vlm-steer: {e}") from None
+    n = AutoConfig.from_pretrained(args.target).get_text_config().num_hidden_layers
+    if not 0 < recipe.fork_layers <= n:
+        raise SystemExit(f"vlm-steer: --fork-layers {recipe.fork_layers}: the target has {n} decoder layers (1..{n})")
 
 
 def _recipe(args: argparse.Namespace, base=None):

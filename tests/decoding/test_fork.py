@@ -163,6 +163,11 @@ def test_clear_errors_before_any_work(tmp_path, capsys):
     target = TransformersEngine(MODELS_DIR / "vlm").model
     with pytest.raises(ValueError, match="exclude each other"):
         build_init(target, None, 2, fork=1)
+    train = ["train", "reward", "--target", str(MODELS_DIR / "vlm"), "--data", str(tmp_path), "--out", str(tmp_path / "rm")]
+    with pytest.raises(SystemExit, match="the target has 4 decoder layers"):
+        main([*train, "--fork-layers", "9"])
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main([*train, "--fork-layers", "1", "--init-layers", "2"])
     with pytest.raises(SystemExit, match="invalid settings: tita_gate"):
         main(["serve", "--tita-gate", "2"])
     with pytest.raises(SystemExit):
