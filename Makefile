@@ -91,5 +91,6 @@ bench-speed-mid: $(STAMP)
 
 # On a machine with a CUDA GPU: real-shape random pairs (LLaVA-1.5-7B + 1.1B, Qwen2.5-VL-7B + 3B, bfloat16),
 # speed table and greedy equality on both engines, one table. Refuses on CPU.
-gpu-check: $(STAMP)  # `python -m tests.gpu_check --tiny-on-cpu` dry-runs it on CPU (tests/test_gpu_check.py)
-	$(BIN)/python -m tests.gpu_check
+# Installs nothing: the machine's own python and torch (PYTHON=...; a lent GPU machine may have no registry).
+gpu-check:  # `python -m tests.gpu_check --tiny-on-cpu` dry-runs it on CPU (tests/test_gpu_check.py)
+	$(PYTHON) -m tests.gpu_check

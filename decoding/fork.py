@@ -253,10 +253,15 @@ class Fork:
         state.mask, state.next_pos, state.pending = mask, state.next_pos + p, None
 
     @torch.inference_mode()
-    def logits(self, state: ForkState, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The fork's logits [n, V] for ``rows`` (indices; default all) after ``catch_up``."""
+    def logits(self, state: ForkState, rows: torch.Tensor | None = None,
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """The fork's logits [n, V] for ``rows`` (indices; default all) after ``catch_up``; with
+        ``candidates`` [n, K] token ids, only those [n, K]: the head costs K rows of its weight, not V."""
         h = state.last if rows is None else state.last[rows]
-        out = F.linear(h, self.head.weight).float()
+        if candidates is None:
+            out = F.linear(h, self.head.weight).float()
+        else:
+            out = torch.bmm(self.head.weight[candidates], h.unsqueeze(-1)).squeeze(-1).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -53,18 +53,27 @@ def sample_tokens(
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    """One token per row: argmax where temperature < SAMPLING_EPS, else a draw from softmax(logits / T) cut
-    at top_p."""
+    """One token per row [rows]: argmax where temperature < SAMPLING_EPS, else a draw from
+    softmax(logits / T) cut at top_p.
+
+    Each hot row draws one uniform number from its own generator (a CPU ``torch.Generator``, or torch's
+    global one when None) and takes the token where it falls on the row's cumulative distribution
+    (inverse-CDF sampling). The generators stay on the CPU whatever the logits' device (a CPU generator
+    cannot drive ``torch.multinomial`` on a CUDA tensor), only the uniforms travel, in one copy, and a
+    seeded request draws the same numbers on every device."""
     greedy = logits.argmax(-1)
-    hot = temperature >= SAMPLING_EPS
-    if not bool(hot.any()):
+    hot = (temperature >= SAMPLING_EPS).tolist()
+    if not any(hot):
         return greedy
-    t = torch.where(hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
-    probs = top_p_filter(logits.float() / t, top_p).softmax(-1)
-    out = greedy.clone()
-    for i in hot.nonzero().flatten().tolist():
-        out[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
-    return out
+    t = torch.where(temperature >= SAMPLING_EPS, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+    cdf = top_p_filter(logits.float() / t, top_p).softmax(-1).double().cumsum(-1)
+    u = torch.zeros(len(hot), 1, dtype=torch.float64)
+    for i, is_hot in enumerate(hot):
+        if is_hot:
+            u[i] = torch.rand(1, generator=generators[i], dtype=torch.float64)
+    u = u.to(cdf.device, non_blocking=True)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    return torch.where(torch.tensor(hot, device=greedy.device), drawn, greedy)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,24 @@ def tita(target_logits: torch.Tensor, reward_logits: torch.Tensor, strength: tor
     return torch.where(torch.isneginf(lt), lt, lt + strength.reshape(-1, 1) * (lr - lt))
 
 
+def tita_candidates(target_logits: torch.Tensor, candidates: torch.Tensor, reward_logits: torch.Tensor,
+                    strength: torch.Tensor) -> torch.Tensor:
+    """TITA inside a candidate set C (the target's top K tokens), for a reward model that scores only C
+    (reward-guided decoding over the top-k candidates, as ARGS, Khanov et al. 2024, arXiv 2402.01694):
+    s(v) = log p_target(v) + lambda * (log p_RM(v | C) - log p_target(v | C)) for v in C, log p_target(v)
+    elsewhere. Within C this is ``tita`` up to a per-row constant (so greedy and sampling among C agree with
+    it); no token outside C gains.
+
+    ``target_logits`` [B, V]; ``candidates`` [B, K] token ids; ``reward_logits`` [B, K] the reward model's
+    logits at those ids; ``strength`` [B]. Returns scores [B, V]. With K = V it equals ``tita``."""
+    lt = target_logits.float().log_softmax(-1)
+    lt_c = lt.gather(-1, candidates)
+    lr_c = reward_logits.float().log_softmax(-1)
+    step = lt_c + strength.reshape(-1, 1) * (lr_c - lt_c.log_softmax(-1))
+    # a candidate masked before steering (fewer allowed tokens than K) stays masked, not NaN
+    return lt.scatter(-1, candidates, torch.where(torch.isneginf(lt_c), lt_c, step))
+
+
 def token_bonus(logits: torch.Tensor, bonus: torch.Tensor, strength: torch.Tensor, alpha: float) -> torch.Tensor:
     """FiSAO at decoding time: log p + lambda * r(v) for tokens v inside the plausibility set, where r is
     the verifier reward of the object phrase that v would emit or complete (0 for other tokens).

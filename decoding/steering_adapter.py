@@ -42,8 +42,10 @@ class WorkerTarget:
     shares_tower_outputs = False
     model = None
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, tita_gate: float = 1.0, tita_candidates: int = 0):
         from transformers import AutoConfig, AutoProcessor
+
+        self.tita_gate, self.tita_candidates = tita_gate, tita_candidates  # as the transformers engine's
 
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer

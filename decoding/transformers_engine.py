@@ -110,13 +110,15 @@ class TransformersEngine:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
-                 verifier_files: dict | None = None, tita_gate: float = 1.0, fork_target: str | Path | None = None):
+                 verifier_files: dict | None = None, tita_gate: float = 1.0, tita_candidates: int = 0,
+                 fork_target: str | Path | None = None):
         """``reward_path``: a reward model folder, whole or forked (``decoding.fork``); ``tita_gate``: TITA
         consults the reward model only at steps where the target's top-1 probability is below it (1.0:
-        every step); ``fork_target``: when ``model_path`` itself is a fork, the target it was forked from
+        every step); ``tita_candidates``: TITA takes the log-ratio inside the target's top K tokens only (0:
+        the whole vocabulary; ``decoding.steer_math.tita_candidates``); ``fork_target``: when ``model_path`` itself is a fork, the target it was forked from
         (the engine then serves the materialised whole reward model: the vllm engine's worker)."""
         self.model_path = str(model_path)
-        self.tita_gate = tita_gate
+        self.tita_gate, self.tita_candidates = tita_gate, tita_candidates
         local_folder(model_path, "model")
         if reward_path is not None:
             local_folder(reward_path, "reward model")

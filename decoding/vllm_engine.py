@@ -32,7 +32,7 @@ from decoding.request import (Completion, Delta, Failed, Finished, GenerationReq
                               tokens_covering)
 from decoding.prompts import render_prompt
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV, SLOTS,
-                                    VERIFIER_ENV, Counters, ExplainRing)
+                                    TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "float32",
                  reward_path: str | Path | None = None, verifier_path: str | Path | None = None,
-                 verifier_files: dict | None = None,
+                 verifier_files: dict | None = None, tita_gate: float = 1.0, tita_candidates: int = 0,
                  max_batch: int = 16, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, engine_args: dict | None = None):
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
@@ -96,6 +96,7 @@ class VLLMEngine:
         else:
             os.environ.pop(REWARD_ENV, None)
         os.environ.pop(VERIFIER_ENV, None)
+        os.environ[TITA_ENV] = json.dumps({"gate": tita_gate, "candidates": tita_candidates})
         if verifier_path is not None:
             from decoding.verifier import Verifier
 

@@ -12,6 +12,7 @@ import torch
 ARG = "vlm_steer"
 REWARD_ENV = "VLM_STEER_WORKER_REWARD_MODEL"  # the reward model folder, for the worker (not a server setting)
 VERIFIER_ENV = "VLM_STEER_WORKER_VERIFIER"  # JSON {"path", "vocabulary", "calibration"} of the verifier
+TITA_ENV = "VLM_STEER_WORKER_TITA"  # JSON {"gate", "candidates"}: the server's TITA settings, for the worker
 COUNTERS_ENV = "VLM_STEER_COUNTERS"  # the shared counter file
 EXPLAIN_ENV = "VLM_STEER_EXPLAIN"  # the shared explanation ring file
 METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry

@@ -18,7 +18,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from decoding.methods import Resources
 from decoding.steering_adapter import PerRequestSteering, WorkerTarget
-from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, VERIFIER_ENV, Counters, ExplainRing,
+from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing,
                                     validate)
 
 
@@ -59,7 +59,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
             spec = json.loads(os.environ[VERIFIER_ENV])
             verifier = Verifier(spec["path"], device=str(device), vocabulary=spec.get("vocabulary"),
                                 calibration=spec.get("calibration"))
-        target = WorkerTarget(vllm_config.model_config.model)
+        tita = json.loads(os.environ.get(TITA_ENV) or "{}")
+        target = WorkerTarget(vllm_config.model_config.model, tita.get("gate", 1.0), tita.get("candidates", 0))
         self.steering = PerRequestSteering(Resources(target, reward, verifier), counters, explain)
 
     def is_argmax_invariant(self) -> bool:

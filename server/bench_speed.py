@@ -82,10 +82,12 @@ def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
     fork = getattr(engine, "fork", None)
     if fork is not None:
         layers = 2.0 * sum(p.numel() for p in fork.text.layers.parameters())
-        head = 2.0 * fork.head.weight.numel()
-        c_r = layers + consulted * head
+        rows, width = fork.head.weight.shape
+        k = getattr(engine, "tita_candidates", 0)
+        rows = k if 0 < k < rows else rows  # the head over the target's top K candidates only
+        c_r = layers + consulted * 2.0 * rows * width
         return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),
-                "design": f"fork of {fork.k} layers, head at {consulted:.0%} of steps"}
+                "design": f"fork of {fork.k} layers, head over {rows} rows at {consulted:.0%} of steps"}
     reward_path = getattr(reward, "model_path", reward)  # the vllm engine holds the reward model's path
     c_r = decoder_flops_per_token(reward_path)
     return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),

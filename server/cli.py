@@ -105,18 +105,22 @@ def _engine(args: argparse.Namespace):
     reward = args.reward if args.reward is not None else (MODELS_DIR / "reward" if embedded else None)
     verifier = args.verifier if args.verifier is not None else (MODELS_DIR / "verifier" if embedded else None)
     reward, verifier = reward or None, verifier or None  # "" disables
+    from server.settings import Settings
+
+    def setting(name):
+        value = getattr(args, name, None)
+        return value if value is not None else Settings.model_fields[name].default
+
     if getattr(args, "engine", "transformers") == "vllm":
         from decoding.vllm_engine import VLLMEngine
 
         return VLLMEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
-                          max_batch=max(8, getattr(args, "batch", 8)))
+                          max_batch=max(8, getattr(args, "batch", 8)), tita_gate=setting("tita_gate"),
+                          tita_candidates=setting("tita_candidates"))
     from decoding.transformers_engine import TransformersEngine
 
-    from server.settings import Settings
-
-    gate = args.tita_gate if getattr(args, "tita_gate", None) is not None else Settings.model_fields["tita_gate"].default
-    return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward,
-                              verifier_path=verifier, tita_gate=gate)
+    return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
+                              tita_gate=setting("tita_gate"), tita_candidates=setting("tita_candidates"))
 
 
 def probability(text: str) -> float:
@@ -124,6 +128,17 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
+def count(text: str) -> int:
+    """--tita-candidates: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
     return value
 
 
@@ -244,6 +259,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tita-gate", type=probability, default=None,
                    help="TITA: consult the reward model only where the target's top-1 probability is below this, in "
                         "(0, 1] (default: the server's, see `vlm-steer serve --help`)")
+    p.add_argument("--tita-candidates", type=count, default=None,
+                   help="TITA: take the log-ratio inside the target's top K tokens only (0: the whole vocabulary; "
+                        "default: the server's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
 

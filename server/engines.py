@@ -11,12 +11,13 @@ def load_engine(s: Settings):
         from decoding.vllm_engine import VLLMEngine
 
         return VLLMEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
-                          verifier_files=verifier_files(s), max_batch=s.max_batch, tensor_parallel_size=s.tensor_parallel_size,
+                          verifier_files=verifier_files(s), tita_gate=s.tita_gate,
+                          tita_candidates=s.tita_candidates, max_batch=s.max_batch, tensor_parallel_size=s.tensor_parallel_size,
                           gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len)
     from decoding.transformers_engine import TransformersEngine
 
     return TransformersEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
-                              verifier_files=verifier_files(s), tita_gate=s.tita_gate)
+                              verifier_files=verifier_files(s), tita_gate=s.tita_gate, tita_candidates=s.tita_candidates)
 
 
 def verifier_files(s: Settings) -> dict:

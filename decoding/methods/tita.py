@@ -12,6 +12,9 @@ target's scores at that step (the log-ratio is taken as zero, as Nudging, arXiv 
 confident tokens to the base model). With a fork, a step where no row is consulted runs nothing of it; at
 a consulted step the fork first reads every token since its last consultation in one forward, then its
 head runs for the consulted rows only. A separate reward model still steps every token (its cache).
+
+Candidates (the engine's ``tita_candidates``, K > 0): the log-ratio is taken inside the target's top K
+tokens only (``decoding.steer_math.tita_candidates``); a fork's head then costs K of its V rows.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from decoding.fork import Fork
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.model_inputs import extended
-from decoding.steer_math import tita
+from decoding.steer_math import tita, tita_candidates
 
 
 def same_inputs(a, b) -> bool:
@@ -85,6 +88,7 @@ class Tita(SteeringMethod):
         super().__init__(resources)
         self.reads_trunk = isinstance(resources.reward, Fork)
         self.gate = float(getattr(resources.target, "tita_gate", 1.0))
+        self.candidates = int(getattr(resources.target, "tita_candidates", 0))  # 0: the whole vocabulary
         self.consulted = self.skipped = 0  # row-steps at which the reward model was / was not consulted
         if self.reads_trunk:
             return
@@ -158,16 +162,20 @@ class Tita(SteeringMethod):
         self.skipped += len(rows) - n
         if n == 0:  # every row is confident: the reward model is not consulted (a fork runs nothing); the
             return logits.float().log_softmax(-1)  # scores are log-probs like a consulted row's (contribution 0)
+        asked = logits if ask is None else logits[ask]
+        cand = asked.topk(self.candidates, -1).indices if 0 < self.candidates < logits.shape[-1] else None
         if self.reads_trunk:
             self.rm.catch_up(state)
-            rm = self.rm.logits(state, ask)
+            rm = self.rm.logits(state, ask, cand)  # with candidates, the fork's head runs over K rows only
         else:  # a separate reward model has stepped with the target: the gate only leaves confident rows alone
-            rm = state.logits if ask is None else state.logits[ask]
-        rm = target_rows(rm, logits.shape[-1])
+            rm = target_rows(state.logits if ask is None else state.logits[ask], logits.shape[-1])
+            rm = rm if cand is None else rm.gather(-1, cand)
+        s = strength if ask is None else strength[ask]
+        scores = tita(asked, rm, s) if cand is None else tita_candidates(asked, cand, rm, s)
         if ask is None:
-            return tita(logits, rm, strength)
+            return scores
         out = logits.float().log_softmax(-1)
-        out[ask] = tita(logits[ask], rm, strength[ask])
+        out[ask] = scores
         return out
 
     def advance(self, state, rows, tokens: torch.Tensor, trunk: torch.Tensor | None = None) -> None:

@@ -17,7 +17,8 @@ def diffusion_noise(pixels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     betas = torch.linspace(1e-4, 0.02, NOISE_STEPS, dtype=torch.float64)
     abar = float(torch.cumprod(1 - betas, 0)[NOISE_STEP - 1])
     g = torch.Generator().manual_seed(seed)
-    eps = torch.randn(pixels.shape, generator=g, dtype=torch.float32)
+    # drawn on the CPU (seeded alike on every device), then moved to the pixels' device
+    eps = torch.randn(pixels.shape, generator=g, dtype=torch.float32).to(pixels.device)
     return (math.sqrt(abar) * pixels.float() + math.sqrt(1 - abar) * eps).to(pixels.dtype)
 
 

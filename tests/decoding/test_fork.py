@@ -43,7 +43,8 @@ def scenes():
 def test_a_fork_steers_as_the_same_weights_as_a_separate_model(family, tmp_path, scenes):
     """Greedy TITA, in one batch of rows of different prompt lengths: the fork (k=1, on the target's hidden
     states, its own KV cache) gives the same tokens and steered-step counts as the materialised whole model
-    run as a separate reward model; with the gate, the same again (its catch-up feeds the skipped tokens)."""
+    run as a separate reward model; with the gate, the same again (its catch-up feeds the skipped tokens);
+    with TITA over the target's top 5 tokens (the fork's head over those rows only), the same again."""
     path = build(family, tmp_path / family)
     fork = build_fork(path, tmp_path / "fork", layers=1, noise=0.2)
     assert is_fork(fork) and not is_fork(path)
@@ -54,9 +55,9 @@ def test_a_fork_steers_as_the_same_weights_as_a_separate_model(family, tmp_path,
     plain = TransformersEngine(path).generate([GenerationRequest(r.messages, r.images, SamplingParams(max_tokens=12, top_logprobs=0))
                                                for r in reqs])
     median = float(torch.tensor([lp.logprob for c in plain for lp in c.logprobs]).exp().median())
-    for gate in (1.0, median):
-        forked = TransformersEngine(path, reward_path=fork, tita_gate=gate)
-        whole = _separate(path, fork, tmp_path, tita_gate=gate)
+    for gate, k in ((1.0, 0), (median, 0), (1.0, 5)):  # k: the fork's head over the target's top 5 only
+        forked = TransformersEngine(path, reward_path=fork, tita_gate=gate, tita_candidates=k)
+        whole = _separate(path, fork, tmp_path, tita_gate=gate, tita_candidates=k)
         a, b = forked.generate(reqs), whole.generate(reqs)
         assert [c.token_ids for c in a] == [c.token_ids for c in b]
         assert [c.steered_tokens for c in a] == [c.steered_tokens for c in b]

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from decoding.steer_math import plausible, tita, token_bonus, vcd
+from decoding.steer_math import plausible, tita, tita_candidates, token_bonus, vcd
 
 L = torch.log
 
@@ -61,3 +61,39 @@ def test_tita_keeps_masked_tokens_masked():
         out = tita(target, reward, torch.tensor([s]))
         assert not out.isnan().any() and out[0, 1] == float("-inf")
     assert int(tita(target, reward, torch.tensor([1.0])).argmax()) == 0  # the reward model's best allowed token
+
+
+def test_tita_over_candidates_known_values():
+    """Inside C = {0, 1}: log p_t(v) + lambda (log p_RM(v | C) - log p_t(v | C)); token 2 outside keeps log p_t."""
+    t = L(torch.tensor([[0.6, 0.3, 0.1]]))
+    r = torch.tensor([[L(torch.tensor(0.2)), L(torch.tensor(0.8))]])  # the reward model's logits at C only
+    out = tita_candidates(t, torch.tensor([[0, 1]]), r, torch.tensor([0.5]))
+    expect = [math.log(0.6) + 0.5 * (math.log(0.2) - math.log(0.6 / 0.9)),
+              math.log(0.3) + 0.5 * (math.log(0.8) - math.log(0.3 / 0.9)), math.log(0.1)]
+    assert torch.allclose(out, torch.tensor([expect]), atol=1e-6)
+    assert out.argmax().item() == 1  # the reward model flips the greedy choice inside C
+
+
+def test_tita_over_candidates_is_tita_within_them():
+    """With C the whole vocabulary it is ``tita``; with C the top K it is ``tita`` up to a per-row constant on
+    C (same argmax and same softmax among C), and every other token keeps the target's log-prob."""
+    torch.manual_seed(0)
+    t, r, s = torch.randn(4, 50) * 3, torch.randn(4, 50) * 3, torch.tensor([0.0, 0.3, 0.9, 1.0])
+    every = torch.arange(50).expand(4, 50)
+    assert torch.allclose(tita_candidates(t, every, r.gather(-1, every), s), tita(t, r, s), atol=1e-5)
+    cand = t.topk(8, -1).indices
+    out, exact = tita_candidates(t, cand, r.gather(-1, cand), s), tita(t, r, s)
+    gap = out.gather(-1, cand) - exact.gather(-1, cand)
+    assert torch.allclose(gap, gap[:, :1].expand_as(gap), atol=1e-5)
+    outside = torch.ones_like(t, dtype=torch.bool).scatter(-1, cand, False)
+    assert torch.equal(out[outside], t.log_softmax(-1)[outside])
+    assert torch.allclose(out[0], t[0].log_softmax(-1))  # strength 0: the target's log-probs
+
+
+def test_tita_over_candidates_keeps_masked_tokens_masked():
+    """More candidates than allowed tokens: a masked candidate stays -inf, no NaN."""
+    target = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")]])
+    cand = target.topk(3, -1).indices
+    for s in (0.0, 0.5, 1.0):
+        out = tita_candidates(target, cand, torch.tensor([[3.0, 5.0, 0.0]]), torch.tensor([s]))
+        assert not out.isnan().any() and out[0, 1] == out[0, 3] == float("-inf")
