@@ -221,6 +221,8 @@ class PerRequestSteering:
                 group.reset()
                 continue
             members = [rows[i][0] for i in idx]
+            for i in idx:
+                rows[i][0].batch_index = i  # the row of this step's logits (a reward model inside the engine's model reads it)
             t0 = time.perf_counter()
             try:
                 lost = {id(r): e for r, e in group.sync(members)}

@@ -166,7 +166,7 @@ class TransformersEngine:
         if verifier_path is not None:
             from decoding.verifier import Verifier
 
-            verifier = Verifier(verifier_path, device=device, **(verifier_files or {}))
+            verifier = Verifier(verifier_path, device=device, dtype=self.dtype, **(verifier_files or {}))
         self.resources = Resources(self, reward, verifier)
         self.methods = {name: cls(self.resources) for name, cls in usable_methods(self.resources).items()}
         text_model = self.model.get_decoder()  # the language model under the image-text wrapper

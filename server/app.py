@@ -33,10 +33,10 @@ log = logging.getLogger("vlm_steer.server")
 
 
 def load_judge(settings: Settings):
-    """The grounding judge (``reward_models.grounding.Judge``) on the serving device."""
+    """The grounding judge (``reward_models.grounding.Judge``) on ``grounding_device`` (default the CPU)."""
     from decoding.verifier import Verifier
     from reward_models.grounding import Judge
-    return Judge(Verifier(settings.grounding_verifier, device=settings.device))
+    return Judge(Verifier(settings.grounding_verifier, device=settings.grounding_device))
 
 
 async def start(state: State, engine=None) -> None:

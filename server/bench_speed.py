@@ -3,7 +3,9 @@ one run so that every ratio to ``none`` compares like with like."""
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -11,11 +13,13 @@ from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 
 
 def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int = 8, max_tokens: int = 40,
-              ignore_eos: bool = False, meta: dict | None = None) -> dict:
+              ignore_eos: bool = False, meta: dict | None = None, plain=None) -> dict:
     """Caption ``prompt`` on each of ``images`` with every method. With ``ignore_eos`` every request
     generates ``max_tokens`` tokens (vLLM's benchmark convention), so that methods are compared per
     decoding step, not by how long their answers come out. ``meta`` joins the report (where the images
-    came from)."""
+    came from). ``plain``: a second engine of the same target with no reward model or verifier, whose
+    ``none`` runs interleaved with the rest (``ratio_to_plain``): what a reward model that is part of the
+    engine's model costs every row, steered or not."""
     pop_verbs = getattr(engine, "pop_verb_seconds", dict)  # the vllm engine reports per method only
     n = len(images)
     seconds = dict.fromkeys(methods, 0.0)
@@ -26,7 +30,16 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
     pop_asked = getattr(engine, "pop_consultations", dict)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
+    plain_seconds = plain_tokens = 0
+    if plain is not None:
+        plain.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])
     for i in tqdm(range(0, n, batch), desc="speed"):
+        if plain is not None:
+            t0 = time.perf_counter()
+            out = plain.generate([GenerationRequest.single_turn(prompt, [im], sampling=sampling) for im in images[i : i + batch]],
+                                 max_batch=batch)
+            plain_seconds += time.perf_counter() - t0
+            plain_tokens += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
         for m in methods:
             reqs = [GenerationRequest.single_turn(prompt, [im], sampling=sampling, steering=SteeringSpec(m))
                     for im in images[i : i + batch]]
@@ -56,7 +69,12 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
                      "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
                      "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()},
                      "consulted_share": {k: a / (a + b) for k, (a, b) in asked[m].items()}}
-    return {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
+        if plain is not None:
+            result[m]["ratio_to_plain"] = tps / (plain_tokens / plain_seconds)
+    report = {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
+    if plain is not None:
+        report["plain_tokens_per_second"] = plain_tokens / plain_seconds
+    return report
 
 
 def decoder_flops_per_token(model_path) -> float:
@@ -80,6 +98,8 @@ def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
     reward = engine.resources.reward
     c_t = decoder_flops_per_token(model_path)
     fork = getattr(engine, "fork", None)
+    if fork is None and getattr(engine, "reward_in_model", False):  # the vllm engine: the fork inside vLLM's model
+        return _in_model_limit(engine, reward, c_t)
     if fork is not None:
         layers = 2.0 * sum(p.numel() for p in fork.text.layers.parameters())
         rows, width = fork.head.weight.shape
@@ -94,10 +114,30 @@ def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
             "design": "separate reward model, every step"}
 
 
+def _in_model_limit(engine, reward_path, c_t: float) -> dict:
+    """The bound of a fork inside vLLM's model (``decoding.vllm.fork_model``): its k layers for every token
+    of every row (they are the model's layers), its head over the target's top candidates of TITA rows."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(reward_path) / "fork.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    layers = 2.0 * sum(math.prod(s) for k, s in shapes.items() if ".layers." in k)
+    rows, width = shapes["lm_head.weight"]
+    k = getattr(engine, "tita_candidates", 0)
+    rows = k if 0 < k < rows else rows
+    c_r = layers + 2.0 * rows * width
+    return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),
+            "design": f"fork of {sum('.self_attn.q_proj.' in n for n in shapes)} layers inside vLLM's model, head over {rows} rows"}
+
+
 def format_speed(report: dict) -> str:
     fixed = ", ignore_eos" if report.get("ignore_eos") else ""
+    plain = report.get("plain_tokens_per_second")
     lines = [f"speed: n={report['n']} images {report.get('images', '')} batch={report['batch']} (interleaved{fixed})",
              f"{'method':<12} {'tok/s':>8} {'x none':>7} {'tok/req':>7}  where steering time goes (share of wall time)"]
+    if plain:
+        lines.insert(1, f"plain target (no reward model or verifier loaded), none: {plain:.1f} tok/s; each method x plain: "
+                        + ", ".join(f"{m} {r['ratio_to_plain']:.2f}" for m, r in report["methods"].items()))
     for m, r in report["methods"].items():
         ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"
         share = ", ".join(f"{k} {v:.0%}" for k, v in r["steering_share"].items())

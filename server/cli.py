@@ -196,8 +196,11 @@ def _bench_speed(args: argparse.Namespace) -> None:
     if skipped:
         print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
     images, prompt = _images(args)(args.n, args.seed)
+    plain = _engine(argparse.Namespace(**{**vars(args), "reward": "", "verifier": ""})) if args.plain_baseline else None
     rep = run_speed(engine, methods, images, prompt, batch=args.batch, ignore_eos=args.ignore_eos,
-                    max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"})
+                    max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"}, plain=plain)
+    if plain is not None and hasattr(plain, "close"):
+        plain.close()
     share = rep["methods"].get("tita", {}).get("consulted_share", {}).get("tita", 1.0)
     rep["tita_limit"] = tita_limit(args.model, engine, share) if "tita" in engine.available_methods else None
     print(format_speed(rep))
@@ -367,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoding step, not by the length of their answers")
     s.add_argument("--max-tokens", type=int, default=40)
     s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    s.add_argument("--plain-baseline", action="store_true",
+                   help="also time none on a second engine of the target alone (no reward model, no verifier), "
+                        "interleaved: what loading them costs every request (a fork inside vLLM's model runs for all)")
     s.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
                                                 "(default: the embedded world's bait scenes)")
     s.add_argument("--json", default=None)

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     (an independent verifier) with the embedded model, else the FiSAO verifier; empty to disable. Judging
     with the verifier FiSAO steers with biases the estimate of FiSAO arms low (docs/benchmarks.md,
     "Grounding estimate")."""
+    grounding_device: str = "cpu"
+    """Torch device of the grounding judge. Default cpu: it runs in the API process after generation, one
+    image pass per judged request, and on a GPU it would be a third model outside vLLM's memory budget;
+    set it to the serving device (e.g. cuda) when judging every request is worth its memory there."""
     grounding_default: bool = False
     """Whether responses to image requests carry a grounding block when the request does not say
     (``"grounding": true|false``). Judged requests count in the mention metrics either way (see

@@ -87,10 +87,13 @@ class Tita(SteeringMethod):
     def __init__(self, resources):
         super().__init__(resources)
         self.reads_trunk = isinstance(resources.reward, Fork)
+        # part of the engine's own model (``decoding.vllm.fork_model``): the engine runs its layers and
+        # owns its KV cache; TITA reads its logits for the rows' batch positions (``row.batch_index``)
+        self.in_model = getattr(resources.reward, "in_model", False)
         self.gate = float(getattr(resources.target, "tita_gate", 1.0))
         self.candidates = int(getattr(resources.target, "tita_candidates", 0))  # 0: the whole vocabulary
         self.consulted = self.skipped = 0  # row-steps at which the reward model was / was not consulted
-        if self.reads_trunk:
+        if self.reads_trunk or self.in_model:
             return
         # The reward model sees the same image and prompt: when its processor and vision tower are the
         # target's, it takes the target's prompt ids and tower features instead of recomputing them.
@@ -124,6 +127,8 @@ class Tita(SteeringMethod):
         return out
 
     def start(self, rows):
+        if self.in_model:
+            return None  # nothing to keep: the engine's model holds the reward model's cache
         if self.reads_trunk:
             return self._start_fork(rows)
         return self.rm.prefill([self._rm_row(r) for r in rows], reuse_features=self.reuse_tower)
@@ -164,7 +169,10 @@ class Tita(SteeringMethod):
             return logits.float().log_softmax(-1)  # scores are log-probs like a consulted row's (contribution 0)
         asked = logits if ask is None else logits[ask]
         cand = asked.topk(self.candidates, -1).indices if 0 < self.candidates < logits.shape[-1] else None
-        if self.reads_trunk:
+        if self.in_model:
+            where = torch.tensor([r.batch_index for r in rows], dtype=torch.long, device=logits.device)
+            rm = self.rm.logits(where if ask is None else where[ask], cand)
+        elif self.reads_trunk:
             self.rm.catch_up(state)
             rm = self.rm.logits(state, ask, cand)  # with candidates, the fork's head runs over K rows only
         else:  # a separate reward model has stepped with the target: the gate only leaves confident rows alone
@@ -179,6 +187,8 @@ class Tita(SteeringMethod):
         return out
 
     def advance(self, state, rows, tokens: torch.Tensor, trunk: torch.Tensor | None = None) -> None:
+        if self.in_model:
+            return
         if self.reads_trunk:
             self.rm.feed(state, trunk)  # read at the next consultation
             return
@@ -187,7 +197,7 @@ class Tita(SteeringMethod):
         self.rm.decode_one_token(state, tokens.clamp_max(self.rm.vocab_size - 1))
 
     def select(self, state, keep):
-        return self.rm.select(state, keep)
+        return None if self.in_model else self.rm.select(state, keep)
 
     def merge(self, a, b):
-        return self.rm.merge(a, b)
+        return None if self.in_model else self.rm.merge(a, b)

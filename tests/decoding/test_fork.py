@@ -116,6 +116,28 @@ def test_a_fork_is_refused_beside_another_target(tmp_path):
     assert trunk_fingerprint(m32, 1) == trunk_fingerprint(m16, 1)
 
 
+def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
+    """The vllm engine checks a fork from the target's files before vLLM loads anything
+    (``decoding.vllm.fork_spec``): the same fingerprint as the loaded model's, for checkpoints in
+    transformers' current key layout (the tiny LLaVA) and the older one vLLM reads (the embedded model);
+    another target is refused; only LLaVA forks go inside vLLM's model."""
+    from decoding.vllm.fork_spec import check_fork_files, file_fingerprint, in_model_overrides
+
+    a = build("llava", tmp_path / "a", seed=0)
+    fork = build_fork(a, tmp_path / "fork", layers=1)
+    info = json.loads((fork / "fork.json").read_text())
+    assert file_fingerprint(a, info) == info["trunk_sha256"]
+    embedded = json.loads((MODELS_DIR / "reward" / "fork.json").read_text())
+    assert file_fingerprint(MODELS_DIR / "vlm", embedded) == embedded["trunk_sha256"]
+    check_fork_files(a, fork)
+    with pytest.raises(ValueError, match="another target's weights"):
+        check_fork_files(build("llava", tmp_path / "b", seed=5), fork)
+    assert in_model_overrides(a, fork)["hf_overrides"]["vlm_steer_fork"]["first_layer"] == info["first_layer"]
+    q = build("qwen2_5_vl", tmp_path / "q")
+    assert in_model_overrides(q, build_fork(q, tmp_path / "qfork", layers=1)) is None  # a whole model in the worker
+    assert in_model_overrides(a, None) is None and in_model_overrides(a, a) is None  # no reward model; a separate one
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_a_fork_on_each_family_and_steer_with_it(family, tmp_path, shapes):
     """`vlm-steer train reward --fork-layers 1`: only the fork trains (the trunk is checked at save), the

@@ -1,0 +1,116 @@
+"""How the vllm engine selects ``decoding.vllm.fork_model`` (no vllm import: read in the API process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCH = "VlmSteerForkedLlava"
+FORK_KEY = "vlm_steer_fork"  # the hf_config attribute carrying the fork's folder and layers
+MODEL_CLASS = "decoding.vllm.fork_model:ForkedLlava"
+LIVE: list = []  # weak references to the ForkedLlava models built in this process (vLLM's worker)
+
+
+def live_model():
+    """The ``ForkedLlava`` of this process (the one the steering processor's rows belong to)."""
+    for ref in reversed(LIVE):
+        model = ref()
+        if model is not None:
+            return model
+    raise RuntimeError("no vLLM model holding the forked reward model in this process")
+
+
+def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -> dict | None:
+    """Engine arguments that put a forked reward model inside vLLM's model, or None where the pair is not
+    of a kind ``ForkedLlava`` serves (a separate reward model; a fork of another family than LLaVA with a
+    Llama decoder): those run in the worker as before."""
+    if reward_path is None or not (Path(reward_path) / "fork.json").is_file():
+        return None
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    if cfg.get("model_type") != "llava" or cfg.get("text_config", {}).get("model_type", "llama") != "llama":
+        return None
+    info = json.loads((Path(reward_path) / "fork.json").read_text())
+    spec = {"path": str(Path(reward_path).resolve()), "first_layer": info["first_layer"], "layers": info["layers"]}
+    return {"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}}
+
+
+def _state_dict_names(model_path: str | Path) -> tuple[dict, list]:
+    """The state-dict names transformers gives the target (a model built on the meta device: no weights
+    read) and the key renamings it applies to the checkpoint's names."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    names = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    renames = [(src, dst) for r in get_checkpoint_conversion_mapping(config.model_type) or []
+               for src, dst in zip(getattr(r, "source_patterns", []), getattr(r, "target_patterns", []))]
+    return names, renames
+
+
+def file_fingerprint(model_path: str | Path, info: dict) -> str:
+    """``decoding.fork.trunk_fingerprint`` read from the target's safetensors files, without loading the
+    model: the check the vllm engine makes before vLLM loads it. Checkpoint keys are mapped to transformers'
+    state-dict names with transformers' own renamings (and a level such as ``vision_model`` that the
+    model's state dict lacks dropped)."""
+    import hashlib
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    names, renames = _state_dict_names(model_path)
+    first, n = info["first_layer"], info["num_layers"]
+    forked = tuple(f"model.language_model.layers.{i}." for i in range(first, n)) + ("model.language_model.norm.", "lm_head.")
+    tensors = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        handle = safe_open(f, "pt")
+        for key in handle.keys():
+            name = key
+            for src, dst in renames:
+                name, hit = re.subn(src, dst, name)
+                if hit:
+                    break
+            if name not in names:  # a level the model's state dict lacks (``vision_model``, ``model``)
+                parts = name.split(".")
+                name = next((c for c in (".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))) if c in names), name)
+            if not name.startswith(forked):
+                tensors[name] = (handle, key)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        handle, key = tensors[name]
+        t = handle.get_tensor(key)
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // 65536)
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(flat[::step][:65536].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_fork_files(model_path: str | Path, reward_path: str | Path) -> None:
+    """Refuse a fork built for another target (as ``decoding.fork.check_trunk``), from the files."""
+    info = json.loads((Path(reward_path) / "fork.json").read_text())
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    n = cfg.get("text_config", {}).get("num_hidden_layers")
+    if info["num_layers"] != n or info.get("model_type") != cfg.get("model_type"):
+        raise ValueError(f"the forked reward model at {reward_path} was built for a {info.get('model_type')} target of "
+                         f"{info['num_layers']} layers; this target is a {cfg.get('model_type')} of {n}")
+    if file_fingerprint(model_path, info) != info["trunk_sha256"]:
+        raise ValueError(f"the forked reward model at {reward_path} was trained on another target's weights (trunk "
+                         "fingerprint differs): a fork serves only the exact target it was built from")
+
+
+class InModelFork:
+    """TITA's reward model when it is part of vLLM's model (``decoding.vllm.fork_model``): vLLM owns its KV
+    cache and runs its layers in the step; TITA reads its logits for batch rows (``in_model``)."""
+
+    in_model = True
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path, self.vocab_size = str(path), vocab_size
+
+    def logits(self, rows, candidates=None):
+        """The fork's logits [n, V] (or [n, K] at ``candidates``) for batch rows ``rows`` [n] of this step."""
+        return live_model().rm_logits(rows, candidates)

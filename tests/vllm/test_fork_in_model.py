@@ -1,0 +1,68 @@
+"""The forked reward model inside vLLM's own model (``decoding.vllm.fork_model``, run by `make test-vllm`):
+its attention layers are in vLLM's allocated KV cache beside the target's, and TITA's greedy tokens equal the
+transformers engine's with chunked prefill and under preemption (a KV cache too small for the batch), as
+they do in the plain configuration (tests/vllm/test_vllm_engine.py)."""
+
+import pytest
+
+from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from shapeworld.models import MODELS_DIR
+from shapeworld.text import CAPTION_PROMPT
+from shapeworld.world import make_scenes
+
+SCENES = make_scenes("bait", 8, 777)
+
+
+def _requests():
+    """Eight TITA captions of 40 tokens each (prompts of 71 tokens)."""
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    return [GenerationRequest.single_turn(CAPTION_PROMPT, [s.image()], sampling=sp, steering=SteeringSpec("tita"))
+            for s in SCENES]
+
+
+@pytest.fixture(scope="module")
+def want():
+    from decoding.transformers_engine import TransformersEngine
+
+    return [c.token_ids for c in TransformersEngine(MODELS_DIR / "vlm", reward_path=MODELS_DIR / "reward").generate(_requests())]
+
+
+def _engine(max_model_len=None, **engine_args):
+    from decoding.vllm_engine import VLLMEngine
+
+    return VLLMEngine(MODELS_DIR / "vlm", reward_path=MODELS_DIR / "reward", max_batch=8, max_model_len=max_model_len,
+                      engine_args=engine_args)
+
+
+def test_the_forks_layers_are_in_vllms_kv_cache():
+    engine = _engine(worker_extension_cls="tests.vllm.worker_probe.Probe")
+    try:
+        assert engine.reward_in_model
+        names = engine._call(engine.llm.collective_rpc("kv_cache_layer_names", timeout=60))[0]
+        # numbered after the target's four layers (vLLM needs one distinct integer per attention layer name)
+        assert [n for n in names if n.startswith("rm_layers.")] == ["rm_layers.4.self_attn.attn", "rm_layers.5.self_attn.attn"]
+        assert len([n for n in names if "language_model" in n]) == 4
+    finally:
+        engine.close()
+
+
+def test_tita_tokens_hold_with_chunked_prefill(want):
+    engine = _engine(max_num_batched_tokens=40, enable_chunked_prefill=True)  # each 71-token prompt in two chunks
+    try:
+        assert [c.token_ids for c in engine.generate(_requests())] == want
+    finally:
+        engine.close()
+
+
+def test_tita_tokens_hold_under_preemption(want):
+    """11 blocks of 32 tokens: two requests start (3 blocks each) and outgrow the cache: vLLM preempts and
+    later recomputes them, the fork's cache with the target's."""
+    engine = _engine(max_model_len=192, block_size=32, num_gpu_blocks_override=11)
+    try:
+        got = [c.token_ids for c in engine.generate(_requests())]
+        prom = [s for s in engine.llm.logger_manager.stat_loggers if hasattr(s, "counter_num_preempted_reqs")]
+        preempted = sum(c._value.get() for c in prom[0].counter_num_preempted_reqs.values())
+    finally:
+        engine.close()
+    assert preempted > 0
+    assert got == want
