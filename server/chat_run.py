@@ -60,15 +60,20 @@ async def complete(run: "Run", request: Request, reply: "Reply", headers: dict) 
                                out.usage(run.prompt_tokens, gen_tokens), steering)
     return JSONResponse(body, headers=headers)
 
-async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
-    """Server-sent ``chat.completion.chunk`` events, what is ready in one write, then ``[DONE]``."""
+async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int, continuous: bool = False):
+    """Server-sent ``chat.completion.chunk`` events, what is ready in one write, then ``[DONE]``. With
+    ``continuous`` (vLLM's ``stream_options.continuous_usage_stats``, only with ``include_usage``) every
+    chunk carries the usage so far (completion tokens generated up to it), as vLLM sends it."""
     def chunk(choices, **extra):
+        if continuous and "usage" not in extra:
+            extra["usage"] = out.usage(run.prompt_tokens, gen_tokens)
         return out.chunk(reply.cid, reply.created, reply.model, choices, include_usage, **extra)
 
     texts = [out.TokenTexts(reply.tokenizer) for _ in range(n)]
     sent = [0] * n  # characters of content sent per choice
     finished = 0
     steered = 0
+    streamed = [0] * n  # tokens generated per choice so far
     gen_tokens = 0
     pending = [chunk([out.delta(i, {"role": "assistant", "content": ""}) for i in range(n)],
                      steering={**reply.steering, "steered_tokens": 0})]
@@ -86,6 +91,8 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
                 break
             run.observe(i, ev)
             if isinstance(ev, Delta):
+                streamed[i] += len(ev.token_ids)
+                gen_tokens = sum(streamed)
                 wants = run.tickets[i].request.sampling.top_logprobs is not None
                 sent[i] += len(ev.text)
                 lp = {"content": texts[i].entries(ev.logprobs, sent[i])} if wants else None
@@ -96,7 +103,8 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int):
             elif isinstance(ev, Finished):
                 finished += 1
                 steered += ev.completion.steered_tokens
-                gen_tokens += len(ev.completion.token_ids)
+                streamed[i] = len(ev.completion.token_ids)
+                gen_tokens = sum(streamed)
                 extra = {"steering": {**reply.steering, "steered_tokens": steered}} if finished == n else {}
                 d = out.delta(i, {}, None, ev.completion.finish_reason)
                 block = await reply.ground(ev.completion.text, run)

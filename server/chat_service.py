@@ -34,9 +34,11 @@ PARSE_INLINE_BYTES = 64 * 1024  # bodies below it are parsed on the event loop (
 def check_media_type(content_type: str | None) -> None:
     """Bodies must be JSON: 415 for any other declared media type. A browser page may post a form
     (``application/x-www-form-urlencoded``, ``multipart/form-data``, ``text/plain``) to a local server
-    without a CORS preflight; refusing those keeps it from driving the server (FastAPI does the same)."""
-    if content_type is None:  # no media type declared: read as JSON (no browser sends a body without one)
-        return
+    without a CORS preflight; refusing those keeps it from driving the server (FastAPI does the same). A
+    body with no Content-Type at all is refused too: ``fetch`` with a ``Blob`` body sends none, and needs no
+    preflight either (the OpenAI clients, curl's ``-H`` and every SDK declare JSON)."""
+    if content_type is None:
+        raise APIError(415, "the request body must be application/json, and it has no Content-Type")
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime not in JSON_TYPES and not (mime.startswith("application/") and mime.endswith("+json")):
         raise APIError(415, f"the request body must be application/json, not {mime or 'empty'!r}")

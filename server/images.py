@@ -21,7 +21,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from server.errors import APIError
 
@@ -86,7 +86,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
                 raise APIError(400, f"image of {w}x{h} pixels: its aspect ratio exceeds the limit of "
                                     f"{limits.max_aspect_ratio:g} to 1", param="messages")
             img.load()
-            return to_rgb(img)
+            # a camera's EXIF Orientation (a phone photo held upright is stored sideways): applied, as vLLM's
+            # image loader and browsers do
+            return to_rgb(ImageOps.exif_transpose(img))
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

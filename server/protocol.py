@@ -67,6 +67,7 @@ class Steering(BaseModel):
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage so far on every chunk (with include_usage)
 
 
 class ChatCompletionRequest(BaseModel):

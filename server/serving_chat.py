@@ -92,7 +92,8 @@ class ChatServing:
                       show, spec.explain, weight=1.0 if show else 1.0 / p if p > 0 else 0.0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(stream(run, reply, include_usage, req.n), headers=headers)
+            continuous = include_usage and req.stream_options.continuous_usage_stats
+            return EventStreamResponse(stream(run, reply, include_usage, req.n, continuous), headers=headers)
         return await complete(run, request, reply, headers)
 
     async def _body(self, request: Request) -> ChatCompletionRequest:

@@ -56,6 +56,20 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
+def test_continuous_usage_stats(client):
+    """vLLM's ``stream_options.continuous_usage_stats``: every chunk carries the usage so far, its completion
+    tokens never decreasing and ending at the final usage; without it only the last chunk has one."""
+    chunks = list(create(client, 1, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None and c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == chunks[-1].usage.total_tokens - chunks[-1].usage.prompt_tokens
+    text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len({c.usage.completion_tokens for c in text_chunks}) > 1  # it grows while the text streams
+    plain = list(create(client, 1, stream=True, stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]
+    assert plain[-1].usage == chunks[-1].usage
+
+
 def test_harmless_defaults_of_unsupported_fields_are_accepted(client):
     r = create(client, 0, response_format={"type": "text"}, tool_choice="none")
     assert r.choices[0].message.content == create(client, 0).choices[0].message.content

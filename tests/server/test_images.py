@@ -114,3 +114,24 @@ def test_sixteen_bit_grey_with_a_colour_key_is_composited_onto_white():
 def test_32_bit_grey_is_read_at_the_depth_that_holds_it():
     deep = to_rgb(Image.fromarray(np.array([[0, 2**23, 2**24 - 1]], dtype=np.int32)))
     assert np.asarray(deep)[0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("orientation, transpose", [(1, None), (3, Image.Transpose.ROTATE_180),
+                                                    (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_exif_orientation_is_applied(orientation, transpose):
+    """A JPEG stored sideways with EXIF Orientation 6 (a phone photo held upright) is read upright."""
+    from shapeworld.world import make_scene
+
+    upright = make_scene("bait", 0, 4321).image().resize((96, 64))  # not square: a rotation shows in the size
+    stored = upright if transpose is None else upright.transpose(
+        {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}
+        .get(transpose, transpose))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    got = decode_data_url("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), ImageLimits())
+    assert got.size == upright.size
+    err = np.abs(np.asarray(got, dtype=int) - np.asarray(upright, dtype=int)).mean()
+    wrong = np.abs(np.asarray(got, dtype=int) - np.asarray(upright.transpose(Image.Transpose.ROTATE_180), dtype=int)).mean()
+    assert err < 8 and wrong > 3 * err, (err, wrong)  # JPEG's loss only; the picture is not symmetric

@@ -301,6 +301,14 @@ def test_bodies_that_are_not_json_are_refused_with_415(live, content_type):
     assert_error(r, 415, None, "application/json")
 
 
+def test_a_body_without_content_type_is_refused_with_415(live):
+    """What ``fetch(url, {method: "POST", body: new Blob([json])})`` sends from any web page, with no CORS
+    preflight: no Content-Type. Refused, so a page an operator opens cannot drive the server."""
+    r = httpx.post(live.url + "/v1/chat/completions", content=json.dumps(body(max_tokens=3)).encode(), timeout=60)
+    assert "content-type" not in r.request.headers
+    assert_error(r, 415, None, "no Content-Type")
+
+
 def test_json_with_a_charset_is_served(live):
     r = post(live, content=json.dumps(body(max_tokens=3)), headers={"content-type": "application/json; charset=utf-8"})
     assert r.status_code == 200, r.text
