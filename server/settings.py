@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     image_url_timeout: float = 5.0
     """Seconds to fetch an image URL."""
     api_keys: list[str] = []
-    """Bearer keys accepted on /v1/* (empty: no authentication). /health and /metrics stay open."""
+    """Bearer keys accepted on /v1/* (empty: no authentication), each compared in constant time. Open without
+    a key: /health, /metrics, /playground and its example images (the page asks for a key and sends it)."""
     grounding_verifier: Path | None = None
     """Verifier that judges the object mentions of generated text after generation (grounding blocks and the
     per-arm mention metrics): a calibrated dual encoder folder like --verifier. Default: the embedded judge

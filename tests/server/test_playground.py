@@ -64,3 +64,30 @@ def test_playground_answers_equal_the_api(live, browser):
         assert f"arm {api['steering']['arm']}" in card.text
     if os.environ.get("VLM_STEER_SCREENSHOT"):
         browser.save_screenshot(os.environ["VLM_STEER_SCREENSHOT"])
+
+
+def test_playground_asks_for_the_key_when_keys_are_set(steering_engine, browser):
+    """With --api-keys the page asks for a key (a wrong one is refused on the page), then loads and answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.server.conftest import start
+
+    with start(steering_engine, api_keys=["sekret"]) as srv:
+        browser.get(srv.url + "/playground")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(srv.url + "/playground")
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "keybox").is_displayed())
+        for typed, ready in (("wrong", None), ("sekret", "1")):
+            field = browser.find_element(By.ID, "apikey")
+            field.clear()
+            field.send_keys(typed)
+            browser.find_element(By.ID, "usekey").click()
+            if ready is None:
+                WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "keyerror").text == "that key was refused")
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert not browser.find_element(By.ID, "keybox").is_displayed()
+        browser.find_element(By.ID, "ask").click()
+        WebDriverWait(browser, 120).until(lambda d: d.find_element(By.ID, "answers").get_attribute("data-done") == "1")
+        assert not browser.find_elements(By.CSS_SELECTOR, ".answer .error")
+        assert all(c.get_attribute("data-content") for c in browser.find_elements(By.CSS_SELECTOR, ".answer"))
