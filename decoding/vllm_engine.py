@@ -25,6 +25,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
+from decoding.fork import is_fork
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
 from decoding.model_inputs import local_folder
@@ -95,9 +96,10 @@ class VLLMEngine:
                                  "TITA needs identical tokenizers")
             check_rows(AutoConfig.from_pretrained(reward_path).get_text_config().vocab_size, len(self.tokenizer), reward_path)
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
+            if is_fork(reward_path):  # refused here, before vLLM loads anything, if built for another target
+                check_fork_files(self.model_path, reward_path)
             in_model = in_model_overrides(self.model_path, reward_path)
             if in_model:  # a fork of a LLaVA target: its layers become part of vLLM's model
-                check_fork_files(self.model_path, reward_path)
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)
         else:

@@ -132,13 +132,13 @@ def probability(text: str) -> float:
 
 
 def count(text: str) -> int:
-    """--tita-candidates: an integer >= 0."""
+    """--tita-candidates: 0 (the whole vocabulary) or an integer >= 2."""
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or an integer >= 2 (one candidate leaves TITA nothing to change)")
     return value
 
 

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     gate of 0.6 gave back the whole caption gain (docs/benchmarks.md), hence 1."""
     tita_candidates: int = Field(64, ge=0)
     """TITA takes the log-ratio of the reward model and the target inside the target's top K tokens only
-    (0: the whole vocabulary); other tokens keep the target's scores. A forked reward model's output head
+    (0: the whole vocabulary; 1 is refused: inside one token the ratio is a constant); other tokens keep the target's scores. A forked reward model's output head
     then runs over K of its rows instead of the whole vocabulary (most of a 1-layer fork's cost on a
     LLaVA-shaped model: 0.83x -> 0.92x none). Within the K tokens the scores equal full TITA's up to a
     constant, so greedy choices among them are the same. Measured (tuning seed 60, docs/benchmarks.md): K=8
@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v):
         return None if v == "" else v
+
+    @field_validator("tita_candidates")
+    @classmethod
+    def _not_one(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("0 (the whole vocabulary) or at least 2: one candidate leaves TITA nothing to change")
+        return v
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> "Settings":

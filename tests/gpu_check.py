@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 PAIRS = {"llava-1.5-7b": ("llava", "7b", "1b"), "qwen2.5-vl-7b": ("qwen2_5_vl", "qwen7b", "qwen3b")}
 TINY = {"llava-1.5-7b": ("llava", "tiny", "tiny_rm"), "qwen2.5-vl-7b": ("qwen2_5_vl", "tiny", "tiny_rm")}
 METHODS = ["none", "tita", "fisao", "tita+fisao"]
@@ -61,6 +59,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--tiny-on-cpu", action="store_true", help="the same script on tiny pairs on the CPU (a dry run "
                                                                 "of its code paths; no figure means anything)")
     a = ap.parse_args(argv)
+    if not _importable("torch"):
+        sys.exit(f"gpu-check needs torch in this python ({sys.executable}); it installs nothing (PYTHON=... picks another)")
+    import torch
+
     device, dtype = ("cpu", torch.float32) if a.tiny_on_cpu else ("cuda", torch.bfloat16)
     pairs = TINY if a.tiny_on_cpu else PAIRS
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +95,7 @@ def main(argv=None) -> list[dict]:
                 Path(a.out).write_text(json.dumps(rows, indent=2))
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    print(f"\n{'pair':<15} {'engine':<12} {'none tok/s':>10} {'tita x':>7} {'limit':>6} {'of lim':>6} {'fisao x':>8} "
+    print(f"\n{'pair':<15} {'engine':<12} {'none tok/s':>10} {'tita x':>7} {'limit':>6} {'share':>6} {'fisao x':>8} "
           f"{'t+f x':>6} {'greedy equal':>13} {'sampled ok':>10} {'peak GiB':>8}")  # transformers: vs generate; vllm: vs transformers
     for r in rows:
         if "error" in r:
@@ -116,6 +118,8 @@ def _importable(module: str) -> bool:
 
 def check_row(name, kind, paths, device, dtype, a, reference) -> tuple[dict, list | None]:
     """One engine on one pair: the speed run, greedy equality, a sampled batch, peak memory."""
+    import torch
+
     from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
     from server.bench_speed import run_speed, tita_limit
     from shapeworld.commands import images

@@ -34,45 +34,44 @@ def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -
     return {"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}}
 
 
-def _state_dict_names(model_path: str | Path) -> tuple[dict, list]:
-    """The state-dict names transformers gives the target (a model built on the meta device: no weights
-    read) and the key renamings it applies to the checkpoint's names."""
+def _meta_target(model_path: str | Path):
+    """The target as transformers builds it, on the meta device (no weights read), and the key renamings
+    transformers applies to its checkpoint's names."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import get_model_conversion_mapping
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    names = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    renames = [(src, dst) for r in get_checkpoint_conversion_mapping(config.model_type) or []
-               for src, dst in zip(getattr(r, "source_patterns", []), getattr(r, "target_patterns", []))]
-    return names, renames
+    renames = [(src, dst) for r in get_model_conversion_mapping(model) if type(r).__name__ == "WeightRenaming"
+               for src, dst in zip(r.source_patterns, r.target_patterns)]
+    return model, renames
 
 
-def file_fingerprint(model_path: str | Path, info: dict) -> str:
+def file_fingerprint(model_path: str | Path, info: dict, target=None) -> str:
     """``decoding.fork.trunk_fingerprint`` read from the target's safetensors files, without loading the
-    model: the check the vllm engine makes before vLLM loads it. Checkpoint keys are mapped to transformers'
-    state-dict names with transformers' own renamings (and a level such as ``vision_model`` that the
-    model's state dict lacks dropped)."""
+    model: the check the vllm engine makes before vLLM loads anything. Checkpoint keys are mapped to
+    transformers' state-dict names with transformers' own renamings (and a level such as ``vision_model``
+    that the model's state dict lacks dropped)."""
     import hashlib
     import re
 
     import torch
     from safetensors import safe_open
 
-    names, renames = _state_dict_names(model_path)
-    first, n = info["first_layer"], info["num_layers"]
-    forked = tuple(f"model.language_model.layers.{i}." for i in range(first, n)) + ("model.language_model.norm.", "lm_head.")
+    from decoding.fork import fork_prefixes
+
+    model, renames = target or _meta_target(model_path)
+    names = set(model.state_dict())
+    forked = tuple(fork_prefixes(model, info["layers"])[0])
     tensors = {}
     for f in sorted(Path(model_path).glob("*.safetensors")):
         handle = safe_open(f, "pt")
         for key in handle.keys():
             name = key
-            for src, dst in renames:
-                name, hit = re.subn(src, dst, name)
-                if hit:
-                    break
+            for src, dst in renames:  # in transformers' order
+                name = re.sub(src, dst, name)
             if name not in names:  # a level the model's state dict lacks (``vision_model``, ``model``)
                 parts = name.split(".")
                 name = next((c for c in (".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))) if c in names), name)
@@ -90,14 +89,15 @@ def file_fingerprint(model_path: str | Path, info: dict) -> str:
 
 
 def check_fork_files(model_path: str | Path, reward_path: str | Path) -> None:
-    """Refuse a fork built for another target (as ``decoding.fork.check_trunk``), from the files."""
+    """Refuse a fork built for another target (as ``decoding.fork.check_trunk``, with its messages), from the
+    files and a meta-device model: before any engine loads weights. Any family transformers builds."""
     info = json.loads((Path(reward_path) / "fork.json").read_text())
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    n = cfg.get("text_config", {}).get("num_hidden_layers")
-    if info["num_layers"] != n or info.get("model_type") != cfg.get("model_type"):
+    model, renames = _meta_target(model_path)
+    n, kind = len(model.get_decoder().layers), model.config.model_type
+    if info["num_layers"] != n or info.get("model_type") != kind:
         raise ValueError(f"the forked reward model at {reward_path} was built for a {info.get('model_type')} target of "
-                         f"{info['num_layers']} layers; this target is a {cfg.get('model_type')} of {n}")
-    if file_fingerprint(model_path, info) != info["trunk_sha256"]:
+                         f"{info['num_layers']} layers; this target is a {kind} of {n}")
+    if file_fingerprint(model_path, info, (model, renames)) != info["trunk_sha256"]:
         raise ValueError(f"the forked reward model at {reward_path} was trained on another target's weights (trunk "
                          "fingerprint differs): a fork serves only the exact target it was built from")
 

@@ -134,7 +134,17 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
         check_fork_files(build("llava", tmp_path / "b", seed=5), fork)
     assert in_model_overrides(a, fork)["hf_overrides"]["vlm_steer_fork"]["first_layer"] == info["first_layer"]
     q = build("qwen2_5_vl", tmp_path / "q")
-    assert in_model_overrides(q, build_fork(q, tmp_path / "qfork", layers=1)) is None  # a whole model in the worker
+    qfork = build_fork(q, tmp_path / "qfork", layers=1)
+    assert in_model_overrides(q, qfork) is None  # a whole model in the worker, checked from the files all the same
+    check_fork_files(q, qfork)
+    with pytest.raises(ValueError, match="another target's weights"):
+        check_fork_files(build("qwen2_5_vl", tmp_path / "q5", seed=5), qfork)
+    with pytest.raises(ValueError, match="was built for a llava target"):
+        check_fork_files(build("llava_next", tmp_path / "next"), fork)
+    for family in FAMILIES:  # each family's checkpoint layout maps to its state-dict names
+        path = build(family, tmp_path / f"own-{family}")
+        own = build_fork(path, tmp_path / f"own-{family}-fork", layers=1)
+        assert file_fingerprint(path, json.loads((own / "fork.json").read_text())) == json.loads((own / "fork.json").read_text())["trunk_sha256"], family
     assert in_model_overrides(a, None) is None and in_model_overrides(a, a) is None  # no reward model; a separate one
 
 
@@ -199,3 +209,14 @@ def test_clear_errors_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "speed", "--tita-gate", "0"])
     assert "is not in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "2.5", "1"])
+def test_bad_candidate_counts_are_one_line_errors(value, capsys):
+    """--tita-candidates: 0 or an integer >= 2 (one candidate makes TITA a no-op), on serve (a setting)
+    and on the benchmarks (a flag)."""
+    with pytest.raises(SystemExit, match="invalid settings: tita_candidates"):
+        main(["serve", "--tita-candidates", value])
+    with pytest.raises(SystemExit):
+        main(["bench", "speed", "--tita-candidates", value])
+    assert "is not 0 or an integer >= 2" in capsys.readouterr().err
