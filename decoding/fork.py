@@ -69,10 +69,15 @@ def trunk_fingerprint(model, k: int) -> str:
     any other checkpoint a different one, at a cost of a strided read per tensor rather than a full hash
     (a 7B trunk would take tens of seconds)."""
     prefixes, _ = fork_prefixes(model, k)
+    return fingerprint((name, lambda t=t: t) for name, t in model.state_dict().items() if not _in(name, prefixes))
+
+
+def fingerprint(tensors) -> str:
+    """``trunk_fingerprint``'s hash over (state-dict name, a callable giving the tensor) pairs, in name
+    order: the tensors are fetched one at a time (``decoding.vllm.fork_spec`` reads them from files)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if _in(name, prefixes):
-            continue
+    for name, get in sorted(tensors, key=lambda item: item[0]):
+        t = get()
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 65536)
         sample = flat[::step][:65536].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
@@ -115,13 +120,15 @@ def read_fork(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return info, load_file(path / FORK_WEIGHTS)
 
 
-def check_trunk(info: dict, target, path) -> None:
-    """Refuse a fork trained on another target: its layers would read hidden states they never saw."""
+def check_trunk(info: dict, target, path, trunk=None) -> None:
+    """Refuse a fork trained on another target: its layers would read hidden states they never saw.
+    ``trunk``: a callable giving the target's fingerprint (default ``trunk_fingerprint`` of ``target``;
+    the vllm engine reads it from files, ``target`` then on the meta device), called after the layer check."""
     n = len(target.get_decoder().layers)
     if info["num_layers"] != n or info.get("model_type") != target.config.model_type:
         raise ValueError(f"the forked reward model at {path} was built for a {info.get('model_type')} target of "
                          f"{info['num_layers']} layers; this target is a {target.config.model_type} of {n}")
-    if trunk_fingerprint(target, info["layers"]) != info["trunk_sha256"]:
+    if (trunk or (lambda: trunk_fingerprint(target, info["layers"])))() != info["trunk_sha256"]:
         raise ValueError(f"the forked reward model at {path} was trained on another target's weights (trunk "
                          "fingerprint differs): a fork serves only the exact target it was built from")
 
@@ -150,6 +157,12 @@ def materialise(target, path: str | Path):
             raise ValueError(f"{path}: tensor {name} does not fit the target")
         state[name].copy_(t)
     return model.eval()
+
+
+def head_rows(weight: torch.Tensor, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """An output head [V, D] over only the ``candidates`` [n, K] of each row of ``hidden`` [n, D]:
+    logits [n, K] in float32, at K rows' cost instead of V."""
+    return torch.bmm(weight[candidates], hidden.unsqueeze(-1)).squeeze(-1).float()
 
 
 @dataclass
@@ -258,10 +271,7 @@ class Fork:
         """The fork's logits [n, V] for ``rows`` (indices; default all) after ``catch_up``; with
         ``candidates`` [n, K] token ids, only those [n, K]: the head costs K rows of its weight, not V."""
         h = state.last if rows is None else state.last[rows]
-        if candidates is None:
-            out = F.linear(h, self.head.weight).float()
-        else:
-            out = torch.bmm(self.head.weight[candidates], h.unsqueeze(-1)).squeeze(-1).float()
+        out = F.linear(h, self.head.weight).float() if candidates is None else head_rows(self.head.weight, h, candidates)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -62,18 +62,19 @@ def sample_tokens(
     cannot drive ``torch.multinomial`` on a CUDA tensor), only the uniforms travel, in one copy, and a
     seeded request draws the same numbers on every device."""
     greedy = logits.argmax(-1)
-    hot = (temperature >= SAMPLING_EPS).tolist()
+    is_hot = temperature >= SAMPLING_EPS
+    hot = is_hot.tolist()
     if not any(hot):
         return greedy
-    t = torch.where(temperature >= SAMPLING_EPS, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+    t = torch.where(is_hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
     cdf = top_p_filter(logits.float() / t, top_p).softmax(-1).double().cumsum(-1)
     u = torch.zeros(len(hot), 1, dtype=torch.float64)
-    for i, is_hot in enumerate(hot):
-        if is_hot:
+    for i, h in enumerate(hot):
+        if h:
             u[i] = torch.rand(1, generator=generators[i], dtype=torch.float64)
     u = u.to(cdf.device, non_blocking=True)
     drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-    return torch.where(torch.tensor(hot, device=greedy.device), drawn, greedy)
+    return torch.where(is_hot.to(greedy.device), drawn, greedy)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -197,7 +197,7 @@ class Tita(SteeringMethod):
         self.rm.decode_one_token(state, tokens.clamp_max(self.rm.vocab_size - 1))
 
     def select(self, state, keep):
-        return None if self.in_model else self.rm.select(state, keep)
+        return self.rm.select(state, keep)
 
     def merge(self, a, b):
-        return None if self.in_model else self.rm.merge(a, b)
+        return self.rm.merge(a, b)

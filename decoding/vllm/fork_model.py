@@ -34,6 +34,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
+from decoding.fork import head_rows
 from decoding.vllm.fork_spec import FORK_KEY, LIVE
 
 # the checkpoint's separate projections -> vLLM's stacked ones: (stacked name, checkpoint name, shard)
@@ -79,7 +80,7 @@ class ForkedLlava(LlavaForConditionalGeneration):
         ``candidates`` [n, K] token ids only (the head then costs K of its rows)."""
         h = self.rm_hidden[rows]
         if candidates is not None and self.rm_head.weight.shape[0] >= self.config.text_config.vocab_size:
-            return torch.bmm(self.rm_head.weight[candidates], h.unsqueeze(-1)).squeeze(-1).float()
+            return head_rows(self.rm_head.weight, h, candidates)  # an unsharded head (no tensor parallelism)
         logits = self.language_model.logits_processor(self.rm_head, h)
         return logits.float() if candidates is None else logits.float().gather(-1, candidates)
 

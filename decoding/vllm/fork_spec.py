@@ -54,18 +54,16 @@ def file_fingerprint(model_path: str | Path, info: dict, target=None) -> str:
     model: the check the vllm engine makes before vLLM loads anything. Checkpoint keys are mapped to
     transformers' state-dict names with transformers' own renamings (and a level such as ``vision_model``
     that the model's state dict lacks dropped)."""
-    import hashlib
     import re
 
-    import torch
     from safetensors import safe_open
 
-    from decoding.fork import fork_prefixes
+    from decoding.fork import fingerprint, fork_prefixes
 
     model, renames = target or _meta_target(model_path)
     names = set(model.state_dict())
     forked = tuple(fork_prefixes(model, info["layers"])[0])
-    tensors = {}
+    tensors = []
     for f in sorted(Path(model_path).glob("*.safetensors")):
         handle = safe_open(f, "pt")
         for key in handle.keys():
@@ -76,30 +74,18 @@ def file_fingerprint(model_path: str | Path, info: dict, target=None) -> str:
                 parts = name.split(".")
                 name = next((c for c in (".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))) if c in names), name)
             if not name.startswith(forked):
-                tensors[name] = (handle, key)
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        handle, key = tensors[name]
-        t = handle.get_tensor(key)
-        flat = t.reshape(-1)
-        step = max(1, flat.numel() // 65536)
-        h.update(f"{name}:{tuple(t.shape)}:".encode())
-        h.update(flat[::step][:65536].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+                tensors.append((name, lambda handle=handle, key=key: handle.get_tensor(key)))
+    return fingerprint(tensors)
 
 
 def check_fork_files(model_path: str | Path, reward_path: str | Path) -> None:
-    """Refuse a fork built for another target (as ``decoding.fork.check_trunk``, with its messages), from the
-    files and a meta-device model: before any engine loads weights. Any family transformers builds."""
+    """Refuse a fork built for another target (``decoding.fork.check_trunk``: its checks and messages), from
+    the files and a meta-device model: before any engine loads weights. Any family transformers builds."""
+    from decoding.fork import check_trunk
+
     info = json.loads((Path(reward_path) / "fork.json").read_text())
-    model, renames = _meta_target(model_path)
-    n, kind = len(model.get_decoder().layers), model.config.model_type
-    if info["num_layers"] != n or info.get("model_type") != kind:
-        raise ValueError(f"the forked reward model at {reward_path} was built for a {info.get('model_type')} target of "
-                         f"{info['num_layers']} layers; this target is a {kind} of {n}")
-    if file_fingerprint(model_path, info, (model, renames)) != info["trunk_sha256"]:
-        raise ValueError(f"the forked reward model at {reward_path} was trained on another target's weights (trunk "
-                         "fingerprint differs): a fork serves only the exact target it was built from")
+    target = _meta_target(model_path)
+    check_trunk(info, target[0], reward_path, trunk=lambda: file_fingerprint(model_path, info, target))
 
 
 class InModelFork:
@@ -114,3 +100,11 @@ class InModelFork:
     def logits(self, rows, candidates=None):
         """The fork's logits [n, V] (or [n, K] at ``candidates``) for batch rows ``rows`` [n] of this step."""
         return live_model().rm_logits(rows, candidates)
+
+    @staticmethod
+    def select(state, keep):  # no per-row state of its own: vLLM keeps the cache
+        return None
+
+    @staticmethod
+    def merge(a, b):
+        return None
