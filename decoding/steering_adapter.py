@@ -179,6 +179,10 @@ class PerRequestSteering:
             if rb is not None and swap(direction):
                 self.rows[a] = rb
 
+    def uses(self, method: str) -> bool:
+        """Whether any row of the batch steers with ``method``."""
+        return any(method in r.steer for r, _ in self.rows.values())
+
     def _row(self, args: dict, prompt_ids: list[int], output_ids: list[int]):
         from decoding.transformers_engine import Row
 
@@ -190,9 +194,13 @@ class PerRequestSteering:
         try:  # a request whose steering cannot start (an unreadable image) fails alone
             from PIL import Image
 
+            # images come only for a reward model that reads them itself (none for a fork inside the engine's
+            # model, nor for FiSAO, whose verifier scores arrive computed)
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in args.get("images", [])]
             row.request = GenerationRequest(messages=args.get("messages", []), images=images)
-            row.inputs = self.target.inputs_for(prompt_ids, images)
+            row.inputs = self.target.inputs_for(prompt_ids, images) if images else {}
+            if args.get("verifier_scores") is not None:
+                row.verifier_scores = torch.tensor(args["verifier_scores"], dtype=torch.float32)
             missing = [m for m in steer if m not in self.methods]
             if missing:
                 raise RuntimeError(f"steering method {missing[0]!r} is not available in the worker")

@@ -53,6 +53,7 @@ class Row:
     text_ends: list[int] = field(default_factory=list)  # len(text) after each generated token (stop-string cuts)
     explain: list = field(default_factory=list)  # a TokenExplain per generated token, when the request asked
     trunk: tuple | None = None  # (hidden [n, D], positions, next position, prebuilt masks) of its prompt, for a fork
+    verifier_scores: torch.Tensor | None = None  # [phrases] FiSAO's verifier scores of its image, computed at admission
 
     @property
     def pixel_values(self) -> torch.Tensor | None:

@@ -2,9 +2,12 @@
 steering of ``decoding.vllm_steering`` registered as a logits processor and switched on per request.
 
 This side (the server's process) turns a request into vLLM inputs: the prompt text and images, vLLM
-sampling parameters and, for steered requests, ``extra_args`` with what the worker-side processor needs:
-FiSAO's verifier rewards are computed here at admission (the verifier runs in this process) and sent
-as a compact table; TITA's image is sent so the processor can prefill its reward model. AsyncLLM runs
+sampling parameters and, for steered requests, ``extra_args`` with what the worker-side processor needs.
+Nothing of a request's image is computed in vLLM's step: FiSAO's verifier scores the image here, before
+the request joins the batch (the verifier runs in this process, in the model's dtype, and its memory is
+taken off vLLM's budget), and sends one score per object phrase; a forked TITA reward model inside vLLM's
+model reads the target's hidden states. Only a reward model that runs in the worker as a model of its own
+(a separate one, or a fork of a family ``ForkedLlava`` does not serve) gets the image, as PNG bytes. AsyncLLM runs
 on its own event loop in a background thread, so any caller (several test servers, a benchmark) can
 share one engine; ``run`` streams a request's events to a thread-safe sink.
 """
@@ -16,6 +19,7 @@ import bisect
 import io
 import itertools
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -35,6 +39,20 @@ from decoding.prompts import render_prompt
 from decoding.vllm.fork_spec import check_fork_files, in_model_overrides
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV, SLOTS,
                                     TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
+
+log = logging.getLogger("vlm_steer.vllm")
+FORK_SALT = "vlm-steer:tita-fork"  # the cache_salt of requests that read a forked reward model's KV (see encode)
+
+
+def utilization_after(utilization: float, taken_bytes: int, total_bytes: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` (the fraction of the device's memory it may take: weights, activations
+    and KV cache) less what this process already holds on the device (the verifier), so that the KV cache is
+    sized for what is really left. Raises ValueError when nothing would be left."""
+    out = utilization - taken_bytes / total_bytes
+    if out <= 0.05:
+        raise ValueError(f"the verifier takes {taken_bytes / 2**30:.2f} GiB of {total_bytes / 2**30:.2f} GiB: "
+                         f"gpu_memory_utilization {utilization} leaves vLLM nothing")
+    return out
 
 
 @dataclass
@@ -107,14 +125,27 @@ class VLLMEngine:
         os.environ.pop(VERIFIER_ENV, None)
         self.tita_gate, self.tita_candidates = tita_gate, tita_candidates
         os.environ[TITA_ENV] = json.dumps({"gate": tita_gate, "candidates": tita_candidates})
+        on_cpu = device == "cpu"
+        utilization = gpu_memory_utilization or (0.15 if on_cpu else 0.9)
         if verifier_path is not None:
             from decoding.verifier import Verifier
 
             files = verifier_files or {}
-            verifier = Verifier(verifier_path, weights=False, **files)  # its files: what FiSAO can do
+            # the verifier scores each request's image here, at admission (``_steering_args``); the worker's
+            # FiSAO reads its vocabulary and calibration only
+            verifier = Verifier(verifier_path, device=device, dtype=dtype, **files)
             os.environ[VERIFIER_ENV] = json.dumps({"path": str(Path(verifier_path).resolve()),
                                                    **{k: str(Path(v).resolve()) for k, v in files.items() if v}})
-        # the reward model and the verifier's weights live in vLLM's worker, beside the steering processor
+            if not on_cpu:  # it holds device memory that vLLM's own profile would not see
+                import torch
+
+                taken = sum(p.numel() * p.element_size() for p in verifier.model.parameters())
+                total = torch.cuda.get_device_properties(verifier.device).total_memory
+                lowered = utilization_after(utilization, taken, total)
+                log.warning("the verifier takes %.2f GiB on %s: vLLM's gpu_memory_utilization lowered from %.3f to %.3f",
+                            taken / 2**30, verifier.device, utilization, lowered)
+                utilization = lowered
+        # the reward model's weights live in vLLM's model (a LLaVA fork) or in its worker, beside the processor
         self.resources = Resources(self, reward_path, verifier)
         self.methods = dict(usable_methods(self.resources, self.supported))
         self._counter_file = tempfile.NamedTemporaryFile(prefix="vlm-steer-counters-", delete=False)
@@ -132,11 +163,10 @@ class VLLMEngine:
 
         from decoding.vllm_steering import SteeringLogitsProcessor
 
-        on_cpu = device == "cpu"
         args = AsyncEngineArgs(
             model=self.model_path, dtype=dtype, max_model_len=self.max_context, max_num_seqs=max_batch,
             tensor_parallel_size=tensor_parallel_size, logits_processors=[SteeringLogitsProcessor],
-            gpu_memory_utilization=gpu_memory_utilization or (0.15 if on_cpu else 0.9),
+            gpu_memory_utilization=utilization,
             logprobs_mode="processed_logprobs", disable_log_stats=False, **(engine_args or {}))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vlm-steer-vllm", daemon=True)
@@ -203,6 +233,10 @@ class VLLMEngine:
         text = render_prompt(self.processor, request.messages)
         ids = self.processor(images=request.images or None, text=text)["input_ids"][0]
         prompt = {"prompt": text}
+        if self.reward_in_model and "tita" in steering:
+            # the fork's layers run only in steps that hold a TITA row, so blocks other requests computed
+            # lack its KV: TITA requests share cached prefixes among themselves only
+            prompt["cache_salt"] = FORK_SALT
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
         slot, explain = self._slot(), self._explain_slot(request)
@@ -253,11 +287,17 @@ class VLLMEngine:
     def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:
         """What the worker's steering methods read: strengths, the chat messages (FiSAO's question rule, a
         reward model with its own processor) and the images, encoded losslessly."""
-        if "tita" in steering and not request.images:
+        worker_model = "tita" in steering and not self.reward_in_model  # a reward model that reads the image itself
+        if worker_model and not request.images:
             raise ValueError("tita on the vllm engine needs an image in the request")
         if not steering:  # explained, not steered: the worker needs nothing of the request
             return {"methods": {}}
-        return {"methods": steering, "messages": request.messages, "images": [_png(im) for im in request.images]}
+        args = {"methods": steering, "messages": request.messages}
+        if worker_model:
+            args["images"] = [_png(im) for im in request.images]
+        if "fisao" in steering and request.images:  # one score per object phrase, before the request joins the batch
+            args["verifier_scores"] = self.resources.verifier.scores(request.images[:1])[0].tolist()
+        return args
 
     # ------------------------------------------------------------ running requests
 

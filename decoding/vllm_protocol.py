@@ -5,6 +5,7 @@ requests that ask for them (no vLLM import here)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -94,7 +95,9 @@ class ExplainRing:
 
 def validate(args) -> None:
     """Refuse malformed steering arguments (vLLM turns the ValueError into HTTP 400): ``{"slot": int,
-    "eos": int, "methods": {name: strength}, "messages": [...], "images": [encoded image bytes]}``."""
+    "eos": int, "methods": {name: strength}, "messages": [...], "images": [encoded image bytes] (for a reward
+    model that reads the image itself), "verifier_scores": [one float per object phrase] (FiSAO, scored at
+    admission)}``."""
     if not isinstance(args, dict) or not isinstance(args.get("slot"), int) or not 0 <= args["slot"] < SLOTS:
         raise ValueError(f"extra_args[{ARG!r}] must be a dict with an integer 'slot' in [0, {SLOTS})")
     methods = args.get("methods")
@@ -108,8 +111,10 @@ def validate(args) -> None:
     images = args.get("images", [])
     if not isinstance(images, list) or not all(isinstance(b, (bytes, bytearray)) for b in images):
         raise ValueError("'images' must be a list of encoded image bytes")
-    if "tita" in methods and not images:
-        raise ValueError("tita needs the request's image ('images')")
+    scores = args.get("verifier_scores")
+    if scores is not None and not (isinstance(scores, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores)):
+        raise ValueError("'verifier_scores' must be a list of finite numbers (one per object phrase)")
     if not isinstance(args.get("messages", []), list):
         raise ValueError("'messages' must be the request's chat messages")
     ex = args.get("explain")

@@ -2,8 +2,10 @@
 
 A thin adapter: vLLM's batch updates and logits go to ``decoding.steering_adapter.PerRequestSteering``,
 which runs the same steering method objects as the transformers engine. The processor lives in vLLM's
-worker process, so it loads what the methods need there: the reward model (``REWARD_ENV``) and the
-verifier (``VERIFIER_ENV``), and reads the target's processor and config (not its weights). What the
+worker process, so it loads what the methods need there: the reward model (``REWARD_ENV``; nothing when it
+is part of vLLM's model) and the verifier's vocabulary and calibration (``VERIFIER_ENV``; its weights stay
+in the engine's process, which scores each image at admission), and reads the target's processor and
+config (not its weights). What the
 server needs back (steered tokens, failures, steering time, engine steps) goes through a small shared
 counter file (``COUNTERS_ENV``), and per-token explanations through a ring file (``EXPLAIN_ENV``).
 """
@@ -61,11 +63,13 @@ class SteeringLogitsProcessor(LogitsProcessor):
             from decoding.verifier import Verifier
 
             spec = json.loads(os.environ[VERIFIER_ENV])
-            verifier = Verifier(spec["path"], device=str(device), dtype=dtype, vocabulary=spec.get("vocabulary"),
+            # its vocabulary and calibration: the engine's process scored each request's image at admission
+            verifier = Verifier(spec["path"], weights=False, vocabulary=spec.get("vocabulary"),
                                 calibration=spec.get("calibration"))
         tita = json.loads(os.environ.get(TITA_ENV) or "{}")
         target = WorkerTarget(vllm_config.model_config.model, tita.get("gate", 1.0), tita.get("candidates", 0))
         self.steering = PerRequestSteering(Resources(target, reward, verifier), counters, explain)
+        self.in_model = reward if isinstance(reward, InModelFork) else None
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -74,6 +78,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
         if batch_update is not None:
             self.steering.update(batch_update.removed, batch_update.added, batch_update.moved,
                                  lambda d: d == MoveDirectionality.SWAP)
+            if self.in_model is not None:  # the fork's layers run only in steps that hold a TITA row
+                self.in_model.run_layers(self.steering.uses("tita"))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return self.steering.apply(logits)

@@ -140,7 +140,10 @@ class Fisao(SteeringMethod):
 
     def start(self, rows):
         z = torch.zeros(len(rows), len(self.verifier.phrases))
-        with_images = [i for i, r in enumerate(rows) if r.request.images]
+        scored = [i for i, r in enumerate(rows) if r.verifier_scores is not None]  # scored at admission (vllm engine)
+        if scored:
+            z[scored] = torch.stack([rows[i].verifier_scores for i in scored])
+        with_images = [i for i, r in enumerate(rows) if r.request.images and r.verifier_scores is None]
         if with_images and self.shared_tower and all(rows[i].image_pooled is not None for i in with_images):
             z[with_images] = self.verifier.scores_from_pooled(torch.stack([rows[i].image_pooled for i in with_images])).cpu()
         elif with_images:
@@ -148,8 +151,8 @@ class Fisao(SteeringMethod):
         rewards = self.verifier.reward(z)
         node = self.trie.node_rewards(z, self.verifier.reward)
         node = torch.where(node > 0, node * self.bonus_weight, node)
-        if len(with_images) < len(rows):  # no image, nothing to verify against
-            blind = torch.tensor([not r.request.images for r in rows])
+        if len(with_images) + len(scored) < len(rows):  # no image, nothing to verify against
+            blind = torch.tensor([not r.request.images and r.verifier_scores is None for r in rows])
             rewards[blind], node[blind] = 0.0, 0.0
         question = torch.tensor([self._question(r.request) for r in rows], dtype=torch.long)
         return FisaoState(rewards, question, node)

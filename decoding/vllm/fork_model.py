@@ -60,10 +60,19 @@ class ForkedLlava(LlavaForConditionalGeneration):
         self.secondary_weights = [DefaultModelLoader.Source(spec["path"], None, prefix="rm.",
                                                             allow_patterns_overrides=["fork.safetensors"])]
         self.rm_hidden: torch.Tensor | None = None  # [n, D] of the last compute_logits
+        # whether this step runs the fork's layers: set by the steering processor before each forward (vLLM's
+        # V1 runner calls the logits processors' ``update_state`` before the model), off when no row of the
+        # step steers with TITA. Blocks computed with the fork off lack its KV: the vllm engine gives TITA
+        # requests their own ``cache_salt`` so prefix caching never hands them such blocks.
+        self.fork_active = True
+        self.fork_steps = 0  # forward passes that ran the fork's layers (read by tests)
         LIVE.append(weakref.ref(self))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden, aux = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if not self.fork_active:  # no TITA row in this step: the fork's half is never read
+            return torch.cat([hidden, torch.zeros_like(hidden)], -1)
+        self.fork_steps += 1
         h, residual = aux[0], None
         for layer in self.rm_layers:
             h, residual = layer(positions, h, residual)

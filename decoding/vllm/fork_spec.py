@@ -102,6 +102,12 @@ class InModelFork:
         return live_model().rm_logits(rows, candidates)
 
     @staticmethod
+    def run_layers(on: bool) -> None:
+        """Whether the next forward runs the fork's layers: the steering processor turns them off for steps
+        with no TITA row (``ForkedLlava.fork_active``)."""
+        live_model().fork_active = on
+
+    @staticmethod
     def select(state, keep):  # no per-row state of its own: vLLM keeps the cache
         return None
 

@@ -41,16 +41,21 @@ def _requests(method, n=8, max_tokens=24, explain=False):
     return out
 
 
-def _params(engine, req, slot):
+def _params(engine, req, slot, scorer=None):
+    """The vllm engine's arguments for ``req``; with ``scorer`` (a verifier), FiSAO's scores computed at
+    admission and no image sent (what the vllm engine does for a request no worker-side model reads)."""
     steer = engine.resolve(req.steering)
     args = {"slot": slot, "eos": engine.tokenizer.eos_token_id, "methods": steer, "messages": req.messages,
             "images": [_png(im) for im in req.images]}
+    if scorer is not None:
+        del args["images"]
+        args["verifier_scores"] = scorer.scores(req.images[:1])[0].tolist()
     if req.steering.explain:
         args["explain"] = [slot, 1000 + slot]  # ring slot, nonce
     return types.SimpleNamespace(extra_args={ARG: args} if steer or req.steering.explain else None)
 
 
-def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3):
+def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3, scorer=None):
     """Greedy decoding with the engine as the model runner and ``steering`` as vLLM's logits processor.
     Finished rows are removed and the batch condensed (one-way moves, as vLLM does); ``join_late`` rows
     join after three steps and are prefilled in ``chunks`` chunks (vLLM's chunked prefill: the row is in
@@ -61,7 +66,7 @@ def run_like_vllm(engine, steering, requests, join_late=(), corrupt=(), chunks=3
     def added(idx, base):
         out = []
         for k, i in enumerate(idx):
-            p = _params(engine, requests[i], i)
+            p = _params(engine, requests[i], i, scorer)
             if i in corrupt:
                 p.extra_args[ARG]["images"] = [b"\x89PNG not really"]
             out.append((base + k, p, engine.encode(requests[i], steer=False).prompt_ids, outputs[i]))
@@ -155,6 +160,23 @@ def test_adapter_gives_the_transformers_engines_tokens(steering_engine, adapter_
     assert {starts[m] for m in method.split("+")} == {2}, starts
     steered = [int(counters.slot(i)[0]) for i in range(len(requests))]
     assert steered == [c.steered_tokens for c in steering_engine.generate(requests)] and sum(steered) > 0
+
+
+def test_fisao_scored_at_admission_reads_no_image_in_the_worker(steering_engine, tmp_path):
+    """The vllm engine scores a FiSAO request's image before it joins the batch and sends the scores, not
+    the image: a worker whose verifier has no weights (its vocabulary and calibration only) steers every
+    row as the transformers engine does."""
+    requests = _requests("fisao")
+    want = [c.token_ids for c in steering_engine.generate(requests)]
+    files_only = Resources(WorkerTarget(str(MODELS_DIR / "vlm")), None, Verifier(MODELS_DIR / "verifier", weights=False))
+    steering = PerRequestSteering(files_only, Counters(str(tmp_path / "counters")))
+    started = []
+    start = steering.methods["fisao"].start
+    steering.methods["fisao"].start = lambda rows: started.extend(rows) or start(rows)
+    got = run_like_vllm(steering_engine, steering, requests, join_late=(1, 5), scorer=Verifier(MODELS_DIR / "verifier"))
+    assert [got[i] for i in range(len(requests))] == want
+    assert len(started) == len(requests)
+    assert all(not r.request.images and not r.inputs and r.verifier_scores is not None for r in started)
 
 
 def test_a_row_that_cannot_start_fails_alone(steering_engine, adapter_resources, tmp_path):

@@ -16,7 +16,8 @@ from decoding.vllm_protocol import Counters, validate
     ({"slot": 1, "methods": {"fisao": -1}}, "strength"),
     ({"slot": 1, "methods": {"fisao": True}}, "strength"),
     ({"slot": 1, "methods": {"fisao": 1}, "images": ["not bytes"]}, "images"),
-    ({"slot": 1, "methods": {"tita": 0.5}, "images": []}, "image"),
+    ({"slot": 1, "methods": {"fisao": 1}, "verifier_scores": [0.1, float("nan")]}, "verifier_scores"),
+    ({"slot": 1, "methods": {"fisao": 1}, "verifier_scores": "high"}, "verifier_scores"),
     ({"slot": 1, "methods": {"fisao": 1}, "messages": "hi"}, "messages"),
 ])
 def test_malformed_steering_arguments_are_refused(args, match):

@@ -13,10 +13,10 @@ from shapeworld.world import make_scenes
 SCENES = make_scenes("bait", 8, 777)
 
 
-def _requests():
-    """Eight TITA captions of 40 tokens each (prompts of 71 tokens)."""
+def _requests(method="tita"):
+    """Eight captions of 40 tokens each (prompts of 71 tokens)."""
     sp = SamplingParams(max_tokens=40, ignore_eos=True)
-    return [GenerationRequest.single_turn(CAPTION_PROMPT, [s.image()], sampling=sp, steering=SteeringSpec("tita"))
+    return [GenerationRequest.single_turn(CAPTION_PROMPT, [s.image()], sampling=sp, steering=SteeringSpec(method))
             for s in SCENES]
 
 
@@ -65,4 +65,21 @@ def test_tita_tokens_hold_under_preemption(want):
     finally:
         engine.close()
     assert preempted > 0
+    assert got == want
+
+
+def test_steps_without_a_tita_row_run_no_fork_layers(want):
+    """The fork's layers run only in steps that hold a TITA row; blocks computed without them never reach a
+    TITA request through prefix caching (TITA requests have their own cache salt): the same prompts first
+    unsteered, then with TITA, give the tokens of a fresh engine."""
+    engine = _engine(worker_extension_cls="tests.vllm.worker_probe.Probe", enable_prefix_caching=True, block_size=32)
+    steps = lambda: engine._call(engine.llm.collective_rpc("fork_steps", timeout=60))[0]  # noqa: E731
+    try:
+        before = steps()
+        engine.generate(_requests("none"))
+        assert steps() == before  # 8 requests, 40 tokens each: not one step ran the fork
+        got = [c.token_ids for c in engine.generate(_requests())]
+        assert steps() > before
+    finally:
+        engine.close()
     assert got == want
