@@ -73,10 +73,11 @@ test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER)
 # Dockerfile, run as users run it (tests/deploy/image_check.py says what it checks; docs/operations.md, "The image").
 DOCKERD := /usr/sbin/dockerd
 MMDEBSTRAP := /usr/bin/mmdebstrap
+# docker.io without its recommends: they bring needrestart, which hooks into every later apt run.
 $(DOCKERD):
 	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends docker.io >/dev/null
 $(MMDEBSTRAP):
-	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mmdebstrap >/dev/null
 
 image-check: $(STAMP) $(DOCKERD) $(MMDEBSTRAP)
 	$(SUDO) env CA_BUNDLE=$(CA_BUNDLE) $(BIN)/python -m pytest -q -s tests/deploy/image_check.py
