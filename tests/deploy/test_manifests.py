@@ -174,3 +174,78 @@ def test_prometheus_scrapes_the_live_server(live, client, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# ------------------------------------------------------------ the GPU overlay (it cannot run here)
+
+def _gpu_deployment() -> dict:
+    return next(d for name, d in _resources() if name.startswith("gpu/") and d["kind"] == "Deployment")
+
+
+def _dockerfile_image() -> tuple[dict[str, str], str, str]:
+    """The image's ENV, its user's uid and home folder, read from the Dockerfile."""
+    from dockerfile_parse import DockerfileParser
+
+    df = DockerfileParser(path=str(DEPLOY.parent / "Dockerfile"))
+    env = {}
+    for i in df.structure:
+        if i["instruction"] == "ENV":
+            env.update(pair.partition("=")[::2] for pair in i["value"].split())
+    useradd = next(i["value"] for i in df.structure if i["instruction"] == "RUN" and "useradd" in i["value"]).split()
+    uid, user = useradd[useradd.index("--uid") + 1], useradd[-1]
+    assert "--create-home" in useradd and "--home-dir" not in useradd  # Debian's default: /home/USER
+    assert [i["value"] for i in df.structure if i["instruction"] == "USER"] == [uid]
+    return env, uid, f"/home/{user}"
+
+
+# What the GPU stack writes at run time by default, in the image user's home or the temporary folder:
+# vLLM's envs.py (VLLM_CACHE_ROOT ~/.cache/vllm, VLLM_CONFIG_ROOT ~/.config/vllm, VLLM_RPC_BASE_PATH the temp
+# folder), Triton's knobs (~/.triton/cache), torch inductor (/tmp/torchinductor_USER), Hugging Face
+# (~/.cache/huggingface), FlashInfer (~/.cache/flashinfer), the vllm engine's temporary files (tempfile).
+GPU_WRITES = ["{home}/.cache/vllm", "{home}/.config/vllm", "/tmp", "{home}/.triton/cache", "/tmp/torchinductor_vlmsteer",
+              "{home}/.cache/huggingface", "{home}/.cache/flashinfer"]
+
+
+def _writable(pod: dict) -> list[str]:
+    c = pod["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+
+
+def _covered(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_cpu_deployment_gives_a_read_only_root_a_writable_tmp():
+    """torch needs a usable temporary folder at import (tempfile.gettempdir() in torch._dynamo): with a
+    read-only root and no /tmp the server exits at startup (found by `make image-check`)."""
+    pod = next(d for _, d in _resources()[:4] if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert _covered("/tmp", _writable(pod))
+
+
+def test_gpu_overlay_keeps_a_read_only_root_with_writable_tmp_and_caches():
+    pod = _gpu_deployment()["spec"]["template"]["spec"]
+    _, uid, home = _dockerfile_image()
+    assert str(pod["securityContext"]["runAsUser"]) == uid  # so HOME is the image user's home
+    writable = _writable(pod)
+    for path in (p.format(home=home) for p in GPU_WRITES):
+        assert _covered(path, writable), f"{path} is not writable"
+
+
+def test_gpu_overlay_uses_no_embedded_model_beside_the_users(monkeypatch):
+    """The image's ENV and the overlay's env together name the user's checkpoints only: no setting resolves
+    into the embedded ShapeWorld models (the image's /app/models, or a checkout's models/shapeworld)."""
+    from server.settings import EMBEDDED, Settings
+
+    image_env, _, _ = _dockerfile_image()
+    env = {**image_env, **{e["name"]: e["value"] for e in _gpu_deployment()["spec"]["template"]["spec"]["containers"][0]["env"]
+                           if "value" in e}}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert str(s.model).startswith("/models/")
+    paths = {name: getattr(s, name) for name in Settings.model_fields if isinstance(getattr(s, name), Path)}
+    embedded = [n for n, p in paths.items() if "/app/models" in str(p) or Path(p).is_relative_to(EMBEDDED)]
+    assert not embedded, {n: str(paths[n]) for n in embedded}
+    assert s.grounding_verifier == s.verifier  # the judge defaults to the user's verifier
