@@ -44,9 +44,12 @@ async def start(state: State, engine=None) -> None:
     """Load what the server serves with (``engine``: one already loaded, e.g. by a test) and open."""
     settings = state.settings
     if engine is None and settings.engine == "transformers" and settings.engine_process:
-        from server.engine_process import ProcessScheduler
+        def process_scheduler():  # in a thread: its imports (torch) would hold the event loop for a second or two
+            from server.engine_process import ProcessScheduler
 
-        state.scheduler = ProcessScheduler(settings, on_step=state.on_step, on_failure=state.on_failure)
+            return ProcessScheduler(settings, on_step=state.on_step, on_failure=state.on_failure)
+
+        state.scheduler = await asyncio.to_thread(process_scheduler)
         state.engine = await asyncio.to_thread(state.scheduler.load)
     else:
         state.engine = engine or await asyncio.to_thread(load_engine, settings)

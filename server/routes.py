@@ -33,7 +33,7 @@ def authorize(request: Request) -> None:
 def model_card(state, model: str | None = None) -> dict:
     """``/v1/models``' entry of the served model (``model`` None or its name) or of one of its steering
     profiles (``server.profiles``); 404 for a name this server does not serve, 503 while loading."""
-    if state.profiles is None:
+    if not state.ready:
         raise APIError(503, "the server is loading its models")
     if model is None or state.profiles.get(model) is None:
         return {"id": state.settings.model_name, "object": "model", "created": 0, "owned_by": "vlm-steer",
@@ -73,7 +73,7 @@ async def metrics(request: Request):
 async def models(request: Request):
     authorize(request)
     state = _state(request)
-    return {"object": "list", "data": [model_card(state, m) for m in (state.profiles.models if state.profiles else [None])]}
+    return {"object": "list", "data": [model_card(state, m) for m in (state.profiles.models if state.ready else [None])]}
 
 
 @router.get("/v1/models/{model:path}", responses={401: {"description": "Missing or invalid API key", "content": _ERROR},
