@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     drain_timeout: float = 30.0
     """Seconds to finish in-flight requests after SIGTERM before exiting."""
     log_level: str = "info"
-    """Uvicorn log level."""
+    """Log level of uvicorn's and the server's loggers (every line with time and level)."""
 
     @field_validator("reward_model", "verifier", "verifier_vocabulary", "verifier_calibration", "experiment",
                      "profiles", "grounding_verifier", "playground_examples",
