@@ -54,6 +54,7 @@ def test_the_export_is_lmms_evals_pope_task_on_the_data(data, tmp_path):
 def run_lmms_eval(url: str, model: str, task: Path, out: Path) -> tuple[dict, dict]:
     """lmms-eval's results (task -> metrics) and its answers (task -> doc id -> prediction)."""
     assert LMMS_PYTHON.exists(), f"{LMMS_PYTHON}: no lmms-eval virtualenv (make install-lmms-eval)"
+    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "hf"), "HF_HOME": str(out / "hf")}
     env.pop("PYTHONPATH", None)  # lmms-eval's own interpreter: nothing of ours on its path
     done = subprocess.run([str(LMMS_PYTHON), "-m", "lmms_eval", "--model", "openai", "--model_args",
@@ -80,9 +81,9 @@ def test_lmms_eval_through_a_profile_gives_bench_qualitys_figures(method, data, 
     with start(steering_engine) as srv:
         scores, answers = run_lmms_eval(srv.url, f"shapeworld:{method}", task, tmp_path / "out")
         metrics = srv.app.state.vlm.metrics
-        arms = {s.labels["arm"] for fam in metrics.registry.collect() if fam.name == "vlm_steer_request_success"
-                for s in fam.samples}
-    assert arms == {f"shapeworld:{method}"}  # every request chose its method by model name
+        labels = {(s.labels["model"], s.labels["method"], s.labels["arm"]) for fam in metrics.registry.collect()
+                  if fam.name == "vlm_steer_request_success" for s in fam.samples}
+    assert labels == {("shapeworld", method, f"shapeworld:{method}")}  # every request chose its method by model name
     for name, questions in ds.pope.items():
         task_name = f"vlm_steer_pope_{name}"
         said = ["yes" if a else "no" for a in bench["pope_answers"][name]]
