@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "scoring, one-token answers; the method chosen by model name, e.g. vlm:tita)")
     el.add_argument("--data", required=True, help="data set folder with pope/*.jsonl (reward_models/data.py)")
     el.add_argument("--out", required=True, help="task folder to write (lmms-eval's --include_path)")
-    el.add_argument("--name", default="vlm_steer_pope", help="the group's task name; each file's task is NAME_<file>")
+    el.add_argument("--name", default="steered_pope", help="the group's task name; each file's task is NAME_<file>")
     el.set_defaults(func=_export_lmms_eval)
 
     b = sub.add_parser("bench", help="benchmarks")

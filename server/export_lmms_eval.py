@@ -81,7 +81,7 @@ def _dump(config: dict) -> str:
     return re.sub(r"'(!function [\w.]+)'", r"\1", text)
 
 
-def export_lmms_eval(data: str | Path, out: str | Path, name: str = "vlm_steer_pope") -> list[str]:
+def export_lmms_eval(data: str | Path, out: str | Path, name: str = "steered_pope") -> list[str]:
     """Write the task folder (see the module docstring); returns the task names, the group's first.
     ``DataError`` for a data folder without POPE files."""
     ds = DataSet.load(data)

@@ -35,13 +35,13 @@ def data(tmp_path_factory):
 def test_the_export_is_lmms_evals_pope_task_on_the_data(data, tmp_path):
     names = export_lmms_eval(data, tmp_path / "task")
     ds = DataSet.load(data)
-    assert names == ["vlm_steer_pope", *(f"vlm_steer_pope_{f}" for f in ds.pope)]
-    group = yaml.safe_load((tmp_path / "task" / "vlm_steer_pope.yaml").read_text())
-    assert group == {"group": "vlm_steer_pope", "task": names[1:]}
-    text = (tmp_path / "task" / "vlm_steer_pope_random.yaml").read_text()
+    assert names == ["steered_pope", *(f"steered_pope_{f}" for f in ds.pope)]
+    group = yaml.safe_load((tmp_path / "task" / "steered_pope.yaml").read_text())
+    assert group == {"group": "steered_pope", "task": names[1:]}
+    text = (tmp_path / "task" / "steered_pope_random.yaml").read_text()
     assert "process_results: !function utils.pope_process_results" in text  # lmms-eval's own scoring
     assert "max_new_tokens: 1" in text
-    rows = [json.loads(line) for line in (tmp_path / "task" / "vlm_steer_pope_random.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "task" / "steered_pope_random.jsonl").read_text().splitlines()]
     assert [(r["question"], r["answer"] == "yes") for r in rows] == [(q.text, q.label) for q in ds.pope["random"]]
     assert all(Path(r["image"]).is_file() for r in rows)
     with pytest.raises(SystemExit, match="no POPE question files"):
@@ -59,7 +59,7 @@ def run_lmms_eval(url: str, model: str, task: Path, out: Path) -> tuple[dict, di
     env.pop("PYTHONPATH", None)  # lmms-eval's own interpreter: nothing of ours on its path
     done = subprocess.run([str(LMMS_PYTHON), "-m", "lmms_eval", "--model", "openai", "--model_args",
                            f"model={model},base_url={url}/v1,api_key=none,num_concurrent=8", "--include_path", str(task),
-                           "--tasks", "vlm_steer_pope", "--output_path", str(out), "--log_samples"],
+                           "--tasks", "steered_pope", "--output_path", str(out), "--log_samples"],
                           cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (results,) = out.rglob("*_results.json")
@@ -85,7 +85,7 @@ def test_lmms_eval_through_a_profile_gives_bench_qualitys_figures(method, data, 
                   if fam.name == "vlm_steer_request_success" for s in fam.samples}
     assert labels == {("shapeworld", method, f"shapeworld:{method}")}  # every request chose its method by model name
     for name, questions in ds.pope.items():
-        task_name = f"vlm_steer_pope_{name}"
+        task_name = f"steered_pope_{name}"
         said = ["yes" if a else "no" for a in bench["pope_answers"][name]]
         assert [answers[task_name][i] for i in range(len(questions))] == said, name
         ours = bench["pope"][name]
