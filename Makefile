@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-unit test-vllm install train bench clean-venv bench-speed-mid gpu-check image-check
+.PHONY: serve test test-unit test-vllm install install-lmms-eval train bench clean-venv bench-speed-mid gpu-check image-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,25 @@ CHROMEDRIVER := /usr/bin/chromedriver
 $(CHROMEDRIVER):
 	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
 
-test: $(STAMP) $(PROMETHEUS) $(CHROMEDRIVER)
+# lmms-eval 0.7.3 as a client of the server (docs/evaluate.md; tests/server/test_lmms_eval.py), in its own
+# virtualenv that sees .venv's packages (torch included) through a .pth file: a plain `pip install lmms-eval`
+# pulls a second torch. lmms-eval itself without its dependencies, then the ones its openai model and a local
+# POPE task import (about a minute on the CPU machine).
+LMMS_VENV := .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.installed
+LMMS_EVAL := lmms-eval==0.7.3
+LMMS_DEPS := loguru datasets accelerate evaluate pytablewriter 'filelock<4' pytz tenacity python-dotenv jsonlines sacrebleu
+$(LMMS_STAMP): $(STAMP)
+	test -x $(LMMS_VENV)/bin/python || $(BIN)/python -m venv $(LMMS_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(LMMS_VENV)/main-venv.txt
+	$(LMMS_VENV)/bin/python -c "import sysconfig, shutil; shutil.copy('$(LMMS_VENV)/main-venv.txt', sysconfig.get_paths()['purelib'] + '/vlm_steer_venv.pth')"
+	$(LMMS_VENV)/bin/pip install -q --no-deps $(LMMS_EVAL)
+	$(LMMS_VENV)/bin/pip install -q $(LMMS_DEPS)
+	touch $@
+
+install-lmms-eval: $(LMMS_STAMP)
+
+test: $(STAMP) $(PROMETHEUS) $(CHROMEDRIVER) $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
 
 # The fast tier for the inner loop (under a minute): everything but the files tests/conftest.py calls SLOW.
@@ -65,7 +83,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $@
 
 # The server suite and the engine-equivalence tests on the vllm engine (CI runs it after `make test`).
-test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER)
+test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER) $(LMMS_STAMP)
 	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/vllm
 
 # The image built and run for real (CI runs it after the test suites; about 6 minutes cold on 2 cores, nothing

@@ -25,6 +25,7 @@ from server.engines import load_engine, make_scheduler
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM
 from server.judging import BatchedJudge
+from server.profiles import Profiles
 from server.serving_chat import ChatServing
 from server.settings import Settings
 from server.state import State
@@ -43,21 +44,23 @@ async def start(state: State, engine=None) -> None:
     """Load what the server serves with (``engine``: one already loaded, e.g. by a test) and open."""
     settings = state.settings
     if engine is None and settings.engine == "transformers" and settings.engine_process:
-        from server.engine_process import ProcessScheduler
+        def process_scheduler():  # in a thread: its imports (torch) would hold the event loop for a second or two
+            from server.engine_process import ProcessScheduler
 
-        state.scheduler = ProcessScheduler(settings, on_step=state.on_step, on_failure=state.on_failure)
+            return ProcessScheduler(settings, on_step=state.on_step, on_failure=state.on_failure)
+
+        state.scheduler = await asyncio.to_thread(process_scheduler)
         state.engine = await asyncio.to_thread(state.scheduler.load)
     else:
         state.engine = engine or await asyncio.to_thread(load_engine, settings)
         state.scheduler = make_scheduler(state.engine, settings, on_step=state.on_step, on_failure=state.on_failure)
+    state.profiles = Profiles(settings.model_name, state.engine, state.profile_file)
     state.service = ChatService(settings, state.engine)
     state.chat = ChatServing(state)
     if settings.grounding_verifier is not None:
         state.judge = await asyncio.to_thread(load_judge, settings)
         state.judging = BatchedJudge(state.judge)
-    log.info("serving %s with steering methods: %s", settings.model_name, ", ".join(state.methods))
-    for name, why in getattr(state.engine, "unavailable", {}).items():
-        log.warning("steering method %r not offered: %s", name, why)
+    log_offer(state)
     m = state.metrics
     m.queue_capacity.labels(m.model).set(settings.max_queue)
     m.alert_margin.labels(m.model).set(settings.grounding_alert_margin)
@@ -66,24 +69,56 @@ async def start(state: State, engine=None) -> None:
     state.ready = True
 
 
+def log_offer(state: State) -> None:
+    """The start-up lines: the methods offered and the model names that choose them, then each registered
+    method not offered and why (a missing reward model or verifier, an engine that cannot run it)."""
+    settings, profiles = state.settings, state.profiles
+    log.info("serving %s on the %s engine: steering methods %s; models %s", settings.model_name,
+             settings.engine, ", ".join(state.methods), ", ".join(profiles.models))
+    for name, why in getattr(state.engine, "unavailable", {}).items():
+        log.warning("steering method %r not offered: %s", name, why)
+    for name, why in profiles.unavailable.items():
+        log.warning("steering profile %r of %s not offered: %s", name, settings.profiles, why)
+
+
+async def load(state: State, engine=None) -> None:
+    """``start`` in the background of an open port: /health answers 503 (loading) meanwhile. A failure is
+    logged and kept in ``state.load_error`` (``server.serve`` then exits 1; /health says failed)."""
+    try:
+        await start(state, engine)
+    except Exception as e:
+        state.load_error = e
+        log.error("loading failed: %s", e, exc_info=e)
+
+
 def stop(state: State, owns_engine: bool) -> None:
-    """Drain: refuse new requests, stop the scheduler, release the engine this app started."""
+    """Drain: refuse new requests, stop the scheduler, release the engine this app started. While still
+    loading: end the engine process at once (a load in this process's thread finishes before exit)."""
     state.draining = True
-    state.scheduler.stop()
-    state.service.close()
+    if state.scheduler is not None:
+        if not state.ready and hasattr(state.scheduler, "kill"):
+            state.scheduler.kill()
+        else:
+            state.scheduler.stop()
+    if state.service is not None:
+        state.service.close()
     if state.judging is not None:
         state.judging.close()
-    if owns_engine and hasattr(state.engine, "close"):
+    if owns_engine and state.engine is not None and hasattr(state.engine, "close"):
         state.engine.close()
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
+    """The app; its lifespan starts loading (``load``) and returns at once, so that the server binds its
+    port before the models are loaded (as Kubernetes probes and readiness scripts expect: 503, then 200)."""
     state = State(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await start(state, engine)
+        loading = asyncio.create_task(load(state, engine))
         yield
+        if not loading.done():
+            loading.cancel()
         stop(state, owns_engine=engine is None)
 
     app = FastAPI(title="vlm-steer", version="0.1.0", lifespan=lifespan)

@@ -154,6 +154,15 @@ def _data_shapeworld(args: argparse.Namespace) -> None:
     _embedded().data(args)
 
 
+def _export_lmms_eval(args: argparse.Namespace) -> None:
+    from server.export_lmms_eval import export_lmms_eval
+
+    names = export_lmms_eval(args.data, args.out, args.name)
+    print(f"wrote {args.out}: the group {names[0]} of the tasks {', '.join(names[1:])}")
+    print(f"run: python -m lmms_eval --model openai --model_args model=vlm:tita,base_url=http://127.0.0.1:8000/v1,api_key=none "
+          f"--include_path {args.out} --tasks {names[0]}")
+
+
 def _bench_quality(args: argparse.Namespace) -> None:
     from server.bench_quality import format_table, plot_quality, plot_sweep, write_json
 
@@ -341,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=1234)
     ds.add_argument("--out", required=True)
     ds.set_defaults(func=_data_shapeworld)
+
+    ex = sub.add_parser("export", help="a data set folder as another tool's task")
+    exsub = ex.add_subparsers(dest="export", required=True)
+    el = exsub.add_parser("lmms-eval", help="an lmms-eval task of the data set's POPE files (lmms-eval's POPE "
+                                            "scoring, one-token answers; the method chosen by model name, e.g. vlm:tita)")
+    el.add_argument("--data", required=True, help="data set folder with pope/*.jsonl (reward_models/data.py)")
+    el.add_argument("--out", required=True, help="task folder to write (lmms-eval's --include_path)")
+    el.add_argument("--name", default="steered_pope", help="the group's task name; each file's task is NAME_<file>")
+    el.set_defaults(func=_export_lmms_eval)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

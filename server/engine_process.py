@@ -180,6 +180,9 @@ def _engine_main(settings, commands, events) -> None:
     (or until the parent goes away: the pipe closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent drains and then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from server.logs import configure
+
+    configure(settings.log_level)  # a spawned process starts with no logging configuration
     try:
         from server.engines import load_engine
 
@@ -316,6 +319,12 @@ class ProcessScheduler:
 
     def _command(self, msg) -> None:
         self._writer.send(msg)
+
+    def kill(self) -> None:
+        """End the engine process at once (a shutdown while it still loads: nothing to drain)."""
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
 
     def stop(self) -> None:
         """Ask the engine process to stop, wait for it, kill it if it does not stop."""

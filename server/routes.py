@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import auth
 from server.protocol import openapi_chat_completions
-from server.serving_chat import check_model
+from server.errors import APIError
 
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 CHAT_API = openapi_chat_completions()
@@ -30,9 +30,15 @@ def authorize(request: Request) -> None:
     auth.authorize(request, _state(request).settings.api_keys)
 
 
-def model_card(state) -> dict:
-    return {"id": state.settings.model_name, "object": "model", "created": 0, "owned_by": "vlm-steer",
-            "steering_methods": state.methods}
+def model_card(state, model: str | None = None) -> dict:
+    """``/v1/models``' entry of the served model (``model`` None or its name) or of one of its steering
+    profiles (``server.profiles``); 404 for a name this server does not serve, 503 while loading."""
+    if not state.ready:
+        raise APIError(503, "the server is loading its models")
+    if model is None or state.profiles.get(model) is None:
+        return {"id": state.settings.model_name, "object": "model", "created": 0, "owned_by": "vlm-steer",
+                "steering_methods": state.methods}
+    return state.profiles.card(model)
 
 
 @router.post("/v1/chat/completions", openapi_extra=CHAT_API, responses={})
@@ -45,7 +51,8 @@ async def health(request: Request):
     state = _state(request)
     if state.accepting and getattr(state.scheduler, "alive", True):
         return {"status": "ok"}
-    status = "draining" if state.draining else "loading" if not state.ready else "engine down"
+    status = ("draining" if state.draining else "failed" if state.load_error else "loading" if not state.ready
+              else "engine down")
     return JSONResponse({"status": status}, status_code=503)
 
 
@@ -65,7 +72,8 @@ async def metrics(request: Request):
 @router.get("/v1/models", responses={401: {"description": "Missing or invalid API key", "content": _ERROR}})
 async def models(request: Request):
     authorize(request)
-    return {"object": "list", "data": [model_card(_state(request))]}
+    state = _state(request)
+    return {"object": "list", "data": [model_card(state, m) for m in (state.profiles.models if state.ready else [None])]}
 
 
 @router.get("/v1/models/{model:path}", responses={401: {"description": "Missing or invalid API key", "content": _ERROR},
@@ -73,9 +81,7 @@ async def models(request: Request):
 async def model(model: str, request: Request):
     """One model (the openai client's ``models.retrieve``)."""
     authorize(request)
-    state = _state(request)
-    check_model(model, state.settings.model_name)
-    return model_card(state)
+    return model_card(_state(request), model)
 
 
 @router.get("/playground", response_class=HTMLResponse, include_in_schema=False)

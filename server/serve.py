@@ -1,5 +1,7 @@
-"""Run the app under uvicorn with a graceful drain: on SIGTERM/SIGINT /health turns 503, new requests are
-refused, in-flight requests finish (up to ``drain_timeout``), then the process exits 0."""
+"""Run the app under uvicorn: the port is bound at once and the models load behind it (/health answers 503
+``loading``, then 200); a graceful drain: on SIGTERM/SIGINT /health turns 503, new requests are refused,
+in-flight requests finish (up to ``drain_timeout``), then the process exits 0. Log lines carry time and
+level (``server.logs``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import signal
 import uvicorn
 
 from server.app import create_app
+from server.logs import log_config
 from server.settings import Settings
 
 
@@ -25,8 +28,20 @@ class DrainingServer(uvicorn.Server):
             captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's main-loop tick (every 0.1 s): also exit once loading has failed (``serve`` exits 1)."""
+        if self.vlm_state.load_error is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
 def serve(settings: Settings) -> None:
+    """Bind the port, then load (``/health`` answers 503 until the models are loaded); exit 0 after a
+    drained shutdown, 1 when loading failed (the log says why)."""
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=log_config(settings.log_level),
                             timeout_graceful_shutdown=int(settings.drain_timeout))
     DrainingServer(config, app.state.vlm).run()
+    if app.state.vlm.load_error is not None:
+        raise SystemExit(1)

@@ -20,14 +20,10 @@ from server.chat_run import Reply, Run, complete, engine_error, sink_for, stream
 from server.chat_service import check_media_type
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM, EXPLICIT_ARM
+from server.profiles import Profile
 from server.protocol import ChatCompletionRequest, completion_id, now
 from server.scheduler import QueueFull
 from server.sse import EventStreamResponse
-
-
-def check_model(model: str, served: str) -> None:
-    if model != served:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r}", param="model")
 
 
 class ChatServing:
@@ -51,11 +47,11 @@ class ChatServing:
             req = await self._body(request)
         except ClientDisconnect:  # the client went away while sending its body: nothing to answer, no fault
             return Response(status_code=499)
-        check_model(req.model, settings.model_name)
+        profile = state.profiles.get(req.model)  # 404 for a name not served; None: the served model itself
         if req.grounding and state.judge is None:
             raise APIError(400, "grounding needs a calibrated grounding verifier, and this server has none "
                                 "(--grounding-verifier)", param="grounding")
-        arm, spec = self._arm(req)
+        arm, spec = self._arm(req, profile)
         try:
             strengths = state.engine.resolve(spec)
         except ValueError as e:
@@ -88,7 +84,7 @@ class ChatServing:
         p = settings.grounding_sample
         judged = state.judge is not None and images and (show or random.random() < p)
         scores = state.judging.scores(images) if judged else None  # beside the generation, off the event loop
-        reply = Reply(cid, created, settings.model_name, steering_info, state.engine.tokenizer, state.judge, scores,
+        reply = Reply(cid, created, req.model, steering_info, state.engine.tokenizer, state.judge, scores,
                       show, spec.explain, weight=1.0 if show else 1.0 / p if p > 0 else 0.0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -110,14 +106,22 @@ class ChatServing:
                 raise APIError(413, f"request body exceeds {limit} bytes")
         return await self.state.service.parse(bytes(raw))
 
-    def _arm(self, req: ChatCompletionRequest) -> tuple[str, SteeringSpec]:
-        """The request's arm and steering; ``explain`` is the request's own whatever the arm (it changes no
-        arm's decoding)."""
+    def _arm(self, req: ChatCompletionRequest, profile: Profile | None = None) -> tuple[str, SteeringSpec]:
+        """The request's arm and steering, first match wins (``server.profiles``): a locked experiment's
+        arm; the body's ``steering`` (with a profile: when it names a ``method``); the profile (arm: its
+        model name, ``vlm:tita``); an unlocked experiment's arm. ``explain`` is the request's own whatever
+        the arm (it changes no arm's decoding)."""
         exp = self.state.experiment
-        explain = bool(req.steering and req.steering.explain)
-        if exp is not None and (exp.locked or req.steering is None):
+        body = req.steering
+        explain = bool(body and body.explain)
+        if exp is not None and exp.locked:
             arm = exp.assign(req.user)
             return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength, explain)
-        if req.steering is not None:
-            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(req.steering.method, req.steering.strength, explain)
+        if body is not None and (profile is None or "method" in body.model_fields_set):
+            return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(body.method, body.strength, explain)
+        if profile is not None:  # a body steering without a method keeps the profile's, at the body's strength
+            return profile.model, profile.spec(body.strength if body else None, explain)
+        if exp is not None:
+            arm = exp.assign(req.user)
+            return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength, explain)
         return DEFAULT_ARM, SteeringSpec(explain=explain)

@@ -138,13 +138,18 @@ class Settings(BaseSettings):
     prompt.txt (its default question). Default: the embedded scenes with the embedded model, else none."""
     experiment: Path | None = None
     """A/B experiment file (YAML or JSON) with named arms of steering specs and traffic weights."""
+    profiles: Path | None = None
+    """Steering profiles file (YAML or JSON), {"profiles": {name: {"method": ..., "strength": ...}}}: each is
+    listed in /v1/models as MODEL:name and steers the requests that name it (besides the built-in MODEL:none,
+    MODEL:tita, MODEL:tita+fisao, ... of every method and combination the loaded models can run);
+    server/profiles.py gives the precedence over `steering` and experiments."""
     drain_timeout: float = 30.0
     """Seconds to finish in-flight requests after SIGTERM before exiting."""
     log_level: str = "info"
-    """Uvicorn log level."""
+    """Log level of uvicorn's and the server's loggers (every line with time and level)."""
 
     @field_validator("reward_model", "verifier", "verifier_vocabulary", "verifier_calibration", "experiment",
-                     "grounding_verifier", "playground_examples",
+                     "profiles", "grounding_verifier", "playground_examples",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, v):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from server.experiments import Experiment
 from server.metrics import Metrics
+from server.profiles import ProfilesFile
 from server.settings import Settings
 
 
@@ -15,11 +16,14 @@ class State:
         self.scheduler = None  # server.scheduler.Scheduler or one with its interface (engine process, vLLM)
         self.metrics = Metrics(settings.model_name)
         self.experiment = Experiment.load(settings.experiment) if settings.experiment else None
+        self.profile_file = ProfilesFile.load(settings.profiles) if settings.profiles else None
+        self.profiles = None  # server.profiles.Profiles: the model names that steer (once the engine is loaded)
         self.service = None  # server.chat_service.ChatService: bodies into engine rows
         self.chat = None  # server.serving_chat.ChatServing: the chat-completions handler
         self.judge = None  # reward_models.grounding.Judge: grounding blocks and mention metrics
         self.judging = None  # server.judging.BatchedJudge: its image scoring, batched across requests
         self.ready = False
+        self.load_error: Exception | None = None  # why loading failed (server.app.load)
         self.draining = False
 
     @property

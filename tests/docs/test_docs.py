@@ -205,6 +205,15 @@ def test_experiment_files_are_valid():
         Experiment.model_validate(yaml.safe_load(b.code))
 
 
+def test_profiles_files_are_valid():
+    from server.profiles import ProfilesFile
+
+    found = [b for b in ALL if b.lang == "yaml" and b.code.startswith("profiles:")]
+    assert found
+    for b in found:
+        ProfilesFile.model_validate(yaml.safe_load(b.code))
+
+
 # ------------------------------------------------------------------ (b) the short blocks run
 
 def environment() -> dict:
