@@ -51,7 +51,7 @@ def test_greedy_equals_generate_with_the_same_settings(engine, greedy, fields, g
 def test_every_row_keeps_its_own_settings_in_one_batch(engine):
     """One batch of rows with different repetition penalties, min_tokens and stop tokens (TGI-style per-row
     parameters): each row equals its own ``generate``."""
-    stop = engine.tokenizer.convert_tokens_to_ids("and")
+    (stop,) = engine.tokenizer("and", add_special_tokens=False).input_ids
     rows = [({}, {}), ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}), ({"min_tokens": 20}, {"min_new_tokens": 20}),
             ({"stop_token_ids": (stop,)}, {"eos_token_id": [*engine.eos_ids, stop]}),
             ({"repetition_penalty": 0.7, "min_tokens": 5}, {"repetition_penalty": 0.7, "min_new_tokens": 5}),
