@@ -375,8 +375,8 @@ class TransformersEngine:
                 torch.tensor([p.frequency_penalty for p in params], device=logits.device))
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        top_k = torch.tensor([p.top_k for p in params], device=logits.device) if any(p.top_k for p in params) else None
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device) if any(p.min_p for p in params) else None
         tokens = sample_tokens(logits, temp, top_p, [r.generator for r in batch.rows], top_k=top_k, min_p=min_p)
         want = [p.top_logprobs for p in params]
         if any(k is not None for k in want):

@@ -229,7 +229,9 @@ class ChatService:
             raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})", param="min_tokens")
         stop_ids = tuple(dict.fromkeys(req.stop_token_ids or ()))
         self._check_token_ids(stop_ids, "stop_token_ids")
-        return dict(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=max(pick("top_k", 0), 0),
+        top_k = pick("top_k", 0)  # -1 and 0 (vLLM's "no cut") and any k past the vocabulary cut nothing: 0
+        top_k = top_k if 0 < top_k < self.engine.vocab_size else 0
+        return dict(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=top_k,
                     min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
                     presence_penalty=pick("presence_penalty", 0.0), frequency_penalty=pick("frequency_penalty", 0.0),
                     min_tokens=min_tokens, stop_token_ids=stop_ids)

@@ -88,8 +88,8 @@ def test_top_k_one_and_min_p_one_sample_the_greedy_answer(client, cut):
     assert hot == greedy and free != greedy
 
 
-@pytest.mark.parametrize("off", [-1, 0])
-def test_top_k_minus_one_and_zero_cut_nothing(client, off):
+@pytest.mark.parametrize("off", [-1, 0, 64, 2**63 - 1])  # the embedded vocabulary has 64 tokens
+def test_top_k_minus_one_zero_and_past_the_vocabulary_cut_nothing(client, off):
     free = create(client, 2, temperature=1.0, seed=9).choices[0].message.content
     assert create(client, 2, temperature=1.0, seed=9, extra_body={"top_k": off}).choices[0].message.content == free
 
