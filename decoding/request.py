@@ -24,10 +24,20 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated (OpenAI's)
     frequency_penalty: float = 0.0  # subtracted once per time it has been generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before steering (OpenAI's)
+    # vLLM's sampling extensions (its SamplingParams' names and meanings)
+    top_k: int = 0  # sample among the k most likely tokens only (0: all of them; vLLM's -1 is read as 0)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one, in [0, 1] (0: none)
+    repetition_penalty: float = 1.0  # > 0: logits of prompt and output tokens divided by it where positive, else multiplied
+    min_tokens: int = 0  # the EOS and stop_token_ids are masked until this many tokens have been generated
+    stop_token_ids: tuple[int, ...] = ()  # generating one ends the completion ("stop"); like the EOS it is not part of it
 
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def repeats_penalized(self) -> bool:
+        return self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -27,6 +27,39 @@ def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float],
     return out
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, arXiv 1909.05858) as vLLM (``apply_repetition_penalties``)
+    and transformers (``RepetitionPenaltyLogitsProcessor``) apply it: the logit of every token the row has
+    seen (``seen`` [rows, vocab] bool: in its prompt or its output so far) divided by the row's ``penalty``
+    [rows] (> 0) where it is positive, multiplied by it elsewhere; 1 leaves the row as it is. A masked
+    token (-inf) stays masked."""
+    p = torch.where(seen, penalty.to(logits.dtype).unsqueeze(-1), torch.ones((), dtype=logits.dtype, device=logits.device))
+    return torch.where(logits > 0, logits / p, logits * p)
+
+
+def seen_tokens(token_ids: list[list[int]], vocab: int, device=None) -> torch.Tensor:
+    """[rows, vocab] bool: which tokens occur in each row's ``token_ids`` (ids outside the vocabulary are
+    left out, as vLLM pads with the vocabulary size)."""
+    seen = torch.zeros(len(token_ids), vocab, dtype=torch.bool, device=device)
+    for i, ids in enumerate(token_ids):
+        ids = [t for t in ids if 0 <= t < vocab]
+        if ids:
+            seen[i, torch.tensor(ids, device=device)] = True
+    return seen
+
+
+def suppress_tokens(logits: torch.Tensor, token_ids: list) -> torch.Tensor:
+    """Each row's ``token_ids`` (a collection per row) set to -inf; ``logits`` itself when no row has any
+    (no copy). vLLM's ``MinTokensLogitsProcessor`` masks a row's EOS and stop_token_ids this way."""
+    if not any(token_ids):
+        return logits
+    out = logits.clone()
+    for i, ids in enumerate(token_ids):
+        if ids:
+            out[i, torch.tensor(sorted(ids), device=out.device)] = float("-inf")
+    return out
+
+
 def output_counts(token_ids: list[list[int]], vocab: int, device=None) -> torch.Tensor:
     """[rows, vocab] how often each token occurs in each row's generated tokens."""
     counts = torch.zeros(len(token_ids), vocab, device=device)
@@ -47,14 +80,38 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """vLLM's min-p (its ``MinPLogitsProcessor``; Nguyen et al. 2024, arXiv 2407.01082): mask (to -inf) every
+    token whose probability is below ``min_p`` [rows, in [0, 1]] times the row's top probability; 0 keeps
+    every token, 1 only the top ones."""
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p.to(probs.dtype).unsqueeze(-1), float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) every token below the row's ``top_k``-th largest logit (``top_k`` [rows] integers; 0,
+    negative or beyond the vocabulary: no cut). Ties with the k-th logit stay, as in vLLM's
+    ``apply_top_k_top_p``."""
+    vocab = logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k).to(torch.long)
+    kmax = int(k.max())
+    if kmax >= vocab and bool((k == vocab).all()):
+        return logits
+    kth = logits.topk(kmax, dim=-1).values.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
+    top_k: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row [rows]: argmax where temperature < SAMPLING_EPS, else a draw from
-    softmax(logits / T) cut at top_p.
+    softmax(logits / T) cut, in vLLM's sampler's order, at ``min_p``, ``top_k`` and ``top_p`` (each [rows];
+    None: no cut). Greedy rows ignore the three cuts, as vLLM does.
 
     Each hot row draws one uniform number from its own generator (a CPU ``torch.Generator``, or torch's
     global one when None) and takes the token where it falls on the row's cumulative distribution
@@ -67,7 +124,12 @@ def sample_tokens(
     if not any(hot):
         return greedy
     t = torch.where(is_hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
-    cdf = top_p_filter(logits.float() / t, top_p).softmax(-1).double().cumsum(-1)
+    scaled = logits.float() / t
+    if min_p is not None and bool((min_p > 0).any()):
+        scaled = min_p_filter(scaled, min_p)
+    if top_k is not None and bool((top_k > 0).any()):
+        scaled = top_k_filter(scaled, top_k)
+    cdf = top_p_filter(scaled, top_p).softmax(-1).double().cumsum(-1)
     u = torch.zeros(len(hot), 1, dtype=torch.float64)
     for i, h in enumerate(hot):
         if h:

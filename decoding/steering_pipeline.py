@@ -12,12 +12,22 @@ import torch
 
 from decoding.explain import StepTrace, contribution
 from decoding.methods import SteeringFailed
-from decoding.sampling import apply_logit_bias
+from decoding.sampling import apply_logit_bias, suppress_tokens
+
+
+def ends_masked(row, eos_ids) -> frozenset[int]:
+    """The tokens ``min_tokens`` masks for a row at this step (vLLM's ``MinTokensLogitsProcessor``): its EOS
+    (unless ``ignore_eos``) and its ``stop_token_ids`` while it has generated fewer than ``min_tokens``."""
+    s = row.request.sampling
+    if len(row.token_ids) >= s.min_tokens:
+        return frozenset()
+    return frozenset(s.stop_token_ids) | (frozenset() if s.ignore_eos else frozenset(eos_ids))
 
 
 class SteeringPipeline:
-    def __init__(self, methods: dict):
+    def __init__(self, methods: dict, eos_ids=()):
         self.methods = methods  # name -> SteeringMethod, in application (registry) order
+        self.eos_ids = frozenset(eos_ids)  # what ``min_tokens`` masks beside a row's stop_token_ids
         self.seconds: dict[str, float] = {}  # per method, since the last pop
         self.verb_seconds: dict[str, float] = {}  # per method and verb (``tita.advance``), since the last pop
 
@@ -58,10 +68,13 @@ class SteeringPipeline:
 
     @torch.inference_mode()
     def steer(self, batch) -> torch.Tensor:
-        """Scores to sample from [B, V]: each row's ``logit_bias`` added first (vLLM applies it before
-        logits processors), then each method, in registry order, rewrites the rows that use it; counts,
-        per row, the steps at which steering changed the top token."""
-        scores = base = apply_logit_bias(batch.logits, [r.request.sampling.logit_bias for r in batch.rows])
+        """Scores to sample from [B, V]: vLLM's built-in logits processors first, as vLLM runs them before
+        custom ones (``min_tokens`` masks the EOS and stop_token_ids to -inf, then each row's ``logit_bias``
+        is added), then each method, in registry order, rewrites the rows that use it (a masked token stays
+        masked); counts, per row, the steps at which steering changed the top token. The sampling filters
+        (penalties, temperature, min_p, top_k, top_p) come after, in ``sample``."""
+        masked = suppress_tokens(batch.logits, [ends_masked(r, self.eos_ids) for r in batch.rows])
+        scores = base = apply_logit_bias(masked, [r.request.sampling.logit_bias for r in batch.rows])
         explain = [i for i, r in enumerate(batch.rows) if r.request.steering.explain]
         trace = batch.trace = StepTrace(explain, base[explain].float().log_softmax(-1)) if explain else None
         for name, method in self.methods.items():

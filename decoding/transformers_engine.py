@@ -26,7 +26,8 @@ from decoding.methods.tita import check_rows
 from decoding.model_inputs import batch_inputs, inputs_for, local_folder, positions_for, prefill_groups, row_inputs
 from decoding.prompts import render_prompt
 from decoding.request import Completion, GenerationRequest, SteeringSpec, TokenLogprob
-from decoding.sampling import apply_penalties, output_counts, sample_tokens, token_logprobs
+from decoding.sampling import (apply_penalties, apply_repetition_penalty, output_counts, sample_tokens, seen_tokens,
+                               token_logprobs)
 from decoding.steering_pipeline import SteeringPipeline
 from decoding.stopping import append_token
 
@@ -176,7 +177,7 @@ class TransformersEngine:
         # intra-op threads for prefill, when the caller runs decode steps on fewer (prefill is compute-bound:
         # 1 -> 2 threads took a 1-row prefill from 5.6 to 4.4 ms; a small batch's decode step is fastest on 1)
         self.prefill_threads: int | None = None
-        self.steering = SteeringPipeline(self.methods)
+        self.steering = SteeringPipeline(self.methods, self.eos_ids)
 
     def _check_vocabulary(self, reward_path) -> None:
         from transformers import AutoTokenizer
@@ -363,6 +364,11 @@ class TransformersEngine:
     def sample(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token from (steered) logits and record it; marks finished rows."""
         params = [r.request.sampling for r in batch.rows]
+        if any(p.repeats_penalized for p in params):  # vLLM's order: repetition, then frequency and presence
+            seen = seen_tokens([r.prompt_ids + r.token_ids if p.repeats_penalized else [] for r, p in zip(batch.rows, params)],
+                               logits.shape[-1], logits.device)
+            logits = apply_repetition_penalty(logits, seen, torch.tensor([p.repetition_penalty for p in params],
+                                                                         device=logits.device))
         if any(p.penalized for p in params):
             logits = apply_penalties(
                 logits, output_counts([r.token_ids for r in batch.rows], logits.shape[-1], logits.device),
@@ -370,7 +376,9 @@ class TransformersEngine:
                 torch.tensor([p.frequency_penalty for p in params], device=logits.device))
         temp = torch.tensor([p.temperature for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        tokens = sample_tokens(logits, temp, top_p, [r.generator for r in batch.rows])
+        top_k = torch.tensor([p.top_k for p in params], device=logits.device) if any(p.top_k for p in params) else None
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device) if any(p.min_p for p in params) else None
+        tokens = sample_tokens(logits, temp, top_p, [r.generator for r in batch.rows], top_k=top_k, min_p=min_p)
         want = [p.top_logprobs for p in params]
         if any(k is not None for k in want):
             chosen, top_v, top_i = token_logprobs(logits, tokens, max(k or 0 for k in want))

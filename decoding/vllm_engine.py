@@ -277,10 +277,11 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         # top_p 0 (OpenAI: the top token only) is top_k 1 for vLLM, whose top_p lies in (0, 1]
-        top = {"top_p": s.top_p} if s.top_p > 0 else {"top_p": 1.0, "top_k": 1}
+        top = {"top_p": s.top_p, "top_k": s.top_k} if s.top_p > 0 else {"top_p": 1.0, "top_k": 1}
         return SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, **top, seed=s.seed, stop=list(s.stop) or None,
-            logit_bias=dict(s.logit_bias) or None,
+            max_tokens=s.max_tokens, temperature=s.temperature, **top, min_p=s.min_p, seed=s.seed,
+            stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None, min_tokens=s.min_tokens,
+            logit_bias=dict(s.logit_bias) or None, repetition_penalty=s.repetition_penalty,
             logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
@@ -319,8 +320,8 @@ class VLLMEngine:
                 o = out.outputs[0]
                 ids = list(o.token_ids)
                 lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
-                if out.finished and o.finish_reason == "stop" and o.stop_reason is None and ids and ids[-1] in self.eos_ids:
-                    ids = ids[:-1]  # the EOS token is not part of the completion (as in the transformers engine)
+                if out.finished and o.finish_reason == "stop" and ids and self._ended_by_token(o, ids[-1]):
+                    ids = ids[:-1]  # the EOS or stop token is not part of the completion (as in the transformers engine)
                     lps = lps[: len(ids)]
                 piece = o.text if text else o.text.lstrip()  # as the tokenizer decodes a whole completion
                 if row.explain:
@@ -353,6 +354,13 @@ class VLLMEngine:
             from vllm.exceptions import VLLMClientError
 
             sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
+
+    def _ended_by_token(self, o, last: int) -> bool:
+        """Whether a finished output ended on a token that leaves the completion: the EOS (no stop reason)
+        or one of ``stop_token_ids`` (the stop reason is that token id; a stop string's is the string)."""
+        if o.stop_reason is None:
+            return last in self.eos_ids
+        return isinstance(o.stop_reason, int) and not isinstance(o.stop_reason, bool) and o.stop_reason == last
 
     def _explained(self, explain: tuple[int, int], position: int, token: int):
         """The worker's explanation of ``token``; when the token was outside the worker's candidates (a

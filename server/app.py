@@ -24,6 +24,7 @@ from server.chat_service import ChatService
 from server.engines import load_engine, make_scheduler
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM
+from server.generation_defaults import load_generation_defaults
 from server.judging import BatchedJudge
 from server.profiles import Profiles
 from server.serving_chat import ChatServing
@@ -43,6 +44,8 @@ def load_judge(settings: Settings):
 async def start(state: State, engine=None) -> None:
     """Load what the server serves with (``engine``: one already loaded, e.g. by a test) and open."""
     settings = state.settings
+    # read before the engine loads: a checkpoint default the schema refuses stops the server at once
+    defaults = load_generation_defaults(settings.generation_config, settings.model, settings.max_tokens_limit)
     if engine is None and settings.engine == "transformers" and settings.engine_process:
         def process_scheduler():  # in a thread: its imports (torch) would hold the event loop for a second or two
             from server.engine_process import ProcessScheduler
@@ -55,7 +58,8 @@ async def start(state: State, engine=None) -> None:
         state.engine = engine or await asyncio.to_thread(load_engine, settings)
         state.scheduler = make_scheduler(state.engine, settings, on_step=state.on_step, on_failure=state.on_failure)
     state.profiles = Profiles(settings.model_name, state.engine, state.profile_file)
-    state.service = ChatService(settings, state.engine)
+    state.service = ChatService(settings, state.engine, defaults)
+    log.info(defaults.describe())
     state.chat = ChatServing(state)
     if settings.grounding_verifier is not None:
         state.judge = await asyncio.to_thread(load_judge, settings)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from server.errors import APIError
+from server.generation_defaults import GenerationDefaults, load_generation_defaults
 from server.images import ImageLimits, load_image
 from server.protocol import INT64, ChatCompletionRequest
 from server.settings import Settings
@@ -178,8 +179,11 @@ class Prepared:
 class ChatService:
     """Turns validated requests into engine rows (see the module docstring)."""
 
-    def __init__(self, settings: Settings, engine):
+    def __init__(self, settings: Settings, engine, defaults: GenerationDefaults | None = None):
         self.settings, self.engine = settings, engine
+        # the checkpoint's sampling defaults (vLLM's --generation-config), for the fields a request leaves unset
+        self.defaults = defaults if defaults is not None else load_generation_defaults(
+            settings.generation_config, settings.model, settings.max_tokens_limit)
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio)
         # Image decoding and the processor run here, off the event loop. They hold the interpreter lock
         # part of the time, and every thread doing so takes turns with the event loop: one thread by
@@ -197,18 +201,40 @@ class ChatService:
 
     def max_tokens(self, req: ChatCompletionRequest) -> int:
         s = self.settings
-        max_tokens = req.max_completion_tokens or req.max_tokens or s.max_tokens_default
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.defaults.values.get("max_tokens", s.max_tokens_default)
         if max_tokens > s.max_tokens_limit:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             raise APIError(400, f"max_tokens {max_tokens} exceeds the limit {s.max_tokens_limit}", param=param)
         return max_tokens
 
-    def _check_bias(self, bias: dict[int, float]) -> None:
+    def _check_token_ids(self, ids, param: str) -> None:
         vocab = self.engine.vocab_size
-        for t in bias:
+        for t in ids:
             if not 0 <= t < vocab:
-                raise APIError(400, f"logit_bias: token id {t} is outside the vocabulary (0 to {vocab - 1})",
-                               param="logit_bias")
+                raise APIError(400, f"{param}: token id {t} is outside the vocabulary (0 to {vocab - 1})", param=param)
+
+    def sampling_fields(self, req: ChatCompletionRequest, max_tokens: int) -> dict:
+        """The request's sampling fields (``decoding.request.SamplingParams``' names): each one the request
+        leaves unset takes the checkpoint's default (``self.defaults``, vLLM's --generation-config), else
+        OpenAI's neutral value. APIError 400 for ``min_tokens`` over ``max_tokens`` and stop token ids
+        outside the vocabulary."""
+        defaults = self.defaults.values
+
+        def pick(name: str, neutral):
+            value = getattr(req, name)
+            return value if value is not None else defaults.get(name, neutral)
+
+        min_tokens = req.min_tokens or 0
+        if min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})", param="min_tokens")
+        stop_ids = tuple(dict.fromkeys(req.stop_token_ids or ()))
+        self._check_token_ids(stop_ids, "stop_token_ids")
+        top_k = pick("top_k", 0)  # -1 and 0 (vLLM's "no cut") and any k past the vocabulary cut nothing: 0
+        top_k = top_k if 0 < top_k < self.engine.vocab_size else 0
+        return dict(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=top_k,
+                    min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
+                    presence_penalty=pick("presence_penalty", 0.0), frequency_penalty=pick("frequency_penalty", 0.0),
+                    min_tokens=min_tokens, stop_token_ids=stop_ids)
 
     async def prepare(self, req: ChatCompletionRequest, spec: SteeringSpec, cid: str) -> Prepared:
         """One engine row per choice (``req.n``), or APIError (400 naming the field, 413 for an image too
@@ -218,19 +244,17 @@ class ChatService:
             raise APIError(400, f"n ({req.n}) exceeds the {s.max_queue} rows the queue can hold", param="n")
         max_tokens = self.max_tokens(req)
         bias = req.token_bias
-        self._check_bias(bias)
+        self._check_token_ids(bias, "logit_bias")
+        fields = self.sampling_fields(req, max_tokens)
         check_texts(req, self.placeholders)
         messages, urls = chat_messages(req, s.max_images)
         images = list(await asyncio.gather(*(self._image(url, path) for url, path in urls)))
-        temperature = 1.0 if req.temperature is None else req.temperature
         gens = []
         for i in range(req.n):
             sampling = SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                seed=derived_seed(req.seed, i), stop=tuple(req.stop or ()),
+                max_tokens=max_tokens, seed=derived_seed(req.seed, i), stop=tuple(req.stop or ()),
                 top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos,
-                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                logit_bias=tuple(sorted(bias.items())))
+                logit_bias=tuple(sorted(bias.items())), **fields)
             gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
         # template and processor: CPU work, off the loop
         rows = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, gens)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 # Every field is strictly typed, as OpenAI checks them: "2" is not an integer, 1 is not a boolean, and
@@ -17,10 +19,57 @@ TOKEN_ID = re.compile(r"\s*-?[0-9]{1,18}\s*")  # a logit_bias key: a decimal tok
 INT64 = (-(2**63), 2**63 - 1)
 NEEDS = {"top_logprobs": ("logprobs", "top_logprobs requires logprobs to be true"),
          "stream_options": ("stream", "stream_options is only allowed when stream is true")}
-# Values of unimplemented fields that change nothing (so clients that always send them still work)
-NO_OPS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "top_k": (-1, 0), "min_p": (0, 0.0),
-          "min_tokens": (0,), "repetition_penalty": (1, 1.0), "best_of": (1,), "use_beam_search": (False,),
-          "echo": (False,)}  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
+
+# The one place that decides what happens to a top-level field ``ChatCompletionRequest`` does not declare
+# (``_fields_not_declared``); declared fields are served or type-checked. Any name in none of these is a
+# 400 naming it, as OpenAI answers "Unrecognized request argument supplied" (vLLM ignores such names with
+# a warning; here a field that asks for something is never ignored in silence).
+#   ASK_NOTHING: OpenAI's and vLLM's fields that ask for nothing this server would do differently (caching
+#     and routing hints, a latency hint whose answer is the same, vLLM's render-endpoint options): accepted.
+#   NOT_SERVED: field -> the values at which it asks for nothing (accepted, so that clients that always send
+#     them work); any other value is a 400 naming the field.
+#   STRUCTURED_OUTPUTS: vLLM's guided-decoding spellings, which structured outputs (issue 31, item 2) maps;
+#     passed through here until it declares them.
+ASK_NOTHING = frozenset({"prompt_cache_key", "prompt_cache_retention", "safety_identifier", "prediction", "session_id",
+                         "mm_payload", "return_mm_kwargs", "routed_experts_prompt_start"})
+NOT_SERVED: dict[str, tuple] = {
+    # OpenAI's
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+    "verbosity": (None, "medium"),
+    # vLLM's
+    "best_of": (None, 1), "use_beam_search": (None, False), "length_penalty": (None, 1.0), "echo": (None, False),
+    "watermarking": (None, False), "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,), "truncation_side": (None,),
+    "prompt_logprobs": (None,), "logprob_token_ids": (None, []), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "add_special_tokens": (None, False),
+    "documents": (None,), "chat_template": (None,), "chat_template_kwargs": (None, {}), "media_io_kwargs": (None, {}),
+    "mm_processor_kwargs": (None, {}), "priority": (None, 0), "request_id": (None,), "cache_salt": (None,),
+    "kv_transfer_params": (None,), "ec_transfer_params": (None,), "vllm_xargs": (None, {}),
+    "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False), "return_token_offsets": (None, False),
+    "return_prompt_text": (None, False), "thinking_token_budget": (None,), "include_reasoning": (None, True),
+    "repetition_detection": (None,), "stream_interval": (None, 1), "logits_processors": (None,),
+}
+STRUCTURED_OUTPUTS = frozenset({"structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag"})
+
+
+def asks_nothing(value, no_ops: tuple) -> bool:
+    """Whether ``value`` is one of ``no_ops`` as JSON compares them (``true`` is not ``1``, ``1`` is ``1.0``)."""
+    return any(value == x and isinstance(value, bool) == isinstance(x, bool) for x in no_ops)
+
+
+def undeclared_field_problem(name: str, value) -> str | None:
+    """Why an undeclared top-level field is refused, or None when it is accepted (see ``NOT_SERVED``)."""
+    if name in ASK_NOTHING or name in STRUCTURED_OUTPUTS:
+        return None
+    if name in NOT_SERVED:
+        no_ops = NOT_SERVED[name]
+        if asks_nothing(value, no_ops):
+            return None
+        accepted = ", ".join(json.dumps(x) for x in no_ops)
+        return f"{name} is not supported by this server (it accepts only {accepted})"
+    return "unrecognized request argument: this server does not implement it"
 
 
 class ImageURL(BaseModel):
@@ -98,20 +147,29 @@ class ChatCompletionRequest(BaseModel):
     steering: Steering | None = None
     grounding: bool | None = None  # a grounding block per choice (null: the server's grounding_default)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
-    # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
+    # vLLM's sampling extensions (its SamplingParams' ranges; null: the checkpoint's generation_config default)
+    top_k: int | None = Field(default=None, ge=-1, le=INT64[1])  # -1 or 0: no cut
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_tokens: int | None = Field(default=None, ge=0, le=INT64[1])  # at most max_tokens (checked with it)
+    stop_token_ids: list[int] | None = None  # token ids inside the vocabulary (checked with the model)
+    # structured outputs (not implemented yet): refused with a 400 naming it, never silently ignored
     response_format: dict | None = None  # {"type": "text"} (the default) is accepted
-    tools: list | None = None
-    tool_choice: str | dict | None = None  # "none" is accepted
-    functions: list | None = None
-    function_call: str | dict | None = None
-    # vLLM's sampling extensions this server does not implement: refused unless at their no-op values
-    top_k: Any = None
-    min_p: Any = None
-    min_tokens: Any = None
-    repetition_penalty: Any = None
-    best_of: Any = None
-    use_beam_search: Any = None
-    echo: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_not_declared(cls, data):
+        """Top-level names the schema does not declare, decided in one place (``undeclared_field_problem``):
+        accepted ones leave the body, the first refused one is a 400 naming it."""
+        if not isinstance(data, dict) or all(k in cls.model_fields for k in data):
+            return data
+        for name, value in data.items():
+            problem = None if name in cls.model_fields else undeclared_field_problem(name, value)
+            if problem is not None:
+                # a ValidationError raised here keeps its location (``param`` in the 400)
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError("unsupported_field", problem), loc=(name,), input=value)])
+        return {k: v for k, v in data.items() if k in cls.model_fields}
 
     @field_validator("n", "stream", "logprobs", "ignore_eos", mode="before")
     @classmethod
@@ -119,15 +177,12 @@ class ChatCompletionRequest(BaseModel):
         """OpenAI's schema makes these nullable: null means the default."""
         return cls.model_fields[info.field_name].default if v is None else v
 
-    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call", "top_k", "min_p",
-                     "min_tokens", "repetition_penalty", "best_of", "use_beam_search", "echo")
+    @field_validator("response_format")
     @classmethod
     def _unsupported(cls, v, info):
-        name = info.field_name
-        if v is None or v in NO_OPS.get(name, ()) or (not v and name in ("tools", "tool_choice", "functions", "function_call",
-                                                                        "response_format")):
+        if v is None or not v or v == {"type": "text"}:
             return v
-        raise ValueError(f"{name} is not supported by this server")
+        raise ValueError(f"{info.field_name} is not supported by this server")
 
     @field_validator("top_logprobs", "stream_options")
     @classmethod

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     """max_tokens when a request gives none."""
     max_tokens_limit: int = Field(256, ge=1)
     """Largest max_tokens a request may ask for."""
+    generation_config: str = "auto"
+    """Sampling defaults for the fields a request leaves unset, as vLLM's --generation-config: auto (the
+    model folder's generation_config.json: its temperature, top_p, top_k, min_p, repetition_penalty,
+    presence/frequency penalties, and max_new_tokens as the default max_tokens within the limit), vllm
+    (none: OpenAI's neutral defaults), or a folder holding a generation_config.json. The start-up log says
+    which were applied."""
     request_timeout: float = Field(120.0, gt=0)
     """Seconds a request may take from arrival to its last token."""
     max_body_bytes: int = Field(8 * 2**20, ge=1024)

@@ -684,15 +684,15 @@ def test_choices_share_one_encoding_and_keep_their_own_samplers(live, steering_e
 @pytest.mark.parametrize("fields,param,match", [
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
     ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
-    ({"top_k": 5}, "top_k", "not supported"), ({"repetition_penalty": 1.2}, "repetition_penalty", "not supported"),
-    ({"min_tokens": 3}, "min_tokens", "not supported"), ({"best_of": 2}, "best_of", "not supported"),
+    ({"min_tokens": 3, "max_tokens": 2}, "min_tokens", "at most max_tokens"), ({"best_of": 2}, "best_of", "not supported"),
+    ({"use_beam_search": True}, "use_beam_search", "not supported"), ({"vllm_xargs": {"a": 1}}, "vllm_xargs", "not supported"),
 ])
 def test_cross_field_and_unimplemented_fields_name_the_field(live, fields, param, match):
     assert_error(post(live, body(0, **fields)), 400, param, match)
 
 
 def test_no_op_values_of_unimplemented_fields_are_served(live):
-    r = post(live, body(0, max_tokens=2, top_k=-1, min_p=0, min_tokens=0, repetition_penalty=1.0, best_of=1, echo=False))
+    r = post(live, body(0, max_tokens=2, best_of=1, echo=False, use_beam_search=False, tool_choice="none", vllm_xargs={}))
     assert r.status_code == 200, r.text
 
 
