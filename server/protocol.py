@@ -7,7 +7,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from server.structured_outputs import ResponseFormat, StructuredOutputsParams
 
 
 # Every field is strictly typed, as OpenAI checks them: "2" is not an integer, 1 is not a boolean, and
@@ -18,7 +20,7 @@ INT64 = (-(2**63), 2**63 - 1)
 NEEDS = {"top_logprobs": ("logprobs", "top_logprobs requires logprobs to be true"),
          "stream_options": ("stream", "stream_options is only allowed when stream is true")}
 # Values of unimplemented fields that change nothing (so clients that always send them still work)
-NO_OPS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "top_k": (-1, 0), "min_p": (0, 0.0),
+NO_OPS = {"tool_choice": ("none",), "top_k": (-1, 0), "min_p": (0, 0.0),
           "min_tokens": (0,), "repetition_penalty": (1, 1.0), "best_of": (1,), "use_beam_search": (False,),
           "echo": (False,)}  # OpenAI's seed is a signed 64-bit integer (as torch's generator seeds)
 
@@ -98,8 +100,17 @@ class ChatCompletionRequest(BaseModel):
     steering: Steering | None = None
     grounding: bool | None = None  # a grounding block per choice (null: the server's grounding_default)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says
+    # structured outputs (server.structured_outputs): OpenAI's response_format, vLLM's structured_outputs and
+    # its earlier guided_* spellings; one constraint per request
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, JsonValue] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
-    response_format: dict | None = None  # {"type": "text"} (the default) is accepted
     tools: list | None = None
     tool_choice: str | dict | None = None  # "none" is accepted
     functions: list | None = None
@@ -119,13 +130,12 @@ class ChatCompletionRequest(BaseModel):
         """OpenAI's schema makes these nullable: null means the default."""
         return cls.model_fields[info.field_name].default if v is None else v
 
-    @field_validator("response_format", "tools", "tool_choice", "functions", "function_call", "top_k", "min_p",
+    @field_validator("tools", "tool_choice", "functions", "function_call", "top_k", "min_p",
                      "min_tokens", "repetition_penalty", "best_of", "use_beam_search", "echo")
     @classmethod
     def _unsupported(cls, v, info):
         name = info.field_name
-        if v is None or v in NO_OPS.get(name, ()) or (not v and name in ("tools", "tool_choice", "functions", "function_call",
-                                                                        "response_format")):
+        if v is None or v in NO_OPS.get(name, ()) or (not v and name in ("tools", "tool_choice", "functions", "function_call")):
             return v
         raise ValueError(f"{name} is not supported by this server")
 
