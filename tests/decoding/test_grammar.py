@@ -232,3 +232,94 @@ def test_json_answers_on_a_family_tokenizer_validate(tmp_path):
     c = engine.generate([req])[0]
     assert c.finish_reason == "stop"
     jsonschema.validate(json.loads(c.text), schema)
+
+
+# ---------------------------------------------------------------- the vllm engine's processor (fake batch updates)
+
+
+@pytest.fixture(scope="module")
+def fisao_adapter():
+    """The steering adapter vLLM's logits processor wraps, with FiSAO (the embedded verifier)."""
+    from decoding.methods import Resources
+    from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+    from decoding.verifier import Verifier
+
+    return Resources(WorkerTarget(str(MODELS_DIR / "vlm")), None, Verifier(MODELS_DIR / "verifier"))
+
+
+def _added(engine, index, slot, structured: bool):
+    """One row as vLLM's batch update adds it: its sampling parameters (``structured_outputs`` set when a
+    grammar masks it), prompt ids and live output ids."""
+    import types
+
+    from decoding.vllm_engine import _png
+    from decoding.vllm_protocol import ARG
+
+    req = _question("fisao", None)
+    args = {"slot": slot, "eos": engine.tokenizer.eos_token_id, "methods": {"fisao": 6.0}, "messages": req.messages,
+            "images": [_png(im) for im in req.images]}
+    params = types.SimpleNamespace(extra_args={ARG: args}, structured_outputs=object() if structured else None)
+    return (index, params, engine.encode(req, steer=False).prompt_ids, [])
+
+
+def _masked_logits(v, allowed, rows=2):
+    logits = torch.randn(rows, v, generator=torch.Generator().manual_seed(5))
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[:, allowed] = True
+    return logits.masked_fill(~keep, INF)
+
+
+def test_the_vllm_processor_keeps_the_mask_and_fails_a_row_that_breaks_it(engine, fisao_adapter, tmp_path, monkeypatch):
+    """vLLM masks before the processor. A grammar row steered within its mask is served; a method that
+    unmasks a token fails a grammar row (counted as that method's failure; the same scores on a row without
+    a grammar are its steering, served). A failed row whose grammar forbids the EOS at this step gets its
+    masked, unsteered logits for that step rather than a forced EOS (the server reads the failure before
+    that token and aborts the request); where the grammar allows the EOS the row ends with it, as before."""
+    from decoding.steering_adapter import PerRequestSteering
+    from decoding.vllm_protocol import METHODS, Counters
+
+    ids = engine.tokenizer.convert_tokens_to_ids(["▁yes", "▁no"])
+    eos = engine.tokenizer.eos_token_id
+    counters = Counters(str(tmp_path / "counters"))
+    fisao = METHODS.index("fisao") + 1
+
+    def run(slots, grammar, logits):
+        steering = PerRequestSteering(fisao_adapter, counters)
+        if run.steer is not None:
+            monkeypatch.setattr(steering.methods["fisao"], "steer", run.steer)
+        steering.update([], [_added(engine, i, s, g) for i, (s, g) in enumerate(zip(slots, grammar))], [], lambda d: False)
+        return steering.apply(logits.clone())
+
+    logits = _masked_logits(engine.vocab_size, ids)
+    run.steer = None
+    scores = run((0, 1), (True, True), logits)
+    assert (torch.isneginf(scores).sum(-1) == engine.vocab_size - 2).all() and not scores.isnan().any()
+    assert int(counters.slot(0)[1]) == int(counters.slot(1)[1]) == 0
+
+    run.steer = lambda state, rows, logits, strength: torch.zeros_like(logits)  # gives every token a score
+    scores = run((2, 3), (True, False), logits)
+    assert int(counters.slot(2)[1]) == fisao and torch.equal(scores[0], logits[0])  # failed, EOS not forced
+    assert int(counters.slot(3)[1]) == 0 and torch.equal(scores[1], torch.zeros_like(scores[1]))
+
+    def broken(state, rows, logits, strength):
+        raise RuntimeError("the verifier is gone")
+
+    run.steer = broken
+    logits = _masked_logits(engine.vocab_size, [*ids, eos])
+    logits[0, eos] = INF  # row 0's grammar forbids ending here, row 1's allows it
+    scores = run((4, 5), (True, True), logits)
+    assert int(counters.slot(4)[1]) == int(counters.slot(5)[1]) == fisao
+    assert torch.equal(scores[0], logits[0])
+    assert scores[1, eos] == 0 and torch.isneginf(scores[1]).sum() == engine.vocab_size - 1
+
+
+def test_the_vllm_processor_reports_a_dead_end(engine, fisao_adapter, tmp_path):
+    from decoding.steering_adapter import PerRequestSteering
+    from decoding.vllm_protocol import DEAD_END, Counters
+
+    counters = Counters(str(tmp_path / "counters"))
+    steering = PerRequestSteering(fisao_adapter, counters)
+    steering.update([], [_added(engine, 0, 0, True)], [], lambda d: False)
+    steering.apply(torch.full((1, engine.vocab_size), INF))
+    assert int(counters.slot(0)[1]) == DEAD_END
+    assert isinstance(steering.rows[0][0].error, GrammarDeadEnd)
