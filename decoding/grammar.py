@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ import torch
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what vLLM compiles for json_object (and response_format json_object)
 SEARCH_BUDGET = 64  # matcher states the satisfiability check may visit (each costs one mask fill)
+COMPILE_TIMEOUT_S = 5.0  # vLLM's VLLM_REGEX_COMPILATION_TIMEOUT_S default: a constraint slower to compile is refused
 # JSON-schema keywords xgrammar 0.2.8 ignores or mishandles: vLLM 0.32 refuses them for its xgrammar backend
 # (``has_xgrammar_unsupported_json_features``); both engines refuse them here, with the keyword named.
 STRING_FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
@@ -171,7 +173,28 @@ class Grammars:
         self._checked: dict[tuple, str | None] = {}  # (constraint, max_tokens) -> why unsatisfiable, or None
 
     def compile(self, so: StructuredOutput):
-        """The compiled grammar, or ``ValueError`` saying what is wrong with the constraint."""
+        """The compiled grammar, or ``ValueError`` saying what is wrong with the constraint (or that it took
+        over ``COMPILE_TIMEOUT_S`` to compile: vLLM's guard against patterns whose automaton explodes; the
+        compilation runs on in its daemon thread, as in vLLM, but no request waits for it)."""
+        box: dict = {}
+
+        def run():
+            try:
+                box["out"] = self._compile(so)
+            except Exception as e:
+                box["err"] = e
+
+        worker = threading.Thread(target=run, name="vlm-steer-grammar-compile", daemon=True)
+        worker.start()
+        worker.join(COMPILE_TIMEOUT_S)
+        if worker.is_alive():
+            raise ValueError(f"compiling the {so.kind.replace('_', ' ')} constraint took over {COMPILE_TIMEOUT_S:g} s; "
+                             "it may be too complex")
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    def _compile(self, so: StructuredOutput):
         c = self.compiler
         try:
             if so.kind == "json":

@@ -153,6 +153,28 @@ def test_a_format_the_embedded_model_can_write_under_every_method(client, steeri
     assert answers == {"yes", "no"}  # the constraint leaves the model its choice
 
 
+CAPTION = ("▁a▁(red|green|blue|yellow|purple|orange)▁(circle|square|triangle|star|cross|diamond)"
+           "(▁and▁a▁(red|green|blue|yellow|purple|orange)▁(circle|square|triangle|star|cross|diamond))*▁\\.")
+
+
+def test_steering_corrects_a_hallucination_inside_a_format(client):
+    """The README's scene (bait 2, seed 1234) captioned inside a caption grammar: the plain model names a
+    yellow star that is not there, TITA and FiSAO the yellow diamond that is, as they do without a format."""
+    from shapeworld.world import make_scene
+
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(make_scene("bait", 2, 1234).image())}},
+                                         {"type": "text", "text": "describe the image ."}]}]
+    said = {}
+    for method in ("none", "tita", "fisao"):
+        r = client.chat.completions.create(model="shapeworld", messages=msgs, max_tokens=40, temperature=0,
+                                           extra_body={"structured_outputs": {"regex": CAPTION},
+                                                       "steering": {"method": method}})
+        said[method] = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop" and said[method].endswith(" .")
+    assert "a yellow star" in said["none"]
+    assert "a yellow diamond" in said["tita"] and "a yellow diamond" in said["fisao"]
+
+
 def test_a_format_streams_as_it_completes(client):
     body = {"guided_regex": "(▁a|▁the)▁(red|blue|green)▁(circle|square|triangle)▁\\.", "steering": {"method": "tita"}}
     whole = _ask(client, 3, extra_body=body).choices[0].message.content
