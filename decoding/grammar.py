@@ -292,7 +292,8 @@ def apply_masks(logits: torch.Tensor, grammars: list, vocab_size: int) -> list[i
         f32 = logits.float()
         xgr.apply_token_bitmask_inplace(f32, bitmask, indices=idx)
         logits.copy_(f32)
-    return [i for i in idx if not torch.isfinite(logits[i]).any()]
+    alive = torch.isfinite(logits[idx]).any(-1).tolist()
+    return [i for i, a in zip(idx, alive) if not a]
 
 
 def unmasked(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
