@@ -292,6 +292,9 @@ class VLLMEngine:
                     await outputs.aclose()  # aborts the request in vLLM
                     return
                 o = out.outputs[0]
+                if out.finished and o.finish_reason == "error":  # vLLM ended it (its grammar refused a token, ...)
+                    sink(Failed(RuntimeError("the engine ended the request with an error")))  # its tokens unserved
+                    return
                 ids = list(o.token_ids)
                 lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
                 if out.finished and o.finish_reason == "stop" and o.stop_reason is None and ids and ids[-1] in self.eos_ids:
@@ -316,9 +319,6 @@ class VLLMEngine:
                     sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready], explained[sent:ready]))
                     sent = ready
                 if out.finished:
-                    if o.finish_reason == "error":  # vLLM ended it (its grammar refused a token, ...): never served
-                        sink(Failed(RuntimeError("the engine ended the request with an error")))
-                        return
                     steered = int(self.counters.slot(row.slot)[0])
                     sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
                                              len(row.prompt_ids), logprobs if k is not None else None, steered,
