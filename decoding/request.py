@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from decoding.grammar import StructuredOutput
+
 
 SAMPLING_EPS = 1e-5  # temperatures below it sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-300 are inf
 
@@ -60,6 +62,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     steering: SteeringSpec = field(default_factory=SteeringSpec)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    structured: StructuredOutput | None = None  # a grammar the completion must follow (``decoding.grammar``)
 
     @classmethod
     def single_turn(cls, text: str, images: list[Image.Image] | None = None, **kw) -> "GenerationRequest":

@@ -15,7 +15,10 @@ prefill's sample is discarded: the row's tokens do not grow), and ``merge`` into
 when their tokens have grown by one. A batched start that fails is retried row by row, so only the
 faulty request fails. Then each method ``steer``s its rows' logits in registry order, as in the
 transformers engine. A row whose steering fails ends at once (its logits allow only the EOS) and is
-reported through the counters: never served unsteered. Steered tokens are counted when steering
+reported through the counters: never served unsteered. Under a grammar (vLLM's structured outputs mask
+the logits before this processor) steering must keep masked tokens at -inf and give no NaN, else the row
+fails; a failed row whose grammar forbids the EOS gets its masked, unsteered logits for that one step
+instead, and the server, which reads the failure before that step's token, fails and aborts the request. Steered tokens are counted when steering
 changes the top token and taken back at the next step if that sample was discarded. Rows that ask for
 an explanation (``args["explain"]``, with or without steering) get one entry per step in the
 ``decoding.vllm_protocol.ExplainRing``.
@@ -29,10 +32,11 @@ import time
 import torch
 
 from decoding.explain import contribution
+from decoding.grammar import GrammarDeadEnd, unmasked
 from decoding.methods import usable_methods
 from decoding.model_inputs import inputs_for
 from decoding.request import GenerationRequest
-from decoding.vllm_protocol import ARG, EXPLAIN_TOP, METHODS
+from decoding.vllm_protocol import ARG, DEAD_END, EXPLAIN_TOP, METHODS
 
 
 class WorkerTarget:
@@ -154,6 +158,7 @@ class PerRequestSteering:
         self.target = resources.target
         self.counters = counters
         self.rows: dict[int, tuple] = {}  # batch index -> (Row, its arguments)
+        self.masked: set[int] = set()  # id() of the rows under a grammar (vLLM's structured outputs mask them first)
         self._pending: dict[int, tuple] = {}  # id(row) -> (row, args, its tokens) of last step's counted changes
 
     # ------------------------------------------------------------ batch bookkeeping
@@ -166,12 +171,18 @@ class PerRequestSteering:
             e = self.rows.pop(i, None)
             if e is not None:
                 self._pending.pop(id(e[0]), None)
+                self.masked.discard(id(e[0]))
         for i, params, prompt_ids, output_ids in added:
             args = (params.extra_args or {}).get(ARG) if params is not None else None
             if not args or not (args.get("methods") or args.get("explain") is not None):
-                self.rows.pop(i, None)
+                e = self.rows.pop(i, None)
+                if e is not None:
+                    self.masked.discard(id(e[0]))
                 continue
-            self.rows[i] = (self._row(args, list(prompt_ids or []), output_ids), args)
+            row = self._row(args, list(prompt_ids or []), output_ids)
+            if getattr(params, "structured_outputs", None) is not None:
+                self.masked.add(id(row))
+            self.rows[i] = (row, args)
         for a, b, direction in moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ra is not None:
@@ -219,6 +230,9 @@ class PerRequestSteering:
             for g in self.groups.values():
                 g.reset()
             return logits
+        for i, (r, args) in rows.items():  # a row whose grammar allows no token: it fails, nothing is forced
+            if id(r) in self.masked and r.error is None and not torch.isfinite(logits[i]).any():
+                self._fail(r, args, None, GrammarDeadEnd("the requested output format allows no token here"))
         before = logits.argmax(-1)
         scores = logits.clone()
         ex = [i for i, (r, a) in rows.items() if a.get("explain") is not None and r.error is None] if self.explain else []
@@ -241,8 +255,15 @@ class PerRequestSteering:
                 strength = torch.tensor([r.steer[name] for r in members], device=logits.device)
                 pos = [p for p, i in enumerate(ex) if i in idx]
                 kept = scores[[ex[p] for p in pos]].float() if pos else None  # a copy, before the method
+                masked = [i for i in idx if id(rows[i][0]) in self.masked]
+                prior = scores[masked] if masked else None  # a copy: the grammar's -inf before the method
                 if idx:
                     scores[idx] = group.steer(members, scores[idx], strength).to(scores.dtype)
+                if masked:  # a steered answer stays valid: a method that unmasks a token (or gives NaN) fails its row
+                    for i, bad in zip(masked, unmasked(prior, scores[masked]).tolist()):
+                        if bad:
+                            self._fail(*rows[i], name, RuntimeError(
+                                "its scores gave a token the requested output format forbids a chance, or held a NaN"))
                 if pos:
                     parts[name] = (pos, contribution(kept, scores[[ex[p] for p in pos]]))
             except Exception as e:  # only these rows fail: they end now and the server reports the failure
@@ -255,9 +276,13 @@ class PerRequestSteering:
         if ex:
             self._explain([rows[i] for i in ex], logits[ex], scores[ex], parts, [changed[i] for i in ex])
         for i, (r, args) in rows.items():
-            if r.error is not None:  # never served unsteered: the row ends at once (end of sequence)
+            if r.error is not None:  # never served unsteered: the row ends at once (end of sequence) ...
+                eos = args.get("eos", 0)
+                if torch.isneginf(logits[i, eos]):  # ... unless its grammar forbids the end here: then this one
+                    scores[i] = logits[i]  # step samples a token the grammar allows, which the server, seeing the
+                    continue  # failure first, never serves (it aborts the request)
                 scores[i] = float("-inf")
-                scores[i, args.get("eos", 0)] = 0.0
+                scores[i, eos] = 0.0
             elif changed[i]:
                 self._count(r, args, +1)
         return scores
@@ -296,9 +321,10 @@ class PerRequestSteering:
                 self._count(r, args, -1)
         self._pending.clear()
 
-    def _fail(self, row, args: dict, method: str, error: Exception) -> None:
+    def _fail(self, row, args: dict, method: str | None, error: Exception) -> None:
+        """The row fails: ``method``'s steering raised ``error``, or (``method`` None) its grammar dead-ended."""
         from decoding.methods import SteeringFailed
 
-        row.error = row.error or SteeringFailed(method, error)
+        row.error = row.error or (SteeringFailed(method, error) if method else error)
         if self.counters is not None:
-            self.counters.slot(args["slot"])[1] = METHODS.index(method) + 1
+            self.counters.slot(args["slot"])[1] = METHODS.index(method) + 1 if method else DEAD_END

@@ -11,6 +11,7 @@ import time
 import torch
 
 from decoding.explain import StepTrace, contribution
+from decoding.grammar import unmasked
 from decoding.methods import SteeringFailed
 from decoding.sampling import apply_logit_bias, suppress_tokens
 
@@ -84,6 +85,8 @@ class SteeringPipeline:
                 strength = torch.tensor([r.steer[name] for r in rows], device=scores.device)
                 pos = [p for p, i in enumerate(explain) if name in batch.rows[i].steer]
                 before = scores[[explain[p] for p in pos]].float() if pos else None  # a copy (in-place writes follow)
+                masked = [i for i in idx if batch.rows[i].grammar is not None]  # rows under a grammar's mask
+                prior = scores[masked] if masked else None  # a copy
                 try:
                     if len(idx) == len(batch.rows):  # every row: the method's scores are the batch's
                         scores = self.timed(name, method.steer, batch.states[name], rows, scores, strength)
@@ -93,6 +96,11 @@ class SteeringPipeline:
                 except Exception as e:
                     self.fail(name, rows, e)
                     continue
+                if masked:  # a steered answer stays valid: a method that unmasks a token (or gives NaN) fails its row
+                    for i, bad in zip(masked, unmasked(prior, scores[masked]).tolist()):
+                        if bad:
+                            self.fail(name, [batch.rows[i]], RuntimeError(
+                                "its scores gave a token the requested output format forbids a chance, or held a NaN"))
                 if pos:
                     trace.parts[name] = (pos, contribution(before, scores[[explain[p] for p in pos]]))
         if trace is not None:

@@ -19,6 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from decoding.explain import explain_tokens
 from decoding.fork import Fork, is_fork, materialise
+from decoding.grammar import GrammarDeadEnd, Grammars, apply_masks
 from decoding.kv_cache import GrowingCache, merge_caches, select_cache
 from decoding.llama_decode import LlamaDecoder, supported
 from decoding.methods import REGISTRY, Resources, resolve, usable_methods
@@ -55,6 +56,7 @@ class Row:
     explain: list = field(default_factory=list)  # a TokenExplain per generated token, when the request asked
     trunk: tuple | None = None  # (hidden [n, D], positions, next position, prebuilt masks) of its prompt, for a fork
     verifier_scores: torch.Tensor | None = None  # [phrases] FiSAO's verifier scores of its image, computed at admission
+    grammar: object = None  # its ``decoding.grammar.RowGrammar`` (built in the engine at its first step)
 
     @property
     def pixel_values(self) -> torch.Tensor | None:
@@ -178,6 +180,14 @@ class TransformersEngine:
         # 1 -> 2 threads took a 1-row prefill from 5.6 to 4.4 ms; a small batch's decode step is fastest on 1)
         self.prefill_threads: int | None = None
         self.steering = SteeringPipeline(self.methods, self.eos_ids)
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """xgrammar's compiler for this tokenizer (``decoding.grammar``), built at the first structured request."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
 
     def _check_vocabulary(self, reward_path) -> None:
         from transformers import AutoTokenizer
@@ -316,8 +326,27 @@ class TransformersEngine:
         return batch
 
     def steer(self, batch: Batch) -> torch.Tensor:
-        """Scores to sample from (see ``SteeringPipeline.steer``)."""
+        """Scores to sample from: each structured row's grammar mask first (in place on ``batch.logits``, as
+        vLLM masks before its logits processors), then the steering (``SteeringPipeline.steer``)."""
+        self._mask(batch)
         return self.steering.steer(batch)
+
+    def _mask(self, batch: Batch) -> None:
+        """The grammar masks of the rows that have one (``decoding.grammar``); a row whose grammar allows
+        no token fails (``GrammarDeadEnd``: no token the grammar forbids is forced)."""
+        rows = batch.rows
+        if all(r.request.structured is None for r in rows):
+            return
+        for r in rows:
+            if r.request.structured is not None and r.grammar is None and r.error is None:
+                try:
+                    r.grammar = self.grammars.matcher(r.request.structured, getattr(r.request.sampling, "stop_token_ids", ()) or ())
+                except ValueError as e:
+                    r.error = e
+        for i in apply_masks(batch.logits, [r.grammar for r in rows], self.vocab_size):
+            rows[i].error = rows[i].error or GrammarDeadEnd(
+                f"the requested output format allows no token of this model's vocabulary after {len(rows[i].token_ids)} "
+                "generated tokens")
 
     @torch.inference_mode()
     def decode_one_token(self, batch: Batch, tokens: torch.Tensor, steer: bool = True) -> None:
@@ -397,6 +426,9 @@ class TransformersEngine:
         return tokens
 
     def _append(self, row: Row, tok: int) -> None:
+        if row.grammar is not None and not row.grammar.accept(tok):  # a masked token was sampled: never served
+            row.error = RuntimeError(f"token {tok} was chosen where the requested output format forbids it")
+            return
         append_token(row, tok, self.tokenizer, self.eos_ids, self.max_context)
 
     def step(self, batch: Batch, on_tokens=None) -> Batch | None:

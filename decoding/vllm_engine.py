@@ -30,6 +30,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.fork import is_fork
+from decoding.grammar import GrammarDeadEnd
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
 from decoding.model_inputs import local_folder
@@ -37,8 +38,8 @@ from decoding.request import (Completion, Delta, Failed, Finished, GenerationReq
                               tokens_covering)
 from decoding.prompts import render_prompt
 from decoding.vllm.fork_spec import check_fork_files, in_model_overrides
-from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV, SLOTS,
-                                    TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
+from decoding.vllm_protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
+                                    SLOTS, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
 log = logging.getLogger("vlm_steer.vllm")
 FORK_SALT = "vlm-steer:tita-fork"  # the cache_salt of requests that read a forked reward model's KV (see encode)
@@ -163,6 +164,11 @@ class VLLMEngine:
 
         from decoding.vllm_steering import SteeringLogitsProcessor
 
+        from vllm.config import StructuredOutputsConfig
+
+        # structured outputs on xgrammar, as the transformers engine decodes them (decoding.grammar): the same
+        # masks on both engines ("auto" would fall back to another library for some schemas)
+        engine_args = {"structured_outputs_config": StructuredOutputsConfig(backend="xgrammar"), **(engine_args or {})}
         args = AsyncEngineArgs(
             model=self.model_path, dtype=dtype, max_model_len=self.max_context, max_num_seqs=max_batch,
             tensor_parallel_size=tensor_parallel_size, logits_processors=[SteeringLogitsProcessor],
@@ -245,7 +251,8 @@ class VLLMEngine:
             extra = {ARG: {"slot": slot, "eos": self.eos_id, **self._steering_args(request, steering)}}
             if explain:
                 extra[ARG]["explain"] = list(explain)
-        return VLLMRow(request, list(ids), prompt, self._params(request.sampling, extra), steering, slot, explain)
+        return VLLMRow(request, list(ids), prompt, self._params(request.sampling, extra, request.structured), steering,
+                       slot, explain)
 
     def row_for(self, row: VLLMRow, request: GenerationRequest) -> VLLMRow:
         """Another choice of an encoded request (same messages and images, its own sampling): the prompt
@@ -254,8 +261,8 @@ class VLLMEngine:
         extra = {ARG: {**row.params.extra_args[ARG], "slot": slot}} if row.params.extra_args else None
         if explain:
             extra[ARG]["explain"] = list(explain)
-        return VLLMRow(request, row.prompt_ids, row.prompt, self._params(request.sampling, extra), dict(row.steer), slot,
-                       explain)
+        return VLLMRow(request, row.prompt_ids, row.prompt, self._params(request.sampling, extra, request.structured),
+                       dict(row.steer), slot, explain)
 
     def _slot(self) -> int:
         slot = next(self._slots) % SLOTS
@@ -271,10 +278,11 @@ class VLLMEngine:
         return n % EXPLAIN_SLOTS, n % NONCES
 
     @staticmethod
-    def _params(s, extra: dict | None):
-        """vLLM's sampling parameters for ours."""
+    def _params(s, extra: dict | None, structured=None):
+        """vLLM's sampling parameters for ours; ``structured``: a ``decoding.grammar.StructuredOutput``
+        (vLLM's own structured outputs mask the logits before the steering processor sees them)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         # top_p 0 (OpenAI: the top token only) is top_k 1 for vLLM, whose top_p lies in (0, 1]
         top = {"top_p": s.top_p, "top_k": s.top_k} if s.top_p > 0 else {"top_p": 1.0, "top_k": 1}
@@ -283,7 +291,8 @@ class VLLMEngine:
             stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None, min_tokens=s.min_tokens,
             logit_bias=dict(s.logit_bias) or None, repetition_penalty=s.repetition_penalty,
             logprobs=s.top_logprobs, ignore_eos=s.ignore_eos, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+            frequency_penalty=s.frequency_penalty, output_kind=RequestOutputKind.DELTA, extra_args=extra,
+            structured_outputs=StructuredOutputsParams(**structured.vllm_params()) if structured is not None else None)
 
     def _steering_args(self, request: GenerationRequest, steering: dict[str, float]) -> dict:
         """What the worker's steering methods read: strengths, the chat messages (FiSAO's question rule, a
@@ -315,9 +324,18 @@ class VLLMEngine:
         text = ""
         k = row.request.sampling.top_logprobs
         stops = bool(row.request.sampling.stop)
+        outputs = self.llm.generate(row.prompt, row.params, row.request.request_id)
         try:
-            async for out in self.llm.generate(row.prompt, row.params, row.request.request_id):
+            async for out in outputs:
+                failure = self._failure(row)
+                if failure is not None:  # seen before this output's tokens are served (the worker wrote it first)
+                    sink(Failed(failure))
+                    await outputs.aclose()  # aborts the request in vLLM
+                    return
                 o = out.outputs[0]
+                if out.finished and o.finish_reason == "error":  # vLLM ended it (its grammar refused a token, ...)
+                    sink(Failed(RuntimeError("the engine ended the request with an error")))  # its tokens unserved
+                    return
                 ids = list(o.token_ids)
                 lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
                 if out.finished and o.finish_reason == "stop" and ids and self._ended_by_token(o, ids[-1]):
@@ -342,10 +360,7 @@ class VLLMEngine:
                     sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready], explained[sent:ready]))
                     sent = ready
                 if out.finished:
-                    steered, failed = (int(v) for v in self.counters.slot(row.slot).tolist())
-                    if failed:
-                        sink(Failed(SteeringFailed(METHODS[failed - 1], RuntimeError("the steering processor failed"))))
-                        return
+                    steered = int(self.counters.slot(row.slot)[0])
                     sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
                                              len(row.prompt_ids), logprobs if k is not None else None, steered,
                                              explained if row.explain else None)))
@@ -361,6 +376,15 @@ class VLLMEngine:
         if o.stop_reason is None:
             return last in self.eos_ids
         return isinstance(o.stop_reason, int) and not isinstance(o.stop_reason, bool) and o.stop_reason == last
+
+    def _failure(self, row: VLLMRow) -> Exception | None:
+        """The row's failure as the steering processor reported it (counters), or None."""
+        failed = int(self.counters.slot(row.slot)[1])
+        if not failed:
+            return None
+        if failed == DEAD_END:
+            return GrammarDeadEnd("the requested output format allows no token of this model's vocabulary here")
+        return SteeringFailed(METHODS[failed - 1], RuntimeError("the steering processor failed"))
 
     def _explained(self, explain: tuple[int, int], position: int, token: int):
         """The worker's explanation of ``token``; when the token was outside the worker's candidates (a

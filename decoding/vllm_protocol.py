@@ -19,7 +19,8 @@ EXPLAIN_ENV = "VLM_STEER_EXPLAIN"  # the shared explanation ring file
 METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry
 SLOTS = 1 << 16
 HEADER = 8  # [0] engine steps, [1 + k] seconds spent by METHODS[k]
-FIELDS = 2  # per slot: steered tokens, failed method (index + 1, 0 = none)
+FIELDS = 2  # per slot: steered tokens, failed method (index + 1, 0 = none; DEAD_END: no token was allowed)
+DEAD_END = 255  # a row's grammar allowed no token of the vocabulary (decoding.grammar.GrammarDeadEnd)
 
 
 class Counters:

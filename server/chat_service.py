@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from pydantic import ValidationError
 
+from decoding.grammar import Grammars
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from server.errors import APIError
 from server.generation_defaults import GenerationDefaults, load_generation_defaults
 from server.images import ImageLimits, load_image
 from server.protocol import INT64, ChatCompletionRequest
 from server.settings import Settings
+from server.structured_outputs import structured_output
 
 JSON_TYPES = ("application/json",)
 PARSE_INLINE_BYTES = 64 * 1024  # bodies below it are parsed on the event loop (tens of microseconds)
@@ -191,6 +193,7 @@ class ChatService:
         # worst answer 15-22 ms with one thread, 64-110 ms with four, the same 1.1 s for the four requests).
         self.placeholders = placeholder_tokens(engine.processor)
         self.executor = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vlm-steer-preprocess")
+        self._grammars: Grammars | None = None  # the structured-output check's compiler (built at first use)
 
     async def parse(self, raw: bytes) -> ChatCompletionRequest:
         """``parse_request``; a large body in the preprocessing thread (200,000 text parts take a second
@@ -247,6 +250,10 @@ class ChatService:
         self._check_token_ids(bias, "logit_bias")
         fields = self.sampling_fields(req, max_tokens)
         check_texts(req, self.placeholders)
+        structured = structured_output(req)  # (constraint, its field) or None
+        if structured is not None:  # compiling is CPU work: off the loop
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._check_structured, req, structured,
+                                                             max_tokens)
         messages, urls = chat_messages(req, s.max_images)
         images = list(await asyncio.gather(*(self._image(url, path) for url, path in urls)))
         gens = []
@@ -255,7 +262,8 @@ class ChatService:
                 max_tokens=max_tokens, seed=derived_seed(req.seed, i), stop=tuple(req.stop or ()),
                 top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, ignore_eos=req.ignore_eos,
                 logit_bias=tuple(sorted(bias.items())), **fields)
-            gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}"))
+            gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}",
+                                          structured=structured[0] if structured else None))
         # template and processor: CPU work, off the loop
         rows = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, gens)
         prompt_tokens = len(rows[0].prompt_ids)
@@ -263,6 +271,19 @@ class ChatService:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                                 f"limit of {self.engine.max_context}", param="messages")
         return Prepared(rows, prompt_tokens, max_tokens)
+
+    def _check_structured(self, req: ChatCompletionRequest, structured: tuple, max_tokens: int) -> None:
+        """400 for a constraint that is invalid or that no sequence of at most ``max_tokens`` of the model's
+        tokens satisfies (``decoding.grammar.Grammars.check``), naming the field it came from."""
+        so, param = structured
+        engine = self.engine
+        if self._grammars is None:
+            stops = {engine.tokenizer.eos_token_id, *getattr(engine, "eos_ids", ())}
+            self._grammars = Grammars(engine.tokenizer, engine.vocab_size, stops)
+        try:
+            self._grammars.check(so, max_tokens, tuple(getattr(req, "stop_token_ids", None) or ()))
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     async def _image(self, url: str, path: str):
         """One image part's image; its refusal names the part (``messages.0.content.1.image_url.url``)."""

@@ -8,8 +8,10 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from server.structured_outputs import ResponseFormat, StructuredOutputsParams
 
 
 # Every field is strictly typed, as OpenAI checks them: "2" is not an integer, 1 is not a boolean, and
@@ -28,8 +30,6 @@ NEEDS = {"top_logprobs": ("logprobs", "top_logprobs requires logprobs to be true
 #     and routing hints, a latency hint whose answer is the same, vLLM's render-endpoint options): accepted.
 #   NOT_SERVED: field -> the values at which it asks for nothing (accepted, so that clients that always send
 #     them work); any other value is a 400 naming the field.
-#   STRUCTURED_OUTPUTS: vLLM's guided-decoding spellings, which structured outputs (issue 31, item 2) maps;
-#     passed through here until it declares them.
 ASK_NOTHING = frozenset({"prompt_cache_key", "prompt_cache_retention", "safety_identifier", "prediction", "session_id",
                          "mm_payload", "return_mm_kwargs", "routed_experts_prompt_start"})
 NOT_SERVED: dict[str, tuple] = {
@@ -49,9 +49,8 @@ NOT_SERVED: dict[str, tuple] = {
     "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False), "return_token_offsets": (None, False),
     "return_prompt_text": (None, False), "thinking_token_budget": (None,), "include_reasoning": (None, True),
     "repetition_detection": (None,), "stream_interval": (None, 1), "logits_processors": (None,),
+    "structural_tag": (None,),
 }
-STRUCTURED_OUTPUTS = frozenset({"structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                                "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag"})
 
 
 def asks_nothing(value, no_ops: tuple) -> bool:
@@ -61,7 +60,7 @@ def asks_nothing(value, no_ops: tuple) -> bool:
 
 def undeclared_field_problem(name: str, value) -> str | None:
     """Why an undeclared top-level field is refused, or None when it is accepted (see ``NOT_SERVED``)."""
-    if name in ASK_NOTHING or name in STRUCTURED_OUTPUTS:
+    if name in ASK_NOTHING:
         return None
     if name in NOT_SERVED:
         no_ops = NOT_SERVED[name]
@@ -153,8 +152,16 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: int | None = Field(default=None, ge=0, le=INT64[1])  # at most max_tokens (checked with it)
     stop_token_ids: list[int] | None = None  # token ids inside the vocabulary (checked with the model)
-    # structured outputs (not implemented yet): refused with a 400 naming it, never silently ignored
-    response_format: dict | None = None  # {"type": "text"} (the default) is accepted
+    # structured outputs (server.structured_outputs): OpenAI's response_format, vLLM's structured_outputs and
+    # its earlier guided_* spellings; one constraint per request
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, JsonValue] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -176,13 +183,6 @@ class ChatCompletionRequest(BaseModel):
     def _null_is_the_default(cls, v, info):
         """OpenAI's schema makes these nullable: null means the default."""
         return cls.model_fields[info.field_name].default if v is None else v
-
-    @field_validator("response_format")
-    @classmethod
-    def _unsupported(cls, v, info):
-        if v is None or not v or v == {"type": "text"}:
-            return v
-        raise ValueError(f"{info.field_name} is not supported by this server")
 
     @field_validator("top_logprobs", "stream_options")
     @classmethod
