@@ -8,6 +8,7 @@ import signal
 import uvicorn
 
 from server.app import create_app
+from server.http_limits import bounded_protocol
 from server.settings import Settings
 
 
@@ -25,8 +26,15 @@ class DrainingServer(uvicorn.Server):
             captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
+def uvicorn_config(app, settings: Settings, **kwargs) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: the settings' address, log level and drain, and the head's
+    deadline and limits (``server.http_limits``); ``kwargs`` override (tests: ``log_level``)."""
+    kw = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+              timeout_graceful_shutdown=int(settings.drain_timeout),
+              http=bounded_protocol(settings.max_header_bytes, settings.max_headers, settings.header_timeout))
+    return uvicorn.Config(app, **{**kw, **kwargs})
+
+
 def serve(settings: Settings) -> None:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout))
-    DrainingServer(config, app.state.vlm).run()
+    DrainingServer(uvicorn_config(app, settings), app.state.vlm).run()

@@ -1,0 +1,193 @@
+"""Bounded cost before a request is read (issue 30): clients that stall while sending a request are answered
+408 and closed at the read deadlines, heads over the size or field limits get 431, and meanwhile the server
+answers others; CORS headers only for the allowed origins. Raw sockets on loopback where clients misbehave."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import start
+
+HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n")
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)))
+
+
+def _until_closed(s: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection; fails if it is still open after ``timeout``."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            pytest.fail(f"connection still open after {timeout} s; received {data[:200]!r}")
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _status_and_error(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)["error"]
+
+
+@pytest.fixture(scope="module")
+def short(steering_engine):
+    """A server with 1-second read deadlines."""
+    with start(steering_engine, header_timeout=1, body_timeout=1) as srv:
+        yield srv
+
+
+STALLS = {
+    "nothing": b"",
+    "part of the headers": HEAD[:40],
+    "headers only": HEAD,
+    "half a body": HEAD + b'{"model": "shapeworld", "messages": [' + b" " * 460,
+}
+
+
+def test_connections_that_stall_are_answered_408_and_closed_at_the_deadline(short):
+    replies, sockets = {}, {name: _connect(short.url) for name in STALLS}
+    for name, data in STALLS.items():
+        sockets[name].sendall(data)
+
+    def wait(name):
+        with sockets[name] as s:
+            replies[name] = _until_closed(s, 10)
+
+    threads = [threading.Thread(target=wait, args=(n,)) for n in STALLS]
+    for t in threads:
+        t.start()
+    # the server answers others while they stall
+    assert httpx.get(short.url + "/health", timeout=5).json() == {"status": "ok"}
+    for t in threads:
+        t.join()
+    assert replies["nothing"] == b""  # an idle connection is closed without a word, as a kept-alive one
+    status, err = _status_and_error(replies["part of the headers"])
+    assert status == 408 and err["code"] == 408 and "headers were not received within 1 s" in err["message"]
+    for name in ("headers only", "half a body"):
+        status, err = _status_and_error(replies[name])
+        assert status == 408 and err["code"] == 408 and "body was not received within 1 s" in err["message"], name
+        assert b"\r\nconnection: close\r\n" in replies[name].lower()
+    assert httpx.get(short.url + "/health").status_code == 200
+
+
+def test_a_kept_alive_connection_that_stalls_in_its_next_request_is_closed(short):
+    with _connect(short.url) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b'{"status":"ok"}')
+        s.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request's head, never finished
+        status, err = _status_and_error(_until_closed(s, 10))
+    assert status == 408 and "headers were not received" in err["message"]
+
+
+def test_a_request_sent_slowly_within_the_deadlines_is_served(short):
+    body = json.dumps({"model": "shapeworld", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    with _connect(short.url) as s:
+        for part in (head[:30], head[30:], body[:10], body[10:]):
+            s.sendall(part)
+            time.sleep(0.3)
+        reply = _until_closed(s, 60)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["object"] == "chat.completion"
+
+
+def _head_with(fields: list[bytes]) -> bytes:
+    return b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+def test_a_head_over_the_size_limit_gets_431(live):
+    limit = live.state.settings.max_header_bytes
+    assert limit == 32 * 1024
+    ok = httpx.get(live.url + "/health", headers={"X-Pad": "a" * (limit - 200)})
+    assert ok.status_code == 200  # just under the limit
+    with _connect(live.url) as s:
+        s.sendall(_head_with([b"X-Pad: " + b"a" * limit]))
+        status, err = _status_and_error(_until_closed(s, 10))
+    assert status == 431 and err["code"] == 431 and err["message"] == f"the request headers exceed {limit} bytes"
+    with _connect(live.url) as s:  # a long request target counts too
+        s.sendall(b"GET /health?" + b"q" * limit + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _status_and_error(_until_closed(s, 10))[0] == 431
+
+
+def test_a_huge_header_is_refused_before_it_is_read_and_others_are_served_meanwhile(live):
+    sent, refused = 0, False
+    health = []
+
+    def poll():
+        while not refused:
+            health.append(httpx.get(live.url + "/health", timeout=10).status_code)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    with _connect(live.url) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(64):
+                s.sendall(b"a" * 2**20)
+                sent += 2**20
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            reply = _until_closed(s, 10)
+        except ConnectionResetError:
+            reply = b""
+    refused = True
+    poller.join()
+    # the server stopped reading long before 64 MB (what the kernel's socket buffers took is all that went)
+    assert sent < 64 * 2**20
+    assert reply == b"" or _status_and_error(reply)[0] == 431
+    assert health and set(health) == {200}
+
+
+def test_too_many_header_fields_get_431(live):
+    n = live.state.settings.max_headers
+    ok = _head_with([b"X-F%d: v" % i for i in range(n - 1)])  # Host is one of them
+    with _connect(live.url) as s:
+        s.sendall(ok)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    with _connect(live.url) as s:
+        s.sendall(_head_with([b"X-F%d: v" % i for i in range(n)]))
+        status, err = _status_and_error(_until_closed(s, 10))
+    assert status == 431 and err["message"] == f"the request has more than {n} header fields"
+
+
+def test_no_cors_headers_unless_origins_are_allowed(live, steering_engine):
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    body = {"model": "shapeworld", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
+    assert not any(h.startswith("access-control-") for h in r.headers)
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, headers={"Origin": "http://ui.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with start(steering_engine, allowed_origins=["http://ui.example"]) as srv:
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "x-stainless-lang" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Origin": "http://ui.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.example"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        # errors carry them too, so the page can read the message
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "model": "nope"}, headers={"Origin": "http://ui.example"})
+        assert r.status_code == 404 and r.headers["access-control-allow-origin"] == "http://ui.example"
+        other = {**preflight, "Origin": "http://evil.example"}
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=other)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
