@@ -2,12 +2,14 @@
 408 and closed at the read deadlines, heads over the size or field limits get 431, and meanwhile the server
 answers others; CORS headers only for the allowed origins. Raw sockets on loopback where clients misbehave."""
 
+import concurrent.futures as cf
 import json
 import socket
 import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from tests.server.conftest import start
@@ -87,8 +89,10 @@ def test_connections_that_stall_are_answered_408_and_closed_at_the_deadline(shor
 def test_a_kept_alive_connection_that_stalls_in_its_next_request_is_closed(short):
     with _connect(short.url) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = s.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b'{"status":"ok"}')
+        first = b""
+        while not first.endswith(b'{"status":"ok"}'):  # the head and the body may come in two reads
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
         s.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request's head, never finished
         status, err = _status_and_error(_until_closed(s, 10))
     assert status == 408 and "headers were not received" in err["message"]
@@ -191,3 +195,90 @@ def test_no_cors_headers_unless_origins_are_allowed(live, steering_engine):
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
         r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+# -- a huge prompt is refused by a prefix, and a long one does not hold up others
+
+WORDS = "describe the red circle and the blue square . "
+
+
+class CountingTokenizer:
+    """The engine's tokenizer, recording the characters of each text it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def __call__(self, text, *a, **kw):
+        self.seen += [len(t) for t in ([text] if isinstance(text, str) else text)]
+        return self.tokenizer(text, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_prompt_is_refused_with_the_context_400_before_it_is_tokenised_whole(live, steering_engine, monkeypatch):
+    counting = CountingTokenizer(steering_engine.tokenizer)
+    monkeypatch.setattr(steering_engine, "tokenizer", counting)
+    encoded = []
+    monkeypatch.setattr(steering_engine, "encode", lambda *a, **k: encoded.append(a) or pytest.fail("encoded"))
+    text = WORDS * (6 * 2**20 // len(WORDS))
+    r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "shapeworld", "max_tokens": 8, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and err["type"] == "invalid_request_error"
+    n = int(err["message"].split("at least ", 1)[1].split(" ")[0])
+    assert n > 512 - 8 and err["message"] == f"prompt (at least {n} tokens) plus max_tokens (8) exceeds the context limit of 512"
+    assert encoded == [] and counting.seen and max(counting.seen) <= 513 * 8  # a prefix only, never the 6 MB
+
+
+def test_a_prompt_just_over_the_context_gets_its_exact_count(client, steering_engine):
+    from decoding.request import GenerationRequest
+
+    text = "describe the image . " * 130  # 520 words: under the prefix's length, tokenised whole as before
+    n = len(steering_engine.encode(GenerationRequest.single_turn(text, [])).prompt_ids)
+    assert n == 520 + 3  # <s>, USER:, ASSISTANT:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="shapeworld", max_tokens=8, messages=[{"role": "user", "content": text}])
+    assert e.value.body["message"] == f"prompt ({n} tokens) plus max_tokens (8) exceeds the context limit of 512"
+
+
+def test_a_long_prompt_of_few_tokens_is_served_as_its_short_form(client):
+    """The prefix check refuses only on tokens counted: 300,000 spaces collapse to one (the embedded
+    tokenizer's normaliser), so this prompt is the short one and is answered as it is."""
+    long = client.chat.completions.create(model="shapeworld", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "describe" + " " * 300_000 + "the image ."}])
+    short = client.chat.completions.create(model="shapeworld", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "describe the image ."}])
+    assert long.usage.prompt_tokens == short.usage.prompt_tokens
+    assert long.choices[0].message.content == short.choices[0].message.content
+
+
+def test_an_image_request_is_served_while_a_long_prompt_is_being_encoded(live, steering_engine, monkeypatch):
+    """A long prompt's encoding is held until the small image request has been answered: with one lane
+    for both the small request would wait behind it (and time out here)."""
+    from tests.server.test_chat import image_message
+
+    original = steering_engine.encode
+    started, released, threads = threading.Event(), threading.Event(), {}
+
+    def encode(request, *a, **k):
+        long = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p.get("text", "")) for p in m["content"])
+                   for m in request.messages) > 64 * 1024
+        threads["long" if long else "small"] = threading.current_thread().name
+        if long:
+            started.set()
+            assert released.wait(60)
+        return original(request, *a, **k)
+
+    monkeypatch.setattr(steering_engine, "encode", encode)
+    body = {"model": "shapeworld", "max_tokens": 4, "messages": [{"role": "user", "content": "describe" + " " * 100_000 + "the image ."}]}
+    with cf.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, live.url + "/v1/chat/completions", json=body, timeout=90)
+        assert started.wait(30)
+        small = httpx.post(live.url + "/v1/chat/completions", timeout=20,
+                           json={"model": "shapeworld", "max_tokens": 8, "temperature": 0, "messages": image_message(0)})
+        assert small.status_code == 200 and not long.done()
+        released.set()
+        assert long.result().status_code == 200
+    assert threads["long"].startswith("vlm-steer-long-prompt") and threads["small"].startswith("vlm-steer-preprocess")
