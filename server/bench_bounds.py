@@ -9,6 +9,7 @@
 - ``idle``: how long connections that send nothing, headers only, or half a body stay open.
 
     python -m server.bench_bounds --url http://127.0.0.1:8000 --model-name vlm --case header
+    python -m server.bench_bounds --url http://127.0.0.1:8000 --case prompt [--spaces]
     python -m server.bench_bounds --url http://127.0.0.1:8000 --case images --pid $(pgrep -f 'vlm-steer serve')
 
 A benchmark, not a test: the figures depend on the machine and its load.
@@ -109,11 +110,13 @@ def _small_body(model: str) -> dict:
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe the image ."}]}]}
 
 
-def bench_prompt(url: str, model: str, megabytes: float) -> None:
-    """A small image request alone, then beside a text prompt of ``megabytes`` MB."""
+def bench_prompt(url: str, model: str, megabytes: float, spaces: bool = False) -> None:
+    """A small image request alone, then beside a text prompt of ``megabytes`` MB: words (too long for the
+    context), or with ``spaces`` a few words between spaces (few tokens: admissible, and slow to encode)."""
     small = _small_body(model)
     words = "describe the red circle and the blue square . "
-    text = words * int(megabytes * 2**20 / len(words))
+    n = int(megabytes * 2**20)
+    text = "describe" + " " * n + "the image ." if spaces else words * (n // len(words))
     big = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
 
     async def run():
@@ -127,7 +130,7 @@ def bench_prompt(url: str, model: str, megabytes: float) -> None:
 
             async def beside() -> list[float]:  # small requests one after another while the big one is in flight
                 out = []
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.05)
                 while not big_done.done():
                     t0 = time.perf_counter()
                     r = await c.post(url + "/v1/chat/completions", json=small)
@@ -145,7 +148,7 @@ def bench_prompt(url: str, model: str, megabytes: float) -> None:
     msg = rb.json().get("error", {}).get("message", "")[:100] if rb.status_code != 200 else ""
     print(f"small image request alone: {', '.join(f'{x:.2f}' for x in alone)} s")
     print(f"{len(text) / 2**20:.1f} MB prompt: {rb.status_code} after {tb:.2f} s {msg!r}")
-    print(f"small image requests beside it (one after another, from 0.3 s): {', '.join(f'{x:.2f}' for x in besides)} s")
+    print(f"small image requests beside it (one after another, from 0.05 s): {', '.join(f'{x:.2f}' for x in besides)} s")
 
 
 def large_png(side: int, seed: int) -> bytes:
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-name", default="vlm")
     p.add_argument("--case", choices=["header", "prompt", "images", "idle"], required=True)
     p.add_argument("--megabytes", type=float, default=None, help="header: 64; prompt: 6")
+    p.add_argument("--spaces", action="store_true", help="prompt: an admissible prompt of spaces between words")
     p.add_argument("--pid", type=int, default=None, help="images: the server process")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--images", type=int, default=4)
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.case == "header":
         bench_header(a.url, int(a.megabytes or 64))
     elif a.case == "prompt":
-        bench_prompt(a.url, a.model_name, a.megabytes or 6)
+        bench_prompt(a.url, a.model_name, a.megabytes or 6, a.spaces)
     elif a.case == "images":
         if a.pid is None:
             p.error("--case images needs --pid")

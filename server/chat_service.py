@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from server.errors import APIError
-from server.images import ImageLimits, load_image
+from server.images import ImageLimits, load_image, processor_side
 from server.protocol import INT64, ChatCompletionRequest
 from server.settings import Settings
 
@@ -203,6 +203,26 @@ def derived_seed(seed: int | None, i: int) -> int | None:
     return (seed + i - INT64[0]) % 2**64 + INT64[0]
 
 
+def image_side(settings: Settings, engine) -> int | None:
+    """The short side decoded images are reduced to (``server.images.processor_side``): the largest that
+    any model reading a request's images needs (the target's processor; a separate TITA reward model's,
+    FiSAO's verifier's and the grounding judge's, from their folders); None (images kept as decoded) when
+    one of them is not known to allow it."""
+    from transformers import AutoImageProcessor
+
+    from decoding.fork import is_fork
+
+    sides = [processor_side(getattr(engine.processor, "image_processor", None))]
+    for folder in (settings.reward_model, settings.verifier, settings.grounding_verifier):
+        if folder is None or (folder == settings.reward_model and is_fork(folder)):
+            continue  # a fork reads the target's inputs
+        try:
+            sides.append(processor_side(AutoImageProcessor.from_pretrained(str(folder))))
+        except (OSError, ValueError):
+            return None
+    return None if None in sides else max(sides)
+
+
 @dataclass
 class Prepared:
     rows: list  # one engine row per choice
@@ -215,7 +235,8 @@ class ChatService:
 
     def __init__(self, settings: Settings, engine):
         self.settings, self.engine = settings, engine
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio,
+                                  keep_side=image_side(settings, engine))
         # Image decoding and the processor run here, off the event loop. They hold the interpreter lock
         # part of the time, and every thread doing so takes turns with the event loop: one thread by
         # default (measured on 2 cores, 4 concurrent 4096x4096 images, `vlm-steer bench health`: /health's

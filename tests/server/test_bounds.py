@@ -282,3 +282,69 @@ def test_an_image_request_is_served_while_a_long_prompt_is_being_encoded(live, s
         released.set()
         assert long.result().status_code == 200
     assert threads["long"].startswith("vlm-steer-long-prompt") and threads["small"].startswith("vlm-steer-preprocess")
+
+
+# -- decoded images are held at the size the processors need
+
+def _encoded(img, fmt="PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_processor_side_reads_the_sizes_a_processor_resizes_to(steering_engine):
+    from transformers import Gemma3ImageProcessor, LlavaNextImageProcessor, Qwen2VLImageProcessor
+
+    from server.images import processor_side
+
+    assert processor_side(steering_engine.processor.image_processor) == 64  # CLIP: shortest edge 64, crop 64x64
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's grid
+    assert processor_side(LlavaNextImageProcessor(image_grid_pinpoints=pinpoints)) == 1008
+    assert processor_side(Gemma3ImageProcessor(size={"height": 896, "width": 896})) == 896
+    assert processor_side(Gemma3ImageProcessor(do_pan_and_scan=True)) is None  # crops of the original
+    assert processor_side(Qwen2VLImageProcessor()) is None  # a pixel budget
+    assert processor_side(LlavaNextImageProcessor(do_resize=False)) is None
+
+
+def test_large_images_are_reduced_at_decoding_and_others_left_as_they_are():
+    import numpy as np
+    from PIL import Image
+
+    from server.images import ImageLimits, _open
+
+    kept, plain = ImageLimits(keep_side=64), ImageLimits()
+    assert _open(_encoded(Image.new("RGB", (4096, 2048), "red")), kept).size == (128, 64)
+    assert _open(_encoded(Image.new("RGB", (2000, 4000), "red"), "JPEG"), kept).size == (64, 128)  # via JPEG draft
+    noise = np.random.default_rng(0).integers(0, 256, (300, 50, 3), dtype=np.uint8)
+    for img in (Image.fromarray(noise), Image.fromarray(noise[:64, :64]), Image.fromarray(noise[:64, :50])):
+        for fmt in ("PNG", "JPEG"):  # at or below the side on one side: the very pixels of a plain decode
+            a, b = _open(_encoded(img, fmt), kept), _open(_encoded(img, fmt), plain)
+            assert a.size == b.size == img.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_4096_pixel_image_is_held_small_and_answered_as_the_engine_answers_it_whole(client, steering_engine, monkeypatch):
+    """The server holds a 64x64 reduction of a 4096x4096 image (what the CLIP processor resizes it to) and
+    answers what the engine's ``generate`` answers from the whole image."""
+    from PIL import Image
+
+    from decoding.request import GenerationRequest, SamplingParams
+    from tests.server.conftest import data_url
+    from tests.server.test_chat import SCENES
+
+    held = []
+    original = steering_engine.encode
+    monkeypatch.setattr(steering_engine, "encode", lambda request, *a, **k: held.append([im.size for im in request.images])
+                        or original(request, *a, **k))
+    bigs = [SCENES[i].image().resize((4096, 4096), Image.Resampling.BICUBIC) for i in (1, 2)]
+    answers = []
+    for big in bigs:
+        r = client.chat.completions.create(model="shapeworld", max_tokens=30, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(big)}}, {"type": "text", "text": "describe the image ."}]}])
+        answers.append((r.choices[0].message.content, r.usage.prompt_tokens))
+    assert held == [[(64, 64)], [(64, 64)]]
+    monkeypatch.undo()
+    refs = steering_engine.generate([GenerationRequest.single_turn("describe the image .", [big], sampling=SamplingParams(max_tokens=30))
+                                     for big in bigs])
+    assert answers == [(ref.text, ref.prompt_tokens) for ref in refs]
