@@ -338,10 +338,11 @@ def test_a_4096_pixel_image_is_held_small_and_answered_as_the_engine_answers_it_
     monkeypatch.setattr(steering_engine, "encode", lambda request, *a, **k: held.append([im.size for im in request.images])
                         or original(request, *a, **k))
     bigs = [SCENES[i].image().resize((4096, 4096), Image.Resampling.BICUBIC) for i in (1, 2)]
-    answers = []
-    for big in bigs:
+    urls = [data_url(big) for big in bigs]  # encoded first: seconds of PNG encoding between two requests could
+    answers = []                            # outlast the kept-alive connection (uvicorn closes it after 5 s)
+    for url in urls:
         r = client.chat.completions.create(model="shapeworld", max_tokens=30, temperature=0, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(big)}}, {"type": "text", "text": "describe the image ."}]}])
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe the image ."}]}])
         answers.append((r.choices[0].message.content, r.usage.prompt_tokens))
     assert held == [[(64, 64)], [(64, 64)]]
     monkeypatch.undo()
