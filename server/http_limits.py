@@ -49,7 +49,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     The head's size counts the request target and each field as ``name: value\\r\\n``. A head still
     incomplete is counted as it arrives (every chunk read while a head is being read, whole), so that a
     huge header is refused after about ``max_header_bytes`` plus one socket read, before httptools has
-    gathered it."""
+    gathered it. (A chunk in which a head ends is not counted: the head's parsed size is.)"""
 
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
@@ -63,6 +63,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # the current head's target and fields, as parsed
         self._head_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._heads_done = 0  # heads completed on this connection
 
     # -- the head deadline
 
@@ -114,7 +115,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # uvicorn's ``data_received`` (keep-alive, parser errors, upgrades), with the head's limits
         self._unset_keepalive_if_required()
-        whole_chunk_in_head = self._in_head  # a head was being read before this chunk...
+        in_head, heads = self._in_head, self._heads_done  # a head was being read before this chunk...
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -132,7 +133,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if whole_chunk_in_head and self._in_head:  # ...and still is after it: the chunk was all head
+        if in_head and self._heads_done == heads:  # ...and none ended in it: the chunk was all head
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(431, f"the request headers exceed {self.max_header_bytes} bytes")
@@ -165,6 +166,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_started = False, False
+        self._heads_done += 1
         self._cancel_head_deadline()
         super().on_headers_complete()
 

@@ -111,6 +111,19 @@ def test_a_request_sent_slowly_within_the_deadlines_is_served(short):
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["object"] == "chat.completion"
 
 
+def test_a_large_body_in_the_same_read_as_its_head_is_not_counted_as_head(live):
+    """The head's size is what ends at its blank line: a request of 100 KB sent in one write (head and body
+    in one socket read, then the next request's head in the same read) is served."""
+    body = json.dumps({"model": "shapeworld", "max_tokens": 2, "messages": [{"role": "user", "content": "hi" + " " * 100_000}]}).encode()
+    one = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    with _connect(live.url) as s:
+        s.sendall(one + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        replies = _until_closed(s, 60)
+    assert replies.startswith(b"HTTP/1.1 200") and replies.count(b"HTTP/1.1 200") == 2, replies[:300]
+    assert b'"chat.completion"' in replies and replies.endswith(b'{"status":"ok"}')
+
+
 def _head_with(fields: list[bytes]) -> bytes:
     return b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
 
