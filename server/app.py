@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import routes
@@ -25,6 +26,7 @@ from server.engines import load_engine, make_scheduler
 from server.errors import APIError
 from server.experiments import DEFAULT_ARM
 from server.generation_defaults import load_generation_defaults
+from server.http_limits import BodyDeadline
 from server.judging import BatchedJudge
 from server.profiles import Profiles
 from server.serving_chat import ChatServing
@@ -129,6 +131,14 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.state.vlm = state
     app.include_router(routes.router)
     add_error_handlers(app, state)
+    # between the error handlers (inside it) and uvicorn: its 408 is answered by _api_error
+    app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
+    if settings.allowed_origins:
+        # outermost: a preflight is answered before anything else, and every answer (errors included) carries
+        # the CORS headers its origin may read
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"],  # as vLLM: the OpenAI SDKs send their own x-stainless-* headers
+                           expose_headers=["X-Request-Id", "X-Steering-Arm", "Retry-After"])
 
     def openapi() -> dict:
         if app.openapi_schema is None:

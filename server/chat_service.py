@@ -2,9 +2,10 @@
 before a request reaches the scheduler, in one place that both engines share.
 
     body bytes -> ``parse_request`` (media type, JSON, Unicode, strict schema)
-               -> ``ChatService.prepare``: messages into the chat template's shape, images (decoded in
-                  worker threads), sampling and steering, the engine's ``encode`` (template, processor,
-                  tokenizer; in a worker thread), token-count and vocabulary checks
+               -> ``ChatService.prepare``: messages into the chat template's shape, the context-length
+                  check on a prefix of the text, images (decoded in worker threads), sampling and
+                  steering, the engine's ``encode`` (template, processor, tokenizer; in a worker thread,
+                  long prompts in a lane of their own), token-count and vocabulary checks
                -> rows the scheduler takes.
 
 Each refusal is an ``APIError`` (400 unless said) naming the field at fault, and it concerns that
@@ -25,13 +26,19 @@ from decoding.grammar import Grammars
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from server.errors import APIError
 from server.generation_defaults import GenerationDefaults, load_generation_defaults
-from server.images import ImageLimits, load_image
+from server.images import ImageLimits, load_image, processor_side
 from server.protocol import INT64, ChatCompletionRequest
 from server.settings import Settings
 from server.structured_outputs import structured_output
 
 JSON_TYPES = ("application/json",)
 PARSE_INLINE_BYTES = 64 * 1024  # bodies below it are parsed on the event loop (tens of microseconds)
+LONG_TEXT_CHARS = 64 * 1024  # prompts of more text are encoded in the long-prompt lane (ChatService.long_lane)
+# The length check's prefix, in characters per token of the context: a prompt's text beyond it is not
+# tokenised before the check. Natural-language text runs at 3-6 characters per token in the tokenizers of
+# the supported families, so a prefix of 8 per token holds more tokens than the context for almost any
+# prompt that is too long; a prompt of denser tokens is tokenised whole, as before.
+PREFIX_CHARS_PER_TOKEN = 8
 
 
 def check_media_type(content_type: str | None) -> None:
@@ -164,11 +171,59 @@ def check_texts(req: ChatCompletionRequest, placeholders: list[str]) -> None:
                                         "images as image_url parts", param=param)
 
 
+def message_texts(messages: list[dict]) -> list[str]:
+    """The text of ``chat_messages``' messages, in order (what the chat template renders besides its own)."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append(m["content"])
+        else:
+            out += [p["text"] for p in m["content"] if p.get("type") == "text"]
+    return out
+
+
+def text_prefix(texts: list[str], chars: int) -> list[str]:
+    """The first ``chars`` characters of ``texts`` (a list of strings), each piece cut at a whitespace when
+    one is in its last 64 characters, so that the words before the cut tokenise as in the whole text."""
+    out = []
+    for t in texts:
+        if chars <= 0:
+            break
+        if len(t) > chars:
+            start = max(0, chars - 64)
+            cut = max(t.rfind(" ", start, chars), t.rfind("\n", start, chars))
+            out.append(t[: cut if cut > 0 else chars])
+            break
+        out.append(t)
+        chars -= len(t)
+    return out
+
+
 def derived_seed(seed: int | None, i: int) -> int | None:
     """Choice ``i``'s seed: the request's plus ``i``, wrapped into the signed 64-bit range."""
     if seed is None:
         return None
     return (seed + i - INT64[0]) % 2**64 + INT64[0]
+
+
+def image_side(settings: Settings, engine) -> int | None:
+    """The short side decoded images are reduced to (``server.images.processor_side``): the largest that
+    any model reading a request's images needs (the target's processor; a separate TITA reward model's,
+    FiSAO's verifier's and the grounding judge's, from their folders); None (images kept as decoded) when
+    one of them is not known to allow it."""
+    from transformers import AutoImageProcessor
+
+    from decoding.fork import is_fork
+
+    sides = [processor_side(getattr(engine.processor, "image_processor", None))]
+    for folder in (settings.reward_model, settings.verifier, settings.grounding_verifier):
+        if folder is None or (folder == settings.reward_model and is_fork(folder)):
+            continue  # a fork reads the target's inputs
+        try:
+            sides.append(processor_side(AutoImageProcessor.from_pretrained(str(folder))))
+        except (OSError, ValueError):
+            return None
+    return None if None in sides else max(sides)
 
 
 @dataclass
@@ -186,7 +241,8 @@ class ChatService:
         # the checkpoint's sampling defaults (vLLM's --generation-config), for the fields a request leaves unset
         self.defaults = defaults if defaults is not None else load_generation_defaults(
             settings.generation_config, settings.model, settings.max_tokens_limit)
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio,
+                                  keep_side=image_side(settings, engine))
         # Image decoding and the processor run here, off the event loop. They hold the interpreter lock
         # part of the time, and every thread doing so takes turns with the event loop: one thread by
         # default (measured on 2 cores, 4 concurrent 4096x4096 images, `vlm-steer bench health`: /health's
@@ -194,6 +250,12 @@ class ChatService:
         self.placeholders = placeholder_tokens(engine.processor)
         self.executor = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vlm-steer-preprocess")
         self._grammars: Grammars | None = None  # the structured-output check's compiler (built at first use)
+        # Long prompts are length-checked and encoded in a lane of their own, so that
+        # ordinary requests never queue behind them (a 6 MB prompt held the one preprocessing thread 6-10 s,
+        # and a concurrent 8-token image request with it). The tokenizers release the interpreter lock
+        # while they run, so the two lanes overlap (measured: the event loop's sleeps of 1 ms took 1.1 ms at
+        # the median while a thread tokenised 2 MB).
+        self.long_lane = ThreadPoolExecutor(1, thread_name_prefix="vlm-steer-long-prompt")
 
     async def parse(self, raw: bytes) -> ChatCompletionRequest:
         """``parse_request``; a large body in the preprocessing thread (200,000 text parts take a second
@@ -255,6 +317,9 @@ class ChatService:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._check_structured, req, structured,
                                                              max_tokens)
         messages, urls = chat_messages(req, s.max_images)
+        texts = message_texts(messages)
+        long_prompt = sum(map(len, texts)) > LONG_TEXT_CHARS
+        await self._check_length_bound(texts, max_tokens)  # before images are decoded or the prompt tokenised
         images = list(await asyncio.gather(*(self._image(url, path) for url, path in urls)))
         gens = []
         for i in range(req.n):
@@ -265,11 +330,11 @@ class ChatService:
             gens.append(GenerationRequest(messages, images, sampling, spec, request_id=f"{cid}-{i}",
                                           structured=structured[0] if structured else None))
         # template and processor: CPU work, off the loop
-        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode, gens)
+        lane = self.long_lane if long_prompt else self.executor
+        rows = await asyncio.get_running_loop().run_in_executor(lane, self._encode, gens)
         prompt_tokens = len(rows[0].prompt_ids)
         if prompt_tokens + max_tokens > self.engine.max_context:
-            raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
-                                f"limit of {self.engine.max_context}", param="messages")
+            raise self._too_long(f"{prompt_tokens} tokens", max_tokens)
         return Prepared(rows, prompt_tokens, max_tokens)
 
     def _check_structured(self, req: ChatCompletionRequest, structured: tuple, max_tokens: int) -> None:
@@ -284,6 +349,32 @@ class ChatService:
             self._grammars.check(so, max_tokens, tuple(getattr(req, "stop_token_ids", None) or ()))
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def _too_long(self, prompt: str, max_tokens: int) -> APIError:
+        return APIError(400, f"prompt ({prompt}) plus max_tokens ({max_tokens}) exceeds the context limit of "
+                             f"{self.engine.max_context}", param="messages")
+
+    async def _check_length_bound(self, texts: list[str], max_tokens: int) -> None:
+        """The context-length check on a prefix of the prompt's text, before the prompt is tokenised whole:
+        a prompt whose text is longer than ``PREFIX_CHARS_PER_TOKEN`` characters per token of the context
+        has the prefix of that length tokenised (each message's text on its own, in the long-prompt lane);
+        when that prefix alone holds more tokens than the context leaves, the prompt is refused with the
+        400 of the whole-prompt check, its count a lower bound ("at least N tokens"). A 6 MB prompt is then
+        refused in milliseconds instead of seconds. The bound counts 2 tokens fewer per piece than the
+        tokenizer gave, for tokens the chat template's text around a piece may merge with."""
+        budget = self.engine.max_context - max_tokens
+        chars = (self.engine.max_context + 1) * PREFIX_CHARS_PER_TOKEN
+        if sum(map(len, texts)) <= chars:
+            return  # short enough to be tokenised whole
+        prefix = text_prefix(texts, chars)
+        tokenizer = self.engine.tokenizer
+
+        def count() -> int:
+            return sum(map(len, tokenizer(prefix, add_special_tokens=False)["input_ids"]))
+
+        least = await asyncio.get_running_loop().run_in_executor(self.long_lane, count) - 2 * len(prefix)
+        if least > budget:
+            raise self._too_long(f"at least {least} tokens", max_tokens)
 
     async def _image(self, url: str, path: str):
         """One image part's image; its refusal names the part (``messages.0.content.1.image_url.url``)."""
@@ -307,3 +398,4 @@ class ChatService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.long_lane.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,8 @@
 """Images from message parts: ``data:`` URLs (RFC 2397), or http(s) URLs from allow-listed hosts only
 (never local files), each with size, pixel and aspect-ratio caps, decompression-bomb and truncation
 checks, and a conversion to RGB by each mode's meaning (transparent pixels onto white, as vLLM does).
+A decoded image is then held only at the size the models' processors resize it to (``processor_side``):
+four 4096x4096 PNGs held about 390 MB until their request ended.
 
 Decoding is CPU work of up to a few hundred milliseconds: ``load_image`` runs it in a worker thread (the
 server's preprocessing executor) so that the event loop (and ``/health``) never waits for it."""
@@ -29,11 +31,62 @@ from server.errors import APIError
 @dataclass(frozen=True)
 class ImageLimits:
     """What an image may cost: encoded bytes, decoded pixels, and the ratio of its long side to its short
-    side (a processor resizes the short side to its input size, so the long side's cost grows with it)."""
+    side (a processor resizes the short side to its input size, so the long side's cost grows with it);
+    ``keep_side``: decoded images whose short side is longer are reduced to it, keeping their aspect ratio
+    (``processor_side``; None: kept as decoded)."""
 
     max_bytes: int = 4 * 2**20
     max_pixels: int = 4096 * 4096
     max_aspect_ratio: float = 20.0
+    keep_side: int | None = None
+
+
+# Image processors whose output, for an image larger than their size settings in both sides, depends on
+# the image's aspect ratio only: each resizes to a size given in pixels (CLIP and SigLIP: the short side or
+# a fixed size, then a centre crop; Gemma 3: a fixed size; LLaVA-NeXT and -OneVision: the grid resolution
+# that fits the aspect ratio best, among image_grid_pinpoints, when the image is larger than all of them).
+# Others (Qwen2-VL's pixel budget, tiling and pan-and-scan processors, ...) keep images as decoded.
+KEEPS_ASPECT_ONLY = {"CLIPImageProcessor", "SiglipImageProcessor", "Gemma3ImageProcessor", "LlavaNextImageProcessor",
+                     "LlavaOnevisionImageProcessor"}
+SIDE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
+
+
+def processor_side(image_processor) -> int | None:
+    """The longest side, in pixels, that ``image_processor`` (a transformers image processor) resizes or
+    crops an image to: its ``size`` and ``crop_size`` (height, width, shortest or longest edge) and its
+    ``image_grid_pinpoints``. An image whose short side is longer can be reduced to it (keeping its aspect
+    ratio) before the processor runs, and the processor computes the same sizes from it (its pixels then
+    differ by the two resamplings only). None when that is not known to hold: a class outside
+    ``KEEPS_ASPECT_ONLY``, ``do_resize`` off, pan-and-scan on, or a pixel-count setting."""
+    if image_processor is None or type(image_processor).__name__.removesuffix("Fast") not in KEEPS_ASPECT_ONLY:
+        return None
+    if not getattr(image_processor, "do_resize", True) or getattr(image_processor, "do_pan_and_scan", False):
+        return None
+    sides = []
+    for attr in ("size", "crop_size"):
+        v = getattr(image_processor, attr, None)
+        if isinstance(v, int):
+            sides.append(v)
+            continue
+        if v is None:
+            continue
+        get = v.get if isinstance(v, dict) else lambda k, v=v: getattr(v, k, None)
+        if any(get(k) for k in ("max_height", "max_width", "min_pixels", "max_pixels")):
+            return None
+        sides += [int(get(k)) for k in SIDE_KEYS if get(k)]
+    sides += [int(x) for pair in getattr(image_processor, "image_grid_pinpoints", None) or [] for x in pair]
+    return max(sides) if sides else None
+
+
+def reduce_to(img: Image.Image, side: int | None) -> Image.Image:
+    """``img`` with its short side reduced to ``side`` pixels (aspect ratio kept, the long side rounded;
+    PIL's antialiased bicubic resize), or ``img`` itself when its short side is at most ``side``."""
+    w, h = img.size
+    if side is None or min(w, h) <= side:
+        return img
+    scale = side / min(w, h)
+    size = (side, max(side, round(h * scale))) if w <= h else (max(side, round(w * scale)), side)
+    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -85,10 +138,13 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             if max(w, h) > limits.max_aspect_ratio * max(1, min(w, h)):
                 raise APIError(400, f"image of {w}x{h} pixels: its aspect ratio exceeds the limit of "
                                     f"{limits.max_aspect_ratio:g} to 1", param="messages")
+            if limits.keep_side and img.format == "JPEG":
+                img.draft(None, (limits.keep_side, limits.keep_side))  # decoded at 1/2, 1/4 or 1/8 when that is enough
             img.load()
             # a camera's EXIF Orientation (a phone photo held upright is stored sideways): applied, as vLLM's
-            # image loader and browsers do
-            return to_rgb(ImageOps.exif_transpose(img))
+            # image loader and browsers do; then only the pixels the processors need are kept (the full
+            # decode is let go here, not held until the request ends)
+            return reduce_to(to_rgb(ImageOps.exif_transpose(img)), limits.keep_side)
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

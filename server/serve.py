@@ -10,6 +10,7 @@ import signal
 import uvicorn
 
 from server.app import create_app
+from server.http_limits import bounded_protocol
 from server.logs import log_config
 from server.settings import Settings
 
@@ -35,13 +36,19 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def uvicorn_config(app, settings: Settings, **kwargs) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: the settings' address, log level, log format and drain, and the
+    head's deadline and limits (``server.http_limits``); ``kwargs`` override (tests: ``log_level``)."""
+    kw = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+              log_config=log_config(settings.log_level), timeout_graceful_shutdown=int(settings.drain_timeout),
+              http=bounded_protocol(settings.max_header_bytes, settings.max_headers, settings.header_timeout))
+    return uvicorn.Config(app, **{**kw, **kwargs})
+
+
 def serve(settings: Settings) -> None:
     """Bind the port, then load (``/health`` answers 503 until the models are loaded); exit 0 after a
     drained shutdown, 1 when loading failed (the log says why)."""
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=log_config(settings.log_level),
-                            timeout_graceful_shutdown=int(settings.drain_timeout))
-    DrainingServer(config, app.state.vlm).run()
+    DrainingServer(uvicorn_config(app, settings), app.state.vlm).run()
     if app.state.vlm.load_error is not None:
         raise SystemExit(1)

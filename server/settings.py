@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     which were applied."""
     request_timeout: float = Field(120.0, gt=0)
     """Seconds a request may take from arrival to its last token."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's line and headers, from the connection's opening (or, on a
+    kept-alive connection, from the end of the previous response); past it, 408 and the connection is
+    closed (closed without an answer when nothing of a request has come). As Go's ReadHeaderTimeout."""
+    body_timeout: float = Field(60.0, gt=0)
+    """Seconds a client has to send a request's body once its headers are in; past it, 408 and the
+    connection is closed. --request-timeout bounds what follows (generation), not the upload."""
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    """Largest request line plus headers, in bytes (431 beyond; Node and h11 allow 16 KiB, browsers with
+    many cookies may send more)."""
+    max_headers: int = Field(100, ge=8)
+    """Most header fields in a request (431 beyond; Apache's LimitRequestFields)."""
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     """Largest request body (413 beyond)."""
     max_image_bytes: int = Field(4 * 2**20, ge=1024)
@@ -116,6 +128,10 @@ class Settings(BaseSettings):
     api_keys: list[str] = []
     """Bearer keys accepted on /v1/* (empty: no authentication), each compared in constant time. Open without
     a key: /health, /metrics, /playground and its example images (the page asks for a key and sends it)."""
+    allowed_origins: list[str] = []
+    """Web origins (scheme://host[:port], or * for any) whose pages may call the API from a browser (CORS,
+    Starlette's CORSMiddleware: preflights answered, the Authorization header allowed). Empty: no CORS
+    headers, so browsers keep other sites' pages from reading any answer."""
     grounding_verifier: Path | None = None
     """Verifier that judges the object mentions of generated text after generation (grounding blocks and the
     per-arm mention metrics): a calibrated dual encoder folder like --verifier. Default: the embedded judge

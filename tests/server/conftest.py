@@ -11,6 +11,7 @@ import pytest
 import uvicorn
 
 from server.app import create_app
+from server.serve import uvicorn_config
 from server.settings import Settings
 
 
@@ -24,7 +25,7 @@ class LiveServer:
     def __init__(self, settings: Settings, engine=None):
         self.app = create_app(settings, engine=engine)
         self.url = f"http://127.0.0.1:{settings.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, host="127.0.0.1", log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
