@@ -28,6 +28,7 @@ from server.judging import BatchedJudge
 from server.serving_chat import ChatServing
 from server.settings import Settings
 from server.state import State
+from server.supervision import supervise
 
 log = logging.getLogger("vlm_steer.server")
 
@@ -83,7 +84,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await start(state, engine)
+        period = min(0.25, settings.engine_stall_timeout / 4)  # sampling the heartbeat (server.supervision)
+        supervisor = asyncio.create_task(supervise(state, period), name="vlm-steer-supervisor")
         yield
+        supervisor.cancel()  # before the engine stops: a stopped engine is no dead one
         stop(state, owns_engine=engine is None)
 
     app = FastAPI(title="vlm-steer", version="0.1.0", lifespan=lifespan)

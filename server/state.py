@@ -3,9 +3,11 @@ scheduler's callbacks into the metrics: one object, ``app.state.vlm``, that the 
 
 from __future__ import annotations
 
+from server.chat_run import OpenRuns
 from server.experiments import Experiment
 from server.metrics import Metrics
 from server.settings import Settings
+from server.supervision import Heartbeat, engine_alive
 
 
 class State:
@@ -21,10 +23,21 @@ class State:
         self.judging = None  # server.judging.BatchedJudge: its image scoring, batched across requests
         self.ready = False
         self.draining = False
+        self.heartbeat = Heartbeat()  # the engine's progress: liveness (server.supervision)
+        self.engine_failure: str | None = None  # how the engine died, once it has (the server then exits)
+        self.runs = OpenRuns()  # requests being answered: a drain that reaches its deadline ends them
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and self.engine_failure is None and engine_alive(self)
+
+    def refusal(self) -> str:
+        """Why new requests are refused (when not ``accepting``)."""
+        if not self.ready:
+            return "the server is loading"
+        if self.engine_failure is not None or not engine_alive(self):
+            return f"the engine is down ({self.engine_failure or 'not running'}); retry once the server has restarted"
+        return "the server is shutting down"
 
     @property
     def methods(self) -> list[str]:

@@ -1,0 +1,103 @@
+"""The engine's supervision: liveness from its heartbeat, readiness, and what happens when the engine dies.
+
+- Liveness (``GET /health``, what a liveness probe or Docker's HEALTHCHECK asks: "restart me?"): 503 when
+  the engine is dead, or when it has had work for ``--engine-stall-timeout`` seconds without completing a
+  step (stopped, deadlocked, or stuck in a step); 200 otherwise, draining included (a draining server is
+  finishing its work, not broken).
+- Readiness (``GET /ready``, what a readiness probe asks: "send me traffic?"): 200 only while serving;
+  503 while loading, draining, with the engine dead or stalled.
+- An engine that dies (the transformers engine's process, vLLM's engine core) fails every request in flight
+  with ``decoding.request.EngineDead`` (500; a stream gets ``data: {"error": ...}`` then ``data: [DONE]``),
+  new requests get 503, and ``vlm-steer serve`` drains and exits with status ``EXIT_ENGINE_DEAD`` so that its
+  supervisor (Docker's restart policy, Kubernetes) starts a fresh server. vLLM's API server does the same
+  when its engine core dies (its launcher's ``terminate_if_errored``): restarting the whole
+  process is simpler and surer than reloading an engine inside a server whose state it shared.
+
+The heartbeat is sampled, not pushed: the scheduler's step counter (``steps``, which every engine already
+keeps: our step loop's, the engine process's as it crosses the pipe, vLLM's as its steering processor
+counts it) and whether it has requests. ``supervise`` samples it a few times a second, so a transition from
+idle to busy is seen within a sample and a long idle spell never reads as a stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+log = logging.getLogger("vlm_steer.server")
+
+EXIT_ENGINE_DEAD = 1  # `vlm-steer serve`'s exit status when its engine died (a supervisor restarts it)
+
+
+class Heartbeat:
+    """The engine's progress as last sampled: fresh when its step counter moved, or it had no work, at a
+    sample; ``stale`` is the seconds since (``clock``: seconds, monotonic)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.steps: int | None = None
+        self.fresh = clock()
+
+    def sample(self, scheduler) -> float:
+        """Sample ``scheduler`` (``steps``, ``num_running``, ``num_waiting``); return ``stale``."""
+        now = self.clock()
+        steps = scheduler.steps
+        if steps != self.steps or scheduler.num_running + scheduler.num_waiting == 0:
+            self.steps, self.fresh = steps, now
+        return now - self.fresh
+
+    @property
+    def stale(self) -> float:
+        """Seconds the engine has had work without completing a step (0 after a step or while idle)."""
+        return self.clock() - self.fresh
+
+
+def engine_alive(state) -> bool:
+    return state.scheduler is None or getattr(state.scheduler, "alive", True)
+
+
+def liveness(state) -> tuple[str, dict]:
+    """``("ok" | "draining" | "engine down" | "engine stalled", details)``: the first two are alive."""
+    if state.engine_failure is not None or not engine_alive(state):
+        return "engine down", {"reason": state.engine_failure or "the engine is not running"}
+    if state.scheduler is not None:
+        stale = state.heartbeat.sample(state.scheduler)
+        if stale > state.settings.engine_stall_timeout:
+            return "engine stalled", {"seconds_since_step": round(stale, 1),
+                                      "engine_stall_timeout": state.settings.engine_stall_timeout}
+    return ("draining" if state.draining else "ok"), {}
+
+
+def readiness(state) -> tuple[str, dict]:
+    """``("ready" | "loading" | "draining" | "engine down" | "engine stalled", details)``."""
+    if not state.ready:
+        return "loading", {}
+    status, details = liveness(state)
+    if status == "ok":
+        return "ready", {}
+    return status, details
+
+
+async def supervise(state, period: float) -> None:
+    """Every ``period`` seconds: sample the heartbeat (logging when the engine stalls and when it steps
+    again), and when the engine died, record how (``state.engine_failure``) and log it once; ``vlm-steer
+    serve`` then drains and exits (``server.serve``)."""
+    stalled = False
+    while True:
+        sched = state.scheduler
+        if state.engine_failure is None and not engine_alive(state):
+            state.engine_failure = getattr(sched, "death", "the step loop ended")
+            log.error("%s: failing the requests in flight, refusing new ones (503), /health and /ready 503",
+                      state.engine_failure)
+            return
+        stale = state.heartbeat.sample(sched)
+        if not stalled and stale > state.settings.engine_stall_timeout:
+            stalled = True
+            log.error("the engine has had requests for %.0f s without completing a step (--engine-stall-timeout "
+                      "%s): /health and /ready are 503", stale, state.settings.engine_stall_timeout)
+        elif stalled and stale <= state.settings.engine_stall_timeout:
+            stalled = False
+            log.warning("the engine steps again: /health and /ready are 200")
+        await asyncio.sleep(period)
