@@ -320,7 +320,7 @@ class VLLMEngine:
             from vllm.v1.engine.exceptions import EngineDeadError
 
             if isinstance(e, EngineDeadError) or self.errored:
-                e = EngineDead("vLLM's engine core died")
+                e = EngineDead("vLLM's engine core exited")
             sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
 
     def _explained(self, explain: tuple[int, int], position: int, token: int):

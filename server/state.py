@@ -7,7 +7,7 @@ from server.chat_run import OpenRuns
 from server.experiments import Experiment
 from server.metrics import Metrics
 from server.settings import Settings
-from server.supervision import Heartbeat, engine_alive
+from server.supervision import Heartbeat, engine_alive, engine_failure
 
 
 class State:
@@ -23,7 +23,7 @@ class State:
         self.judging = None  # server.judging.BatchedJudge: its image scoring, batched across requests
         self.ready = False
         self.draining = False
-        self.heartbeat = Heartbeat()  # the engine's progress: liveness (server.supervision)
+        self.heartbeat = Heartbeat(settings.engine_stall_timeout)  # the engine's progress: liveness (server.supervision)
         self.engine_failure: str | None = None  # how the engine died, once it has (the server then exits)
         self.runs = OpenRuns()  # requests being answered: a drain that reaches its deadline ends them
 
@@ -35,8 +35,9 @@ class State:
         """Why new requests are refused (when not ``accepting``)."""
         if not self.ready:
             return "the server is loading"
-        if self.engine_failure is not None or not engine_alive(self):
-            return f"the engine is down ({self.engine_failure or 'not running'}); retry once the server has restarted"
+        failure = engine_failure(self)
+        if failure is not None:
+            return f"the engine is down ({failure}); retry once the server has restarted"
         return "the server is shutting down"
 
     @property

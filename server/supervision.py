@@ -33,12 +33,14 @@ EXIT_ENGINE_DEAD = 1  # `vlm-steer serve`'s exit status when its engine died (a 
 
 class Heartbeat:
     """The engine's progress as last sampled: fresh when its step counter moved, or it had no work, at a
-    sample; ``stale`` is the seconds since (``clock``: seconds, monotonic)."""
+    sample; ``stale`` is the seconds since (``clock``: seconds, monotonic). Past ``timeout`` seconds stale,
+    the engine is stalled; the first sample that sees it (and the first that sees it recover) logs it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.timeout, self.clock = timeout, clock
         self.steps: int | None = None
         self.fresh = clock()
+        self.stalled = False
 
     def sample(self, scheduler) -> float:
         """Sample ``scheduler`` (``steps``, ``num_running``, ``num_waiting``); return ``stale``."""
@@ -46,7 +48,14 @@ class Heartbeat:
         steps = scheduler.steps
         if steps != self.steps or scheduler.num_running + scheduler.num_waiting == 0:
             self.steps, self.fresh = steps, now
-        return now - self.fresh
+        stale = now - self.fresh
+        if stale > self.timeout and not self.stalled:
+            log.error("the engine has had requests for %.1f s without completing a step (--engine-stall-timeout %s): "
+                      "/health and /ready are 503", stale, self.timeout)
+        elif stale <= self.timeout and self.stalled:
+            log.warning("the engine is no longer stalled (it stepped, or its requests left): /health and /ready are 200")
+        self.stalled = stale > self.timeout
+        return stale
 
     @property
     def stale(self) -> float:
@@ -58,15 +67,22 @@ def engine_alive(state) -> bool:
     return state.scheduler is None or getattr(state.scheduler, "alive", True)
 
 
+def engine_failure(state) -> str | None:
+    """How the engine died, in words (None while it lives)."""
+    if state.engine_failure is None and not engine_alive(state):
+        return getattr(state.scheduler, "death", "the step loop ended")
+    return state.engine_failure
+
+
 def liveness(state) -> tuple[str, dict]:
     """``("ok" | "draining" | "engine down" | "engine stalled", details)``: the first two are alive."""
-    if state.engine_failure is not None or not engine_alive(state):
-        return "engine down", {"reason": state.engine_failure or "the engine is not running"}
+    failure = engine_failure(state)
+    if failure is not None:
+        return "engine down", {"reason": failure}
     if state.scheduler is not None:
         stale = state.heartbeat.sample(state.scheduler)
-        if stale > state.settings.engine_stall_timeout:
-            return "engine stalled", {"seconds_since_step": round(stale, 1),
-                                      "engine_stall_timeout": state.settings.engine_stall_timeout}
+        if stale > state.heartbeat.timeout:
+            return "engine stalled", {"seconds_since_step": round(stale, 2), "engine_stall_timeout": state.heartbeat.timeout}
     return ("draining" if state.draining else "ok"), {}
 
 
@@ -81,23 +97,14 @@ def readiness(state) -> tuple[str, dict]:
 
 
 async def supervise(state, period: float) -> None:
-    """Every ``period`` seconds: sample the heartbeat (logging when the engine stalls and when it steps
-    again), and when the engine died, record how (``state.engine_failure``) and log it once; ``vlm-steer
-    serve`` then drains and exits (``server.serve``)."""
-    stalled = False
+    """Every ``period`` seconds: sample the heartbeat (which logs when the engine stalls and recovers), and
+    when the engine died, record how (``state.engine_failure``) and log it once; ``vlm-steer serve`` then
+    drains and exits (``server.serve``)."""
     while True:
-        sched = state.scheduler
         if state.engine_failure is None and not engine_alive(state):
-            state.engine_failure = getattr(sched, "death", "the step loop ended")
+            state.engine_failure = engine_failure(state)
             log.error("%s: failing the requests in flight, refusing new ones (503), /health and /ready 503",
                       state.engine_failure)
             return
-        stale = state.heartbeat.sample(sched)
-        if not stalled and stale > state.settings.engine_stall_timeout:
-            stalled = True
-            log.error("the engine has had requests for %.0f s without completing a step (--engine-stall-timeout "
-                      "%s): /health and /ready are 503", stale, state.settings.engine_stall_timeout)
-        elif stalled and stale <= state.settings.engine_stall_timeout:
-            stalled = False
-            log.warning("the engine steps again: /health and /ready are 200")
+        state.heartbeat.sample(state.scheduler)
         await asyncio.sleep(period)
