@@ -59,7 +59,7 @@ class Heartbeat:
 
     @property
     def stale(self) -> float:
-        """Seconds the engine has had work without completing a step (0 after a step or while idle)."""
+        """Seconds since the heartbeat was last fresh (at the last sample that saw a step or no work)."""
         return self.clock() - self.fresh
 
 
