@@ -1,4 +1,5 @@
 """Supervision and drain of a real `vlm-steer serve` (a subprocess on loopback, on the engine under test):
+a server whose engine fails to load exits 3;
 an engine process killed under load fails the requests in flight and the server exits 1 (its supervisor
 restarts it); an engine stopped with requests turns liveness and readiness 503 within
 --engine-stall-timeout and back to 200 when it resumes; a drain that reaches --drain-timeout ends every
@@ -248,3 +249,12 @@ def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done():
         assert r.status_code in (200, 503) and (r.status_code == 200 or r.json()["error"]["code"] == 503)
         text = open(log).read()
         assert "Traceback" not in text and "drain timeout (2.0 s): ending" in text, text[-3000:]
+
+
+def test_a_server_whose_engine_fails_to_load_exits_3(tmp_path):
+    """A supervisor must see a failed start as one (uvicorn.run's status 3), not as a clean exit."""
+    missing = tmp_path / "no-model"
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()), "--engine", ENGINE,
+                           "--model", str(missing)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"{missing}: no such folder" in proc.stderr and "Application startup failed" in proc.stderr
