@@ -116,3 +116,8 @@ class Finished:
 @dataclass
 class Failed:
     error: Exception
+
+
+class EngineDead(RuntimeError):
+    """The engine itself is gone (its process died, or vLLM's engine core did: vLLM's ``EngineDeadError``):
+    every request in flight fails with it, and no request can be served until the server restarts."""

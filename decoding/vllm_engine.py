@@ -34,8 +34,8 @@ from decoding.grammar import GrammarDeadEnd
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
 from decoding.model_inputs import local_folder
-from decoding.request import (Completion, Delta, Failed, Finished, GenerationRequest, SteeringSpec, TokenLogprob,
-                              tokens_covering)
+from decoding.request import (Completion, Delta, EngineDead, Failed, Finished, GenerationRequest, SteeringSpec,
+                              TokenLogprob, tokens_covering)
 from decoding.prompts import render_prompt
 from decoding.vllm.fork_spec import check_fork_files, in_model_overrides
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
@@ -230,6 +230,12 @@ class VLLMEngine:
         return out
 
     @property
+    def errored(self) -> bool:
+        """Whether vLLM's engine core is dead (``AsyncLLM.errored``: its process exited or its output loop
+        failed); nothing can be served until the server restarts."""
+        return self.llm is not None and self.llm.errored
+
+    @property
     def steps(self) -> int:
         """Engine steps since start (counted by the steering processor, which runs at every step)."""
         return int(self.counters.t[0])
@@ -367,7 +373,10 @@ class VLLMEngine:
                     return
         except Exception as e:  # vLLM refused the request (its client errors become ValueError: HTTP 400) or failed
             from vllm.exceptions import VLLMClientError
+            from vllm.v1.engine.exceptions import EngineDeadError
 
+            if isinstance(e, EngineDeadError) or self.errored:
+                e = EngineDead("vLLM's engine core exited")
             sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
 
     def _ended_by_token(self, o, last: int) -> bool:

@@ -32,6 +32,7 @@ from server.profiles import Profiles
 from server.serving_chat import ChatServing
 from server.settings import Settings
 from server.state import State
+from server.supervision import supervise
 
 log = logging.getLogger("vlm_steer.server")
 
@@ -89,7 +90,8 @@ def log_offer(state: State) -> None:
 
 async def load(state: State, engine=None) -> None:
     """``start`` in the background of an open port: /health answers 503 (loading) meanwhile. A failure is
-    logged and kept in ``state.load_error`` (``server.serve`` then exits 1; /health says failed)."""
+    logged and kept in ``state.load_error`` (``server.serve`` then exits 3, uvicorn's start-up failure;
+    /health says failed)."""
     try:
         await start(state, engine)
     except Exception as e:
@@ -122,7 +124,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loading = asyncio.create_task(load(state, engine))
+        period = min(0.25, settings.engine_stall_timeout / 4)  # sampling the heartbeat (server.supervision)
+        supervisor = asyncio.create_task(supervise(state, period), name="vlm-steer-supervisor")
         yield
+        supervisor.cancel()  # before the engine stops: a stopped engine is no dead one
         if not loading.done():
             loading.cancel()
         stop(state, owns_engine=engine is None)

@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 import traceback
+import weakref
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from decoding.methods import SteeringFailed
-from decoding.request import Delta, Failed, Finished
+from decoding.request import Delta, EngineDead, Failed, Finished
 from server import responses as out
 from server.errors import APIError
 from server.sse import Last
@@ -32,11 +33,11 @@ async def complete(run: "Run", request: Request, reply: "Reply", headers: dict) 
     try:
         while len(done) < len(run.tickets):
             i, ev = await run.events.get()
-            if i is None:  # the deadline passed or the client went away
+            if i is None:  # the deadline passed, the client went away, or the drain ended
                 run.abort(ev)
                 if ev == DISCONNECTED:
                     return Response(status_code=499)
-                raise APIError(504, "the request did not finish within its deadline")
+                raise interruption(ev)
             run.observe(i, ev)
             if isinstance(ev, Failed):
                 run.abort("failed")
@@ -85,9 +86,9 @@ async def stream(run: "Run", reply: "Reply", include_usage: bool, n: int, contin
                 pending.clear()
             i, ev = await run.events.get()
             first = False
-            if i is None:  # the deadline passed
+            if i is None:  # the deadline passed or the drain ended
                 run.abort(ev)
-                pending.append(out.error_event(APIError(504, "the request did not finish within its deadline").body()))
+                pending.append(out.error_event(interruption(ev).body()))
                 break
             run.observe(i, ev)
             if isinstance(ev, Delta):
@@ -165,6 +166,8 @@ class Reply:
 def engine_error(e: Exception) -> APIError:
     if isinstance(e, ValueError):
         return APIError(400, str(e))
+    if isinstance(e, EngineDead):  # the server exits and its supervisor restarts it (server.supervision)
+        return APIError(500, f"the engine died while generating ({e}); retry once the server has restarted")
     if isinstance(e, SteeringFailed):  # said plainly: the request was not served unsteered instead
         return APIError(500, f"{e}; the request was not served without its steering")
     return APIError(500, f"generation failed ({type(e).__name__})")
@@ -185,7 +188,41 @@ def sink_for(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, i: int):
     return sink
 
 
-DEADLINE, DISCONNECTED = "deadline", "disconnected"  # (None, reason) in a request's event queue
+# (None, reason) in a request's event queue: its deadline passed, its client went away, the drain ended it
+DEADLINE, DISCONNECTED, SHUTDOWN = "deadline", "disconnected", "shutdown"
+
+
+def interruption(reason: str) -> APIError:
+    """The error that ends a request its deadline or the server's drain cut short."""
+    if reason == SHUTDOWN:
+        return APIError(503, "the server shut down before the request finished (its drain timeout passed)")
+    return APIError(504, "the request did not finish within its deadline")
+
+
+class OpenRuns:
+    """The requests being answered (``Run``s from creation to ``close``): at the drain's deadline ``end``
+    sends each one ``(None, reason)``, so that it answers its error (a stream: its error event, then
+    ``[DONE]``) rather than be cut mid-body when the server stops; a run that opens later ends at once."""
+
+    def __init__(self):
+        self._runs: weakref.WeakSet[Run] = weakref.WeakSet()  # a stream never started (its client left) is no leak
+        self.ended: str | None = None
+
+    def add(self, run: "Run") -> None:
+        self._runs.add(run)
+        if self.ended is not None:
+            run.events.put_nowait((None, self.ended))
+
+    def discard(self, run: "Run") -> None:
+        self._runs.discard(run)
+
+    def end(self, reason: str = SHUTDOWN) -> None:
+        self.ended = reason
+        for run in list(self._runs):
+            run.events.put_nowait((None, reason))
+
+    def __len__(self) -> int:
+        return len(self._runs)
 
 
 async def disconnected(request: Request, events: asyncio.Queue) -> None:
@@ -199,7 +236,8 @@ async def disconnected(request: Request, events: asyncio.Queue) -> None:
 class Run:
     """One HTTP request's tickets and the bookkeeping its metrics need."""
 
-    def __init__(self, metrics, scheduler, tickets, events, labels, arrival, prompt_tokens, deadline, request_id=None):
+    def __init__(self, metrics, scheduler, tickets, events, labels, arrival, prompt_tokens, deadline, request_id=None,
+                 registry: OpenRuns | None = None):
         self.metrics, self.scheduler, self.tickets, self.events, self.labels = metrics, scheduler, tickets, events, labels
         self.request_id = request_id
         self.arrival, self.prompt_tokens, self.deadline = arrival, prompt_tokens, deadline
@@ -210,6 +248,9 @@ class Run:
         m = metrics
         m.prompt_tokens.labels(**labels).inc(prompt_tokens * len(tickets))
         self.itl, self.generation_tokens = m.itl.labels(**labels), m.generation_tokens.labels(**labels)  # per token
+        self.registry = registry
+        if registry is not None:
+            registry.add(self)
 
     def observe(self, i: int, ev) -> None:
         m, t, now_ = self.metrics, self.tickets[i], time.monotonic()
@@ -232,11 +273,13 @@ class Run:
 
     def close(self) -> None:
         self.timer.cancel()
+        if self.registry is not None:
+            self.registry.discard(self)
 
     def error(self, e: Exception) -> APIError:
         """The HTTP error for a failed choice; a 500 logs its traceback with the request id."""
         err = engine_error(e)
-        if err.status >= 500:
+        if err.status >= 500 and not isinstance(e, EngineDead):  # a dead engine is logged once (server.supervision)
             log_failure("POST", "/v1/chat/completions", self.request_id, e)
         return err
 

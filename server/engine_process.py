@@ -31,7 +31,7 @@ import traceback
 from typing import Callable
 
 from decoding.methods import REGISTRY, resolve
-from decoding.request import Delta, Failed, Finished, SteeringSpec
+from decoding.request import Delta, EngineDead, Failed, Finished, SteeringSpec
 from decoding.transformers_engine import encode_row, new_generator, row_for
 from server.scheduler import QueueFull, Scheduler, Sink, Ticket
 
@@ -360,7 +360,7 @@ class ProcessScheduler:
         self._tickets[t.id] = t
         if not self.alive:
             self._tickets.pop(t.id, None)
-            sink(Failed(RuntimeError("the engine process is not running")))
+            sink(Failed(EngineDead("the engine process is not running")))
             return t
         self._command(("submit", t.id, self._wire(row)))
         return t
@@ -412,10 +412,26 @@ class ProcessScheduler:
         if self.on_step:
             self.on_step(self)
 
+    @property
+    def death(self) -> str:
+        """How the engine process ended, in words ("the engine process was killed by SIGKILL")."""
+        self._proc.join(timeout=1)  # its pipe closed as it died: reaped at once (bounded, and only once it is gone)
+        code = self._proc.exitcode
+        if code is None:
+            return "the engine process closed its pipe"
+        if code < 0:
+            try:
+                return f"the engine process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the engine process was killed by signal {-code}"
+        return f"the engine process exited with status {code}"
+
     def _engine_gone(self) -> None:
         self.alive = False  # the engine process is gone: what was in flight fails, nothing new is admitted
+        if self._tickets:
+            error = EngineDead(self.death)
         for t in list(self._tickets.values()):
             self._tickets.pop(t.id, None)
-            t.sink(Failed(RuntimeError("the engine process exited")))
+            t.sink(Failed(error))
         if self.on_step:
             self.on_step(self)

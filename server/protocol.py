@@ -248,7 +248,8 @@ def openapi_chat_completions() -> dict:
     err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     errors = {str(c): {"description": d, **err} for c, d in (
         (400, "Invalid request"), (401, "Missing or invalid API key"), (404, "Unknown model"), (413, "Body or image too large"), (415, "Body is not application/json"),
-        (429, "Queue full"), (500, "Generation or steering failed"), (503, "Loading or draining"), (504, "Deadline passed"))}
+        (429, "Queue full"), (500, "Generation or steering failed, or the engine died"), (503, "Loading, draining (its deadline passed), or the engine is down"),
+        (504, "Deadline passed"))}
     ok = {"description": "A chat.completion object, or a text/event-stream of chat.completion.chunk objects",
           "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"]}},
                       "text/event-stream": {"schema": {"type": "string"}}}}

@@ -1,5 +1,6 @@
 """The HTTP routes, each a few lines over the server's ``State`` (``request.app.state.vlm``):
-/v1/chat/completions (``server.serving_chat``), /v1/models, /health, /metrics and the playground."""
+/v1/chat/completions (``server.serving_chat``), /v1/models, /health (liveness), /ready (readiness), /metrics and
+the playground."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import auth
+from server import auth, supervision
 from server.protocol import openapi_chat_completions
 from server.errors import APIError
 
@@ -46,14 +47,21 @@ async def chat(request: Request):
     return await _state(request).chat.create(request)
 
 
-@router.get("/health", responses={200: {"description": "Serving"}, 503: {"description": "Loading or draining"}})
+@router.get("/health", responses={200: {"description": "Alive: serving (`ok`) or draining (`draining`)"},
+                                  503: {"description": "The engine is dead (`engine down`) or has requests and has not "
+                                                       "stepped for --engine-stall-timeout (`engine stalled`)"}})
 async def health(request: Request):
-    state = _state(request)
-    if state.accepting and getattr(state.scheduler, "alive", True):
-        return {"status": "ok"}
-    status = ("draining" if state.draining else "failed" if state.load_error else "loading" if not state.ready
-              else "engine down")
-    return JSONResponse({"status": status}, status_code=503)
+    """Liveness (``server.supervision``): whether this server should be restarted."""
+    status, details = supervision.liveness(_state(request))
+    return JSONResponse({"status": status, **details}, status_code=200 if status in ("ok", "draining") else 503)
+
+
+@router.get("/ready", responses={200: {"description": "Serving"},
+                                 503: {"description": "Loading, draining, or the engine is down or stalled"}})
+async def ready(request: Request):
+    """Readiness (``server.supervision``): whether this server takes requests now."""
+    status, details = supervision.readiness(_state(request))
+    return JSONResponse({"status": status, **details}, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse,

@@ -93,6 +93,11 @@ class Scheduler:
                 self.waiting.remove(ticket)
 
     @property
+    def alive(self) -> bool:
+        """Whether the step loop's thread runs (``start`` started it, nothing killed it, ``stop`` did not end it)."""
+        return self._thread.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 

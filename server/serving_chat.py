@@ -42,7 +42,7 @@ class ChatServing:
         request.state.request_id = client_request_id(request) or cid
         authorize(request, settings.api_keys)
         if not state.accepting:
-            raise APIError(503, "the server is not accepting requests (loading or draining)")
+            raise APIError(503, state.refusal())
         try:
             req = await self._body(request)
         except ClientDisconnect:  # the client went away while sending its body: nothing to answer, no fault
@@ -78,7 +78,7 @@ class ChatServing:
             raise APIError(429, f"Model is overloaded: {e}", headers={"Retry-After": "1"}) from None
         state.metrics.waiting.labels(state.metrics.model).set(state.scheduler.num_waiting)
         run = Run(state.metrics, state.scheduler, tickets, events, labels, arrival, prepared.prompt_tokens,
-                  arrival + settings.request_timeout, request.state.request_id)
+                  arrival + settings.request_timeout, request.state.request_id, registry=state.runs)
         images = prepared.rows[0].request.images
         show = settings.grounding_default if req.grounding is None else req.grounding
         p = settings.grounding_sample

@@ -165,8 +165,13 @@ class Settings(BaseSettings):
     listed in /v1/models as MODEL:name and steers the requests that name it (besides the built-in MODEL:none,
     MODEL:tita, MODEL:tita+fisao, ... of every method and combination the loaded models can run);
     server/profiles.py gives the precedence over `steering` and experiments."""
-    drain_timeout: float = 30.0
-    """Seconds to finish in-flight requests after SIGTERM before exiting."""
+    drain_timeout: float = Field(30.0, ge=0)
+    """Seconds to finish in-flight requests after SIGTERM; then every request still open ends with a 503 (a
+    stream with its `data: {"error": ...}` event and `data: [DONE]`) and the server exits 0."""
+    engine_stall_timeout: float = Field(60.0, gt=0)
+    """Seconds the engine may have requests without completing a step before /health (liveness) and /ready
+    turn 503 "engine stalled" (the engine is stopped, deadlocked or stuck). Keep it well above the longest
+    step, a full batch's prefill of the largest prompts (seconds on a GPU; raise it for large models on CPU)."""
     log_level: str = "info"
     """Log level of uvicorn's and the server's loggers (every line with time and level)."""
 

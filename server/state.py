@@ -3,10 +3,12 @@ scheduler's callbacks into the metrics: one object, ``app.state.vlm``, that the 
 
 from __future__ import annotations
 
+from server.chat_run import OpenRuns
 from server.experiments import Experiment
 from server.metrics import Metrics
 from server.profiles import ProfilesFile
 from server.settings import Settings
+from server.supervision import Heartbeat, engine_alive, engine_failure
 
 
 class State:
@@ -25,10 +27,22 @@ class State:
         self.ready = False
         self.load_error: Exception | None = None  # why loading failed (server.app.load)
         self.draining = False
+        self.heartbeat = Heartbeat(settings.engine_stall_timeout)  # the engine's progress: liveness (server.supervision)
+        self.engine_failure: str | None = None  # how the engine died, once it has (the server then exits)
+        self.runs = OpenRuns()  # requests being answered: a drain that reaches its deadline ends them
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and self.engine_failure is None and engine_alive(self)
+
+    def refusal(self) -> str:
+        """Why new requests are refused (when not ``accepting``)."""
+        if not self.ready:
+            return "the server is loading"
+        failure = engine_failure(self)
+        if failure is not None:
+            return f"the engine is down ({failure}); retry once the server has restarted"
+        return "the server is shutting down"
 
     @property
     def methods(self) -> list[str]:

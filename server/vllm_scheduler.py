@@ -34,6 +34,13 @@ class EngineScheduler:
     def steps(self) -> int:
         return self.engine.steps
 
+    death = "vLLM's engine core exited"  # how it died, in words (vLLM logs the details)
+
+    @property
+    def alive(self) -> bool:
+        """Whether vLLM's engine core lives (its death fails every request in flight with ``EngineDead``)."""
+        return not self.engine.errored
+
     @property
     def num_running(self) -> int:
         return min(len(self._inflight), self.max_batch)

@@ -47,7 +47,7 @@ def shapes(tmp_path_factory):
 # start several servers or processes, or drive a browser. `make test` runs everything.
 SLOW = {
     "server/test_soak.py", "server/test_families.py", "server/test_protocol.py", "server/test_engine_process.py",
-    "server/test_lifecycle.py", "server/test_bench_quality.py", "server/test_openapi_fuzz.py",
+    "server/test_lifecycle.py", "server/test_supervision.py", "server/test_bench_quality.py", "server/test_openapi_fuzz.py",
     "server/test_playground.py", "reward_models/test_train_reward.py", "deploy/test_manifests.py",
     "shapeworld/test_bench.py", "test_gpu_check.py", "docs/test_docs.py", "server/test_startup.py",
     "server/test_lmms_eval.py", "server/test_sampling_fields.py",

@@ -70,7 +70,7 @@ def test_manifests_agree_with_the_server():
     docs = {d["kind"]: d for _, d in _resources()[:4]}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert pod["terminationGracePeriodSeconds"] > float(env["VLM_STEER_DRAIN_TIMEOUT"])  # drain finishes first
     assert set(env) - {"VLM_STEER_API_KEYS"} <= {f"VLM_STEER_{k.upper()}" for k in _settings_fields()}
@@ -78,6 +78,31 @@ def test_manifests_agree_with_the_server():
     from server.experiments import Experiment
 
     Experiment.model_validate(experiment)
+
+
+@pytest.mark.parametrize("name,doc", [(n, d) for n, d in _resources() if d["kind"] == "Deployment"],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_probes_ask_liveness_and_readiness_of_their_endpoints(name, doc, live):
+    """Readiness on /ready (out of the Service while draining or with the engine down), liveness on /health
+    (a restart only for a dead or stalled engine), and a startup probe on /health that gives the models time to
+    load before liveness counts (a loading pod is unready, not killed); each endpoint answers as its probe
+    expects on a live server."""
+    c = doc["spec"]["template"]["spec"]["containers"][0]
+    probes = {k: c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {k: p["httpGet"]["path"] for k, p in probes.items()} == {
+        "startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    assert all(p["httpGet"]["port"] == "http" for p in probes.values())
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load, not seconds
+    assert "initialDelaySeconds" not in probes["livenessProbe"]  # the startup probe holds liveness back
+    liveness = probes["livenessProbe"]
+    assert liveness["timeoutSeconds"] >= 2 and liveness["failureThreshold"] >= 2  # one slow answer kills nothing
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    stall = float(env.get("VLM_STEER_ENGINE_STALL_TIMEOUT", _settings_fields()["engine_stall_timeout"].default))
+    assert stall >= 30  # well above the longest step
+    for path, body in (("/ready", {"status": "ready"}), ("/health", {"status": "ok"})):
+        r = httpx.get(live.url + path)
+        assert r.status_code == 200 and r.json() == body
 
 
 def _settings_fields():

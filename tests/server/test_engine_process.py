@@ -2,6 +2,7 @@
 outputs as the engine in this process, events and metrics across the pipe, disconnects, the engine
 process dying, and the pieces (frames, pickled errors, the prefill-delay policy) on known inputs."""
 
+import json
 import os
 import pickle
 import threading
@@ -144,14 +145,15 @@ def test_a_dead_engine_process_fails_requests_and_health():
             srv.state.scheduler._proc.kill()
             lines.extend(it)  # the stream ends (with an error event), it does not hang
         events = [line for line in lines if line]
-        assert any('"error"' in line for line in events) and events[-1] == "data: [DONE]"
-        deadline = time.time() + 10
-        while time.time() < deadline and httpx.get(srv.url + "/health").status_code == 200:
-            time.sleep(0.05)
-        h = httpx.get(srv.url + "/health")
-        assert h.status_code == 503 and h.json()["status"] == "engine down"
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == 500 and "the engine process was killed by SIGKILL" in error["message"]
+        for path in ("/health", "/ready"):  # liveness and readiness both say so at once
+            h = httpx.get(srv.url + path)
+            assert h.status_code == 503 and h.json() == {"status": "engine down",
+                                                         "reason": "the engine process was killed by SIGKILL"}
         r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
-        assert r.status_code == 500 and "error" in r.json()
+        assert r.status_code == 503 and "the engine is down" in r.json()["error"]["message"]
 
 
 def test_frames_are_cut_out_however_the_reads_split_them():

@@ -1,5 +1,5 @@
 """The first seconds of a server: the port is bound before the models load (/health and the API answer
-503 while loading, then 200), a failed load exits 1 with the reason in the log, and the log lines carry
+503 while loading, then 200), a failed load exits 3 (uvicorn's start-up failure) with the reason in the log, and the log lines carry
 time and level and name the methods offered and why the others are not."""
 
 import re
@@ -93,13 +93,13 @@ def test_a_failed_load_says_failed(steering_engine, monkeypatch):
         thread.join(30)
 
 
-def test_serve_exits_1_when_loading_fails(tmp_path):
-    """`vlm-steer serve` of a folder with no model: the port opens, the load fails, the process exits 1 and
+def test_serve_exits_3_when_loading_fails(tmp_path):
+    """`vlm-steer serve` of a folder with no model: the port opens, the load fails, the process exits 3 and
     its log says why, with time and level."""
     port = free_port()
     proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", str(tmp_path),
                            "--engine", ENGINE], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
     assert re.search(rf"^{STAMP} ERROR vlm_steer\.server: loading failed", proc.stderr, re.M), proc.stderr[-3000:]
     assert re.search(rf"^{STAMP} INFO uvicorn\.error: Uvicorn running on http://127\.0\.0\.1:{port}", proc.stderr, re.M)
 
