@@ -75,10 +75,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(app, settings: Settings, **kwargs) -> uvicorn.Config:
-    """uvicorn's configuration for ``app``: the settings' address, log level, log format and drain, and the
-    head's deadline and limits (``server.http_limits``); ``kwargs`` override (tests: ``log_level``)."""
+    """uvicorn's configuration for ``app``: the settings' address, log level and drain, and the head's
+    deadline and limits (``server.http_limits``); ``kwargs`` override (``serve``: the log format, which tests'
+    in-process servers leave to pytest's log capture)."""
     kw = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-              log_config=log_config(settings.log_level), timeout_graceful_shutdown=int(settings.drain_timeout),
+              timeout_graceful_shutdown=int(settings.drain_timeout),
               http=bounded_protocol(settings.max_header_bytes, settings.max_headers, settings.header_timeout))
     return uvicorn.Config(app, **{**kw, **kwargs})
 
@@ -88,8 +89,9 @@ def serve(settings: Settings) -> None:
     load (exit 3); the port is bound before the models load."""
     app = create_app(settings)
     state = app.state.vlm
-    server = DrainingServer(uvicorn_config(app, settings, timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + BACKSTOP),
-                            state, settings.drain_timeout)
+    config = uvicorn_config(app, settings, log_config=log_config(settings.log_level),
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + BACKSTOP)
+    server = DrainingServer(config, state, settings.drain_timeout)
     server.run()
     if not server.started or state.load_error is not None:  # the port or the load failed: uvicorn.run's status
         sys.exit(STARTUP_FAILURE)

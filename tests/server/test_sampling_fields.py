@@ -114,6 +114,7 @@ def test_out_of_range_values_name_the_field(live, fields, param, match):
 
 # A value that asks for something, for every field of ``NOT_SERVED`` (a field added there needs one here).
 ASKING = {
+    "structural_tag": '{"type": "structural_tag"}',
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
     "functions": [{"name": "f"}], "function_call": "auto", "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {}, "reasoning_effort": "low", "verbosity": "low",

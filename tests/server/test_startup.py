@@ -86,7 +86,7 @@ def test_a_failed_load_says_failed(steering_engine, monkeypatch):
         while (r := httpx.get(url + "/health", timeout=5)).json()["status"] == "loading":
             assert time.time() < end
             time.sleep(0.05)
-        assert (r.status_code, r.json()) == (503, {"status": "failed"})
+        assert (r.status_code, r.json()) == (503, {"status": "failed", "reason": "no judge here"})
         assert isinstance(app.state.vlm.load_error, OSError)
     finally:
         srv.should_exit = True
