@@ -219,25 +219,27 @@ class Grammars:
         stops = sorted({*self.stop_ids, *map(int, stop_ids)})
         return RowGrammar(self.xgr.GrammarMatcher(self.compile(so), override_stop_tokens=stops or None))
 
-    def check(self, so: StructuredOutput, max_tokens: int, stop_ids=()) -> None:
+    def check(self, so: StructuredOutput, max_tokens: int, stop_ids=(), min_tokens: int = 0) -> None:
         """Refuse (``Unsatisfiable``) a constraint that no sequence of at most ``max_tokens`` tokens of the
         vocabulary satisfies, or ``ValueError`` for an invalid one. Always caught: a grammar whose first
         token no token of the vocabulary can begin (the embedded ShapeWorld model's 64 words cannot write a
         ``{``). Caught within ``SEARCH_BUDGET`` matcher states: a grammar that every token sequence leaves
         in a dead end, or that needs more than ``max_tokens`` tokens (a depth-first search over the allowed
         tokens; a larger search space is let through, and a dead end met during generation fails the
-        request: ``GrammarDeadEnd``). Results are cached per constraint and ``max_tokens``."""
-        key = (so, max_tokens, tuple(stop_ids))
+        request: ``GrammarDeadEnd``). ``min_tokens``: the end (EOS, stop ids) is masked before that many
+        tokens (vLLM's ``min_tokens``), so a format that must end sooner is refused too. Results are cached per
+        constraint, ``max_tokens`` and ``min_tokens``."""
+        key = (so, max_tokens, tuple(stop_ids), min_tokens)
         if key not in self._checked:
             if len(self._checked) > 4096:
                 self._checked.clear()
             self._checked[key] = self._search(self.matcher(so, stop_ids).matcher, max_tokens,
-                                              {*self.stop_ids, *stop_ids})
+                                              {*self.stop_ids, *stop_ids}, min_tokens)
         why = self._checked[key]
         if why:
             raise Unsatisfiable(why)
 
-    def _search(self, m, max_tokens: int, stops: set[int]) -> str | None:
+    def _search(self, m, max_tokens: int, stops: set[int], min_tokens: int = 0) -> str | None:
         """Why no completion exists (None: one exists, or the budget ran out before a proof)."""
         bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
         visited = 0
@@ -251,14 +253,14 @@ class Grammars:
         def completes(ids: list[int], depth: int) -> bool | None:
             """From a state whose allowed tokens are ``ids``, after ``depth`` tokens: True if a completion
             is reachable, False if none is within ``max_tokens``, None when the budget ran out."""
-            if stops.intersection(ids):
+            if depth >= min_tokens and stops.intersection(ids):
                 return True
             if depth == max_tokens:
                 return False
             for t in ids:
                 if visited >= SEARCH_BUDGET:
                     return None
-                if not m.accept_token(t):
+                if t in stops or not m.accept_token(t):  # an end before min_tokens is masked
                     continue
                 found = completes(allowed(), depth + 1)
                 m.rollback(1)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from decoding.explain import StepTrace, contribution
-from decoding.grammar import unmasked
+from decoding.grammar import GrammarDeadEnd, unmasked
 from decoding.methods import SteeringFailed
 from decoding.sampling import apply_logit_bias, suppress_tokens
 
@@ -75,6 +75,12 @@ class SteeringPipeline:
         masked); counts, per row, the steps at which steering changed the top token. The sampling filters
         (penalties, temperature, min_p, top_k, top_p) come after, in ``sample``."""
         masked = suppress_tokens(batch.logits, [ends_masked(r, self.eos_ids) for r in batch.rows])
+        held = [i for i, r in enumerate(batch.rows) if r.grammar is not None and r.error is None and ends_masked(r, self.eos_ids)]
+        if held:  # a format whose only way on is its end, masked by min_tokens: the row fails (400), no token forced
+            for i, none_left in zip(held, torch.isneginf(masked[held]).all(-1).tolist()):
+                if none_left:
+                    batch.rows[i].error = GrammarDeadEnd(
+                        f"min_tokens: the requested output format must end after {len(batch.rows[i].token_ids)} tokens")
         scores = base = apply_logit_bias(masked, [r.request.sampling.logit_bias for r in batch.rows])
         explain = [i for i, r in enumerate(batch.rows) if r.request.steering.explain]
         trace = batch.trace = StepTrace(explain, base[explain].float().log_softmax(-1)) if explain else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -162,8 +163,13 @@ def add_error_handlers(app: FastAPI, state: State) -> None:
     """Every error in the OpenAI shape (``server.errors.APIError``), counted, with the request id; a 500
     logs its traceback with that id."""
 
-    def request_id(request: Request) -> str | None:
-        return getattr(request.state, "request_id", None) or client_request_id(request)
+    def request_id(request: Request) -> str:
+        """The request's id: the one chat serving gave it, the client's, or one assigned here (an error
+        before chat serving ran, e.g. while loading), so that every error carries one and a 500's log line too."""
+        rid = getattr(request.state, "request_id", None) or client_request_id(request)
+        if rid is None:
+            rid = request.state.request_id = f"req-{uuid.uuid4().hex}"
+        return rid
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):

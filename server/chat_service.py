@@ -315,7 +315,7 @@ class ChatService:
         structured = structured_output(req)  # (constraint, its field) or None
         if structured is not None:  # compiling is CPU work: off the loop
             await asyncio.get_running_loop().run_in_executor(self.executor, self._check_structured, req, structured,
-                                                             max_tokens)
+                                                             max_tokens, fields.get("min_tokens", 0))
         messages, urls = chat_messages(req, s.max_images)
         texts = message_texts(messages)
         long_prompt = sum(map(len, texts)) > LONG_TEXT_CHARS
@@ -337,18 +337,26 @@ class ChatService:
             raise self._too_long(f"{prompt_tokens} tokens", max_tokens)
         return Prepared(rows, prompt_tokens, max_tokens)
 
-    def _check_structured(self, req: ChatCompletionRequest, structured: tuple, max_tokens: int) -> None:
+    def _check_structured(self, req: ChatCompletionRequest, structured: tuple, max_tokens: int, min_tokens: int = 0) -> None:
         """400 for a constraint that is invalid or that no sequence of at most ``max_tokens`` of the model's
-        tokens satisfies (``decoding.grammar.Grammars.check``), naming the field it came from."""
+        tokens satisfies (``decoding.grammar.Grammars.check``), naming the field it came from; naming
+        ``min_tokens`` when only its mask of the end makes it so (the format must end sooner)."""
         so, param = structured
         engine = self.engine
         if self._grammars is None:
             stops = {engine.tokenizer.eos_token_id, *getattr(engine, "eos_ids", ())}
             self._grammars = Grammars(engine.tokenizer, engine.vocab_size, stops)
+        stop_ids = tuple(getattr(req, "stop_token_ids", None) or ())
         try:
-            self._grammars.check(so, max_tokens, tuple(getattr(req, "stop_token_ids", None) or ()))
+            self._grammars.check(so, max_tokens, stop_ids)
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
+        if min_tokens:
+            try:
+                self._grammars.check(so, max_tokens, stop_ids, min_tokens)
+            except ValueError:
+                raise APIError(400, f"min_tokens ({min_tokens}): the output format of {param} cannot run that long "
+                                    "(its end would be masked where it must end)", param="min_tokens") from None
 
     def _too_long(self, prompt: str, max_tokens: int) -> APIError:
         return APIError(400, f"prompt ({prompt}) plus max_tokens ({max_tokens}) exceeds the context limit of "

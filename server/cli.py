@@ -159,7 +159,7 @@ def _export_lmms_eval(args: argparse.Namespace) -> None:
 
     names = export_lmms_eval(args.data, args.out, args.name)
     print(f"wrote {args.out}: the group {names[0]} of the tasks {', '.join(names[1:])}")
-    print(f"run: python -m lmms_eval --model openai --model_args model=vlm:tita,base_url=http://127.0.0.1:8000/v1,api_key=none "
+    print(f"run: HF_HUB_OFFLINE=1 .venv-lmms/bin/lmms-eval --model openai --model_args model=vlm:tita,base_url=http://127.0.0.1:8000/v1,api_key=none "
           f"--include_path {args.out} --tasks {names[0]}")
 
 

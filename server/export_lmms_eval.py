@@ -16,7 +16,7 @@ Written to ``TASKDIR``, for each ``pope/<file>.jsonl`` of the data folder (``rew
     <name>.yaml           a group of those tasks
     utils.py              lmms-eval's POPE functions, imported, and the image cast
 
-Run: ``python -m lmms_eval --model openai --model_args model=vlm:tita,base_url=http://127.0.0.1:8000/v1,api_key=none
+Run: ``HF_HUB_OFFLINE=1 .venv-lmms/bin/lmms-eval --model openai --model_args model=vlm:tita,base_url=http://127.0.0.1:8000/v1,api_key=none
 --include_path TASKDIR --tasks <name>`` (docs/evaluate.md).
 """
 

@@ -147,7 +147,8 @@ class Profiles:
             return None
         profile = self.by_model.get(model)
         if profile is None:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.served!r} and its "
+            shown = model if len(model) <= 200 else model[:200] + "..."  # a name of any length is echoed bounded
+            raise APIError(404, f"the model {shown!r} does not exist; this server serves {self.served!r} and its "
                                 f"steering profiles ({', '.join(list(self.by_model)[:8])}, ...: GET /v1/models)",
                            param="model")
         return profile

@@ -44,7 +44,11 @@ def model_card(state, model: str | None = None) -> dict:
 
 @router.post("/v1/chat/completions", openapi_extra=CHAT_API, responses={})
 async def chat(request: Request):
-    return await _state(request).chat.create(request)
+    state = _state(request)
+    if state.chat is None:  # the port opens before the models load (server.app.load): loading, or its load failed
+        authorize(request)
+        raise APIError(503, "the server failed to load its models" if state.load_error else state.refusal())
+    return await state.chat.create(request)
 
 
 @router.get("/health", responses={200: {"description": "Alive: serving (`ok`) or draining (`draining`)"},

@@ -117,6 +117,11 @@ class ChatServing:
         if exp is not None and exp.locked:
             arm = exp.assign(req.user)
             return arm.name, SteeringSpec(arm.steering.method, arm.steering.strength, explain)
+        if body is not None and body.strength is not None and (
+                body.method == "none" if (profile is None or "method" in body.model_fields_set) else profile.spec().method == "none"):
+            # a strength for no method would be dropped in silence
+            raise APIError(400, "steering.strength needs a steering method (steering.method, or a model name such as "
+                                f"{self.state.settings.model_name}:tita)", param="steering.strength")
         if body is not None and (profile is None or "method" in body.model_fields_set):
             return (EXPLICIT_ARM if exp else DEFAULT_ARM), SteeringSpec(body.method, body.strength, explain)
         if profile is not None:  # a body steering without a method keeps the profile's, at the body's strength

@@ -103,11 +103,21 @@ def test_the_body_steering_overrides_the_profile(oai):
 
 
 def test_unknown_model_is_a_404_and_the_server_stays_healthy(srv, oai):
-    for name in ("shapeworld:nope", "gpt-4o", "shapeworld:tita "):
+    for name in ("shapeworld:nope", "gpt-4o", "shapeworld:tita ", "x" * 1_000_000):
         with pytest.raises(openai.NotFoundError) as e:
             ask(oai, name, max_tokens=2)
         assert e.value.body["param"] == "model" and e.value.body["type"] == "not_found_error"
+        assert len(e.value.body["message"]) < 1000
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_a_strength_for_no_method_is_a_400(oai):
+    """A strength with nothing to steer would be dropped in silence: the plain model, or ``MODEL:none``."""
+    for model in ("shapeworld", "shapeworld:none"):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(oai, model, max_tokens=2, extra_body={"steering": {"strength": 0.5}})
+        assert e.value.body["param"] == "steering.strength"
+    assert ask(oai, "shapeworld:tita", max_tokens=2, extra_body={"steering": {"strength": 0.5}}).choices
 
 
 def _success(url: str) -> list[dict]:

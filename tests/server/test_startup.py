@@ -69,6 +69,34 @@ def test_health_answers_503_while_loading_then_200(steering_engine, monkeypatch)
         thread.join(30)
 
 
+def test_a_request_at_the_start_of_loading_is_a_503_with_its_request_id(steering_engine, monkeypatch):
+    """Held while the engine loads (before the chat service exists): a chat request is a 503 in OpenAI's
+    shape with an X-Request-Id, never a 500."""
+    release = threading.Event()
+
+    def held(settings):  # the engine's load, in its thread: the chat service does not exist yet
+        release.wait(120)
+        return steering_engine
+
+    monkeypatch.setattr(server.app, "load_engine", held)
+    settings = Settings(port=free_port(), served_model_name="shapeworld", engine_process=False)
+    srv = uvicorn.Server(uvicorn.Config(server.app.create_app(settings), host="127.0.0.1", port=settings.port,
+                                       log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        assert first_answer(url).json() == {"status": "loading"}
+        chat = httpx.post(url + "/v1/chat/completions", json={"model": "shapeworld", "messages": image_message(0)},
+                          timeout=10)
+        assert chat.status_code == 503 and chat.json()["error"]["type"] == "service_unavailable", chat.text
+        assert chat.headers.get("x-request-id")
+    finally:
+        release.set()
+        srv.should_exit = True
+        thread.join(30)
+
+
 def test_a_failed_load_says_failed(steering_engine, monkeypatch):
     def broken(settings):
         raise OSError("no judge here")

@@ -88,6 +88,17 @@ def test_a_format_no_sequence_of_its_words_completes_is_a_400(client):
     assert "at most 2 tokens" in err["message"]
 
 
+def test_min_tokens_past_the_formats_end_is_a_400_naming_it(client):
+    """``▁a▁blue▁star`` is 3 tokens then the end: ``min_tokens`` 4 masks that end where the format must end
+    (a 400 naming min_tokens, never a 500 or a forbidden token); 3 is served."""
+    fmt = {"structured_outputs": {"regex": "▁a▁blue▁star"}}
+    err = _error(lambda: _ask(client, extra_body={**fmt, "min_tokens": 4}))
+    assert err["param"] == "min_tokens" and "cannot run that long" in err["message"]
+    err = _error(lambda: _ask(client, extra_body={"guided_choice": ["▁yes", "▁no"], "min_tokens": 2}))
+    assert err["param"] == "min_tokens"
+    assert _ask(client, extra_body={**fmt, "min_tokens": 3}).choices[0].message.content == "a blue star"
+
+
 @pytest.mark.parametrize("body, param, match", [
     ({"response_format": {"type": "structural_tag"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
