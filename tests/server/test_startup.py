@@ -74,9 +74,16 @@ def test_a_request_at_the_start_of_loading_is_a_503_with_its_request_id(steering
     shape with an X-Request-Id, never a 500."""
     release = threading.Event()
 
+    class Borrowed:  # the session's engine, lent: the app that "loaded" it must not close it
+        def __getattr__(self, name):
+            return getattr(steering_engine, name)
+
+        def close(self):
+            pass
+
     def held(settings):  # the engine's load, in its thread: the chat service does not exist yet
         release.wait(120)
-        return steering_engine
+        return Borrowed()
 
     monkeypatch.setattr(server.app, "load_engine", held)
     settings = Settings(port=free_port(), served_model_name="shapeworld", engine_process=False)

@@ -63,12 +63,12 @@ def _request(i, method, so=YES_NO):
                                          sampling=SamplingParams(max_tokens=5), steering=SteeringSpec(method))
 
 
-def _vllm_finished(reason: str) -> float:
-    """vLLM's own count of requests finished for ``reason`` (its Prometheus counter, in this process)."""
-    from prometheus_client import REGISTRY
-
-    return sum(s.value for m in REGISTRY.collect() for s in m.samples
-               if s.name == "vllm:request_success_total" and s.labels.get("finished_reason") == reason)
+def _vllm_finished(engine, reason: str) -> float:
+    """vLLM's own count of ``engine``'s requests finished for ``reason`` (its Prometheus counter, read from the
+    engine's stat logger: an engine started later unregisters earlier engines' families from the registry)."""
+    loggers = [s for s in engine.llm.logger_manager.stat_loggers if hasattr(s, "counter_request_success")]
+    return sum(c._value.get() for lg in loggers for r, by_engine in lg.counter_request_success.items()
+               if r.name.lower() == reason for c in by_engine.values())
 
 
 def test_a_steering_failure_under_a_grammar_fails_only_its_request(steering_engine):
@@ -76,7 +76,7 @@ def test_a_steering_failure_under_a_grammar_fails_only_its_request(steering_engi
     step) the request fails as TITA's failure rather than end with a forced EOS that vLLM's grammar would
     refuse (vLLM would end it with an error: none is counted); constrained requests beside it finish, and
     the engine serves the same request afterwards."""
-    errors = _vllm_finished("error")
+    errors = _vllm_finished(steering_engine, "error")
     broken = steering_engine.encode(_request(0, "tita"))
     broken.params.extra_args["vlm_steer"]["images"] = [b"\x89PNG not really"]
     plain = [steering_engine.encode(_request(i, m)) for i, m in ((1, "tita"), (2, "fisao"), (3, "none"))]
@@ -87,4 +87,4 @@ def test_a_steering_failure_under_a_grammar_fails_only_its_request(steering_engi
     assert all(isinstance(r, Finished) and r.completion.text in ("yes", "no") for r in results[1:])
     again = _run(steering_engine, steering_engine.encode(_request(0, "tita")))
     assert isinstance(again, Finished) and again.completion.text in ("yes", "no")
-    assert _vllm_finished("stop") > 0 and _vllm_finished("error") == errors
+    assert _vllm_finished(steering_engine, "stop") > 0 and _vllm_finished(steering_engine, "error") == errors
