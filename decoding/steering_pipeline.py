@@ -74,8 +74,9 @@ class SteeringPipeline:
         is added), then each method, in registry order, rewrites the rows that use it (a masked token stays
         masked); counts, per row, the steps at which steering changed the top token. The sampling filters
         (penalties, temperature, min_p, top_k, top_p) come after, in ``sample``."""
-        masked = suppress_tokens(batch.logits, [ends_masked(r, self.eos_ids) for r in batch.rows])
-        held = [i for i, r in enumerate(batch.rows) if r.grammar is not None and r.error is None and ends_masked(r, self.eos_ids)]
+        ends = [ends_masked(r, self.eos_ids) for r in batch.rows]
+        masked = suppress_tokens(batch.logits, ends)
+        held = [i for i, r in enumerate(batch.rows) if r.grammar is not None and r.error is None and ends[i]]
         if held:  # a format whose only way on is its end, masked by min_tokens: the row fails (400), no token forced
             for i, none_left in zip(held, torch.isneginf(masked[held]).all(-1).tolist()):
                 if none_left:

@@ -2,6 +2,7 @@
 503 while loading, then 200), a failed load exits 3 (uvicorn's start-up failure) with the reason in the log, and the log lines carry
 time and level and name the methods offered and why the others are not."""
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -32,6 +33,21 @@ def first_answer(url: str, deadline: float = 60) -> httpx.Response:
     raise RuntimeError("the port never opened")
 
 
+@contextlib.contextmanager
+def serving(app, port: int, log_level: str = "warning", on_exit=lambda: None):
+    """``app`` under uvicorn in a thread on loopback ``port``: yields its URL; ``on_exit`` runs first at the end
+    (a held load's release), then the server stops."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        on_exit()
+        srv.should_exit = True
+        thread.join(30)
+
+
 def test_health_answers_503_while_loading_then_200(steering_engine, monkeypatch):
     """Loading held at its last step (the grounding judge) until the test lets it go: meanwhile the port is
     open and every endpoint that needs the models answers 503 in OpenAI's shape."""
@@ -45,11 +61,7 @@ def test_health_answers_503_while_loading_then_200(steering_engine, monkeypatch)
     monkeypatch.setattr(server.app, "load_judge", held)
     settings = Settings(port=free_port(), served_model_name="shapeworld")
     app = server.app.create_app(settings, engine=steering_engine)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
+    with serving(app, settings.port, on_exit=release.set) as url:
         r = first_answer(url)
         assert (r.status_code, r.json()) == (503, {"status": "loading"})
         body = {"model": "shapeworld", "messages": image_message(0), "max_tokens": 2}
@@ -63,10 +75,6 @@ def test_health_answers_503_while_loading_then_200(steering_engine, monkeypatch)
             assert time.time() < end
             time.sleep(0.05)
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
-    finally:
-        release.set()
-        srv.should_exit = True
-        thread.join(30)
 
 
 def test_a_request_at_the_start_of_loading_is_a_503_with_its_request_id(steering_engine, monkeypatch):
@@ -87,21 +95,12 @@ def test_a_request_at_the_start_of_loading_is_a_503_with_its_request_id(steering
 
     monkeypatch.setattr(server.app, "load_engine", held)
     settings = Settings(port=free_port(), served_model_name="shapeworld", engine_process=False)
-    srv = uvicorn.Server(uvicorn.Config(server.app.create_app(settings), host="127.0.0.1", port=settings.port,
-                                       log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
+    with serving(server.app.create_app(settings), settings.port, on_exit=release.set) as url:
         assert first_answer(url).json() == {"status": "loading"}
         chat = httpx.post(url + "/v1/chat/completions", json={"model": "shapeworld", "messages": image_message(0)},
                           timeout=10)
         assert chat.status_code == 503 and chat.json()["error"]["type"] == "service_unavailable", chat.text
         assert chat.headers.get("x-request-id")
-    finally:
-        release.set()
-        srv.should_exit = True
-        thread.join(30)
 
 
 def test_a_failed_load_says_failed(steering_engine, monkeypatch):
@@ -111,11 +110,7 @@ def test_a_failed_load_says_failed(steering_engine, monkeypatch):
     monkeypatch.setattr(server.app, "load_judge", broken)
     settings = Settings(port=free_port(), served_model_name="shapeworld")
     app = server.app.create_app(settings, engine=steering_engine)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
+    with serving(app, settings.port, log_level="critical") as url:
         first_answer(url)
         end = time.time() + 60
         while (r := httpx.get(url + "/health", timeout=5)).json()["status"] == "loading":
@@ -123,9 +118,6 @@ def test_a_failed_load_says_failed(steering_engine, monkeypatch):
             time.sleep(0.05)
         assert (r.status_code, r.json()) == (503, {"status": "failed", "reason": "no judge here"})
         assert isinstance(app.state.vlm.load_error, OSError)
-    finally:
-        srv.should_exit = True
-        thread.join(30)
 
 
 def test_serve_exits_3_when_loading_fails(tmp_path):
