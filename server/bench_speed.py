@@ -98,7 +98,7 @@ def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
     reward = engine.resources.reward
     c_t = decoder_flops_per_token(model_path)
     fork = getattr(engine, "fork", None)
-    if fork is None and getattr(engine, "reward_in_model", False):  # the vllm engine: the fork inside vLLM's model
+    if fork is None and getattr(engine, "reward_in_model", False):  # the vllm engine: inside vLLM's model
         return _in_model_limit(engine, reward, c_t)
     if fork is not None:
         layers = 2.0 * sum(p.numel() for p in fork.text.layers.parameters())
@@ -115,15 +115,29 @@ def tita_limit(model_path, engine, consulted: float = 1.0) -> dict:
 
 
 def _in_model_limit(engine, reward_path, c_t: float) -> dict:
-    """The bound of a fork inside vLLM's model (``decoding.vllm.fork_model``): its k layers for every token
-    of every row (they are the model's layers), its head over the target's top candidates of TITA rows."""
+    """The bound of a reward model inside vLLM's model: a fork (``decoding.vllm.fork_model``) costs its k
+    layers, a separate reward model (``decoding.vllm.paired_model``) its whole decoder, for every token of a
+    step that holds a TITA row (they are the model's layers); the head runs over the target's top candidates
+    of TITA rows."""
     from safetensors import safe_open
 
+    k = getattr(engine, "tita_candidates", 0)
+    if not (Path(reward_path) / "fork.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(reward_path))
+        lm = model.get_decoder()
+        rows, width = model.get_output_embeddings().weight.shape
+        rows = k if 0 < k < rows else rows
+        c_r = 2.0 * (sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel()) + 2.0 * rows * width
+        return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),
+                "design": f"separate reward model inside vLLM's model, head over {rows} rows"}
     with safe_open(str(Path(reward_path) / "fork.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     layers = 2.0 * sum(math.prod(s) for k, s in shapes.items() if ".layers." in k)
     rows, width = shapes["lm_head.weight"]
-    k = getattr(engine, "tita_candidates", 0)
     rows = k if 0 < k < rows else rows
     c_r = layers + 2.0 * rows * width
     return {"target_flops_per_token": c_t, "reward_flops_per_token": c_r, "limit": 1 / (1 + c_r / c_t),

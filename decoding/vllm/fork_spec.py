@@ -1,4 +1,6 @@
-"""How the vllm engine selects ``decoding.vllm.fork_model`` (no vllm import: read in the API process)."""
+"""How the vllm engine puts TITA's reward model inside vLLM's model (no vllm import: read in the API process):
+a fork of a LLaVA target (``decoding.vllm.fork_model``), or a separate LLaVA reward model that shares the
+target's processor (``decoding.vllm.paired_model``)."""
 
 from __future__ import annotations
 
@@ -8,30 +10,63 @@ from pathlib import Path
 ARCH = "VlmSteerForkedLlava"
 FORK_KEY = "vlm_steer_fork"  # the hf_config attribute carrying the fork's folder and layers
 MODEL_CLASS = "decoding.vllm.fork_model:ForkedLlava"
-LIVE: list = []  # weak references to the ForkedLlava models built in this process (vLLM's worker)
+PAIR_ARCH = "VlmSteerPairedLlava"
+REWARD_KEY = "vlm_steer_reward"  # the hf_config attribute carrying a separate reward model's folder
+PAIR_CLASS = "decoding.vllm.paired_model:PairedLlava"
+ARCHES = (ARCH, PAIR_ARCH)  # the architectures whose model holds the reward model
+LIVE: list = []  # weak references to the models holding a reward model built in this process (vLLM's worker)
 
 
 def live_model():
-    """The ``ForkedLlava`` of this process (the one the steering processor's rows belong to)."""
+    """The model holding the reward model in this process (the one the steering processor's rows belong to)."""
     for ref in reversed(LIVE):
         model = ref()
         if model is not None:
             return model
-    raise RuntimeError("no vLLM model holding the forked reward model in this process")
+    raise RuntimeError("no vLLM model holding the reward model in this process")
+
+
+def _llama_llava(cfg: dict) -> bool:
+    return cfg.get("model_type") == "llava" and cfg.get("text_config", {}).get("model_type", "llama") == "llama"
+
+
+def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
+    """Whether the reward model turns every request into the target's prompt ids and pixels: the same
+    processor (``decoding.methods.tita.same_inputs``), image token and image features per image."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoProcessor
+
+    from decoding.methods.tita import same_inputs
+
+    a, b = (SimpleNamespace(processor=AutoProcessor.from_pretrained(p), config=AutoConfig.from_pretrained(p))
+            for p in (model_path, reward_path))
+    keys = ("vision_feature_select_strategy", "vision_feature_layer")
+    vision = lambda c: (c.vision_config.image_size, c.vision_config.patch_size)  # noqa: E731
+    return (same_inputs(a, b) and all(getattr(a.config, k) == getattr(b.config, k) for k in keys)
+            and vision(a.config) == vision(b.config))
 
 
 def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -> dict | None:
-    """Engine arguments that put a forked reward model inside vLLM's model, or None where the pair is not
-    of a kind ``ForkedLlava`` serves (a separate reward model; a fork of another family than LLaVA with a
-    Llama decoder): those run in the worker as before."""
-    if reward_path is None or not (Path(reward_path) / "fork.json").is_file():
+    """Engine arguments that put the reward model inside vLLM's model, or None where the pair is not of a
+    kind served there: a fork of a LLaVA target with a Llama decoder (``ForkedLlava``), or a separate LLaVA
+    reward model with a Llama decoder that shares the target's processor (``PairedLlava``). Others (other
+    families; a reward model with its own processor) run in the worker as a model of their own."""
+    if reward_path is None:
         return None
     cfg = json.loads((Path(model_path) / "config.json").read_text())
-    if cfg.get("model_type") != "llava" or cfg.get("text_config", {}).get("model_type", "llama") != "llama":
+    if not _llama_llava(cfg):
         return None
-    info = json.loads((Path(reward_path) / "fork.json").read_text())
-    spec = {"path": str(Path(reward_path).resolve()), "first_layer": info["first_layer"], "layers": info["layers"]}
-    return {"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}}
+    path = str(Path(reward_path).resolve())
+    if (Path(reward_path) / "fork.json").is_file():
+        info = json.loads((Path(reward_path) / "fork.json").read_text())
+        spec = {"path": path, "first_layer": info["first_layer"], "layers": info["layers"]}
+        return {"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}}
+    rm = json.loads((Path(reward_path) / "config.json").read_text())
+    if not _llama_llava(rm) or not same_processor(model_path, reward_path):
+        return None
+    return {"hf_overrides": {"architectures": [PAIR_ARCH], REWARD_KEY: {"path": path}},
+            "model_class_overrides": {PAIR_ARCH: PAIR_CLASS}}
 
 
 def _meta_target(model_path: str | Path):
@@ -89,8 +124,9 @@ def check_fork_files(model_path: str | Path, reward_path: str | Path) -> None:
 
 
 class InModelFork:
-    """TITA's reward model when it is part of vLLM's model (``decoding.vllm.fork_model``): vLLM owns its KV
-    cache and runs its layers in the step; TITA reads its logits for batch rows (``in_model``)."""
+    """TITA's reward model when it is part of vLLM's model (``decoding.vllm.fork_model`` or
+    ``paired_model``): vLLM owns its KV cache and runs its layers in the step; TITA reads its logits for batch
+    rows (``in_model``)."""
 
     in_model = True
 
@@ -103,8 +139,8 @@ class InModelFork:
 
     @staticmethod
     def run_layers(on: bool) -> None:
-        """Whether the next forward runs the fork's layers: the steering processor turns them off for steps
-        with no TITA row (``ForkedLlava.fork_active``)."""
+        """Whether the next forward runs the reward model's layers: the steering processor turns them off for
+        steps with no TITA row (``RewardInModel.fork_active``)."""
         live_model().fork_active = on
 
     @staticmethod

@@ -145,7 +145,29 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
         path = build(family, tmp_path / f"own-{family}")
         own = build_fork(path, tmp_path / f"own-{family}-fork", layers=1)
         assert file_fingerprint(path, json.loads((own / "fork.json").read_text())) == json.loads((own / "fork.json").read_text())["trunk_sha256"], family
-    assert in_model_overrides(a, None) is None and in_model_overrides(a, a) is None  # no reward model; a separate one
+    assert in_model_overrides(a, None) is None  # no reward model
+
+
+def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_the_processor(tmp_path):
+    """``decoding.vllm.paired_model`` takes a LLaVA reward model that turns requests into the target's prompt
+    ids and pixels; one with its own image processing, or of another family, runs in the worker."""
+    import shutil
+
+    from decoding.vllm.fork_spec import PAIR_ARCH, in_model_overrides
+
+    a = build("llava", tmp_path / "a")
+    rm = build("llava", tmp_path / "rm", size="tiny_rm", seed=1)
+    got = in_model_overrides(a, rm)
+    assert got["hf_overrides"]["architectures"] == [PAIR_ARCH]
+    assert got["hf_overrides"]["vlm_steer_reward"]["path"] == str(rm.resolve())
+    assert got["model_class_overrides"] == {PAIR_ARCH: "decoding.vllm.paired_model:PairedLlava"}
+    other = shutil.copytree(rm, tmp_path / "rm-own-processor")
+    cfg = json.loads((other / "processor_config.json").read_text())
+    cfg["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]  # other pixels for the same image
+    (other / "processor_config.json").write_text(json.dumps(cfg))
+    assert in_model_overrides(a, other) is None
+    nxt = build("llava_next", tmp_path / "next")
+    assert in_model_overrides(nxt, build("llava_next", tmp_path / "next-rm", size="tiny_rm", seed=1)) is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,13 @@ class Probe:
         return sorted(name for group in config.kv_cache_groups for name in group.layer_names)
 
     def fork_steps(self) -> int:
-        """Forward passes of this worker's model that ran the forked reward model's layers."""
+        """Forward passes of this worker's model that ran the reward model's layers (fork or separate)."""
         from decoding.vllm.fork_spec import live_model
 
         return live_model().fork_steps
+
+    def reward_shares_tower(self) -> bool:
+        """Whether the separate reward model inside vLLM's model reuses the target's vision tower."""
+        from decoding.vllm.fork_spec import live_model
+
+        return bool(live_model().rm_shares_tower)

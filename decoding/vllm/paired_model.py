@@ -1,0 +1,166 @@
+"""A separate TITA reward model inside vLLM's own model (the vllm engine; the fork's kind is ``fork_model``).
+
+``PairedLlava`` subclasses vLLM's ``LlavaForConditionalGeneration`` (its processor registration is inherited)
+and adds a whole second LLaVA (a Llama decoder) as ordinary vLLM layers: token embedding, decoder layers
+(their attention layers declared to vLLM, numbered after the target's, so their KV cache lives in vLLM's
+paged cache and memory profile: prefix caching, chunked prefill and preemption hold for them as for the
+target's), final norm, output head, and its own vision tower and projector. The pair must turn a request into
+the same prompt ids and pixels (one processor: ``fork_spec.same_processor``); where the two vision towers hold
+the same weights the tower runs once.
+
+Per step (vLLM's V1 model runner, vllm 0.32):
+- ``embed_multimodal`` returns, per image, the target's image embeddings and the reward model's side by side,
+  [tokens, D_target + D_reward]: vLLM's encoder cache keeps both halves and hands a chunk of prefill its slice.
+- ``embed_input_ids`` merges the target's half into the target's input embeddings (what vLLM copies into its
+  own buffer) and writes the reward model's, token embeddings and image half, into ``rm_embeds`` (a buffer of
+  ``max_num_batched_tokens`` rows held by the model, so a captured CUDA graph reads a fixed address).
+- ``forward`` runs the target, then the reward model's decoder over ``rm_embeds`` (compiled by vLLM like the
+  target's, under the model tag ``vlm_steer_rm``), and returns both final hidden states, [T, D_t + D_r].
+- ``compute_logits`` returns the target's logits; TITA's processor reads the reward model's for its rows
+  (``in_model.RewardInModel.rm_logits``). Steps with no TITA row skip the decoder and its embeddings.
+
+Selected with ``hf_overrides={"architectures": [PAIR_ARCH], REWARD_KEY: {"path": ...}}`` and
+``model_class_overrides={PAIR_ARCH: PAIR_CLASS}`` (``fork_spec.in_model_overrides``); the reward model's
+checkpoint loads as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.models.llava import (LlavaForConditionalGeneration, LlavaImageEmbeddingInputs,
+                                              LlavaMultiModalProjector, init_vision_tower_for_llava)
+from vllm.model_executor.models.utils import AutoWeightsLoader, _merge_multimodal_embeddings
+
+from decoding.vllm.fork_spec import REWARD_KEY
+from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked
+
+
+class _Tower(nn.Module):
+    """The reward model's vision tower and projector, under the names vLLM's LLaVA loader expects."""
+
+    def __init__(self, config, quant_config):
+        super().__init__()
+        self.vision_tower = init_vision_tower_for_llava(config, quant_config, require_post_norm=False, prefix="rm_vision_tower")
+        self.multi_modal_projector = LlavaMultiModalProjector(
+            vision_hidden_size=config.vision_config.hidden_size, text_hidden_size=config.text_config.hidden_size,
+            projector_hidden_act=config.projector_hidden_act or "gelu",
+            multimodal_projector_bias=config.multimodal_projector_bias, quant_config=quant_config,
+            prefix="rm_multi_modal_projector")
+
+
+class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from transformers import AutoConfig
+        from vllm.compilation.backends import set_model_tag
+
+        spec = getattr(vllm_config.model_config.hf_config, REWARD_KEY)
+        rm = AutoConfig.from_pretrained(spec["path"])
+        text = rm.text_config
+        self.rm_config = rm
+        self.rm_width = text.hidden_size
+        self.rm_tower = _Tower(rm, vllm_config.quant_config)
+        self.rm_shares_tower = False  # set at load: the two towers hold the same weights, so it runs once
+        self.rm_embed = VocabParallelEmbedding(text.vocab_size, text.hidden_size, prefix="rm_embed")
+        with set_model_tag("vlm_steer_rm"):
+            self.rm_decoder = RewardDecoder(vllm_config=vllm_config, prefix="rm_decoder", config=text,
+                                            layers=text.num_hidden_layers, first=self.config.text_config.num_hidden_layers)
+        self.rm_head = (self.rm_embed if text.tie_word_embeddings
+                        else ParallelLMHead(text.vocab_size, text.hidden_size, prefix="rm_head"))
+        self.rm_vocab_processor = LogitsProcessor(text.vocab_size, scale=getattr(text, "logit_scale", 1.0))
+        rows = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("rm_embeds", torch.zeros(rows, text.hidden_size), persistent=False)
+        self.secondary_weights = [DefaultModelLoader.Source(spec["path"], None, prefix="rm.")]
+        self._register()
+
+    # ------------------------------------------------------------ inputs
+
+    def embed_multimodal(self, **kwargs: object):
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if isinstance(image_input, LlavaImageEmbeddingInputs):
+            raise ValueError("image embeddings cannot feed the reward model: send the image itself")
+        features = self._process_image_pixels(image_input)  # [images, tokens, D_vision]
+        ours = self.multi_modal_projector(features)
+        if not self.rm_shares_tower:
+            features = self._image_pixels_to_features(self.rm_tower.vision_tower, image_input["pixel_values"])
+        theirs = self.rm_tower.multi_modal_projector(features)
+        return torch.cat([ours, theirs.to(ours.dtype)], -1)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        d = self.config.text_config.hidden_size
+        mm = multimodal_embeddings if multimodal_embeddings is not None and len(multimodal_embeddings) else None
+        out = super().embed_input_ids(input_ids, [e[..., :d] for e in mm] if mm else None, is_multimodal=is_multimodal)
+        if self.fork_active:  # the reward model's inputs for this step's forward
+            rm = self._embed_text_input_ids(input_ids, self.rm_embed, is_multimodal=is_multimodal)
+            if mm:
+                rm = _merge_multimodal_embeddings(rm, [e[..., d:] for e in mm], is_multimodal)
+            self.rm_embeds[: rm.shape[0]].copy_(rm)
+        return out
+
+    # ------------------------------------------------------------ step
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if not self.fork_active:  # no TITA row in this step: the reward model's half is never read
+            return self._with_reward(hidden, None)
+        self.fork_steps += 1
+        if inputs_embeds is None:  # token ids only (no multimodal path this step)
+            self.rm_embeds[: input_ids.shape[0]].copy_(self.rm_embed(input_ids))
+        return self._with_reward(hidden, self.rm_decoder(positions, self.rm_embeds[: hidden.shape[0]]))
+
+    # ------------------------------------------------------------ weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        reward: list[tuple[str, torch.Tensor]] = []
+
+        def target_only():
+            for name, w in weights:
+                if name.startswith("rm."):
+                    reward.append((name[3:], w))
+                else:
+                    yield name, w
+
+        loaded = super().load_weights(target_only())
+        return loaded | self._load_reward(reward)
+
+    def _load_reward(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
+        """The reward model's checkpoint (either of transformers' LLaVA layouts, mapped as vLLM maps the
+        target's) into the reward modules."""
+        params = dict(self.named_parameters())
+        tower, loaded = [], set()
+        for name, w in self.hf_to_vllm_mapper.apply(weights):
+            if name.startswith(("vision_tower.", "multi_modal_projector.")):
+                tower.append((name, w))
+                continue
+            if name == "language_model.lm_head.weight":
+                if self.rm_head is self.rm_embed:
+                    continue  # tied: the embedding is the head
+                target = "rm_head.weight"
+            elif name == "language_model.model.embed_tokens.weight":
+                target = "rm_embed.weight"
+            elif name == "language_model.model.norm.weight":
+                target = "rm_decoder.norm.weight"
+            elif name.startswith("language_model.model.layers."):
+                target = "rm_decoder.layers." + name.removeprefix("language_model.model.layers.")
+                if "rotary_emb" in target:
+                    continue
+            else:
+                raise ValueError(f"unexpected tensor {name!r} in the reward model's checkpoint")
+            loaded.add(load_stacked(params, target, w))
+        loaded |= {f"rm_tower.{n}" for n in AutoWeightsLoader(self.rm_tower).load_weights(tower)}
+        ours, theirs = self.vision_tower.state_dict(), self.rm_tower.vision_tower.state_dict()
+        self.rm_shares_tower = (ours.keys() == theirs.keys()
+                                and all(torch.equal(ours[k], theirs[k]) for k in ours))
+        if self.rm_shares_tower:  # the target's tower serves both: the copy's memory goes back
+            self.rm_tower.vision_tower = None
+        return loaded
