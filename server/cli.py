@@ -197,19 +197,36 @@ def _bench_quality(args: argparse.Namespace) -> None:
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
-    from server.bench_speed import format_speed, run_speed, tita_limit
+    from server.bench_speed import format_speed, plain_speed, run_speed, tita_limit, with_plain
 
+    images, prompt = _images(args)(args.n, args.seed)
+    plain = []
+
+    def measure_plain():  # the target alone, with no other engine alive (bench_speed.plain_speed says why)
+        alone = _engine(argparse.Namespace(**{**vars(args), "reward": "", "verifier": ""}))
+        try:
+            plain.append(plain_speed(alone, images, prompt, batch=args.batch, max_tokens=args.max_tokens,
+                                     ignore_eos=args.ignore_eos))
+        finally:
+            if hasattr(alone, "close"):
+                alone.close()
+
+    if args.plain_baseline:
+        measure_plain()
     engine = _engine(args)
     methods = [m for m in args.methods.split(",") if all(p in engine.available_methods for p in m.split("+"))]
     skipped = sorted(set(args.methods.split(",")) - set(methods))
     if skipped:
         print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
-    images, prompt = _images(args)(args.n, args.seed)
-    plain = _engine(argparse.Namespace(**{**vars(args), "reward": "", "verifier": ""})) if args.plain_baseline else None
-    rep = run_speed(engine, methods, images, prompt, batch=args.batch, ignore_eos=args.ignore_eos,
-                    max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"}, plain=plain)
-    if plain is not None and hasattr(plain, "close"):
-        plain.close()
+    try:
+        rep = run_speed(engine, methods, images, prompt, batch=args.batch, ignore_eos=args.ignore_eos,
+                        max_tokens=args.max_tokens, meta={"seed": args.seed, "images": args.data or "embedded"})
+    finally:
+        if args.plain_baseline and hasattr(engine, "close"):
+            engine.close()
+    if args.plain_baseline:
+        measure_plain()
+        rep = with_plain(rep, plain)
     share = rep["methods"].get("tita", {}).get("consulted_share", {}).get("tita", 1.0)
     rep["tita_limit"] = tita_limit(args.model, engine, share) if "tita" in engine.available_methods else None
     print(format_speed(rep))
@@ -389,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=40)
     s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     s.add_argument("--plain-baseline", action="store_true",
-                   help="also time none on a second engine of the target alone (no reward model, no verifier), "
-                        "interleaved: what loading them costs every request (a fork inside vLLM's model runs for all)")
+                   help="also time none on the target alone (no reward model, no verifier), an engine of its own "
+                        "before and after the steering one (never two at once): what a reward model inside the "
+                        "engine's model costs every request")
     s.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
                                                 "(default: the embedded world's bait scenes)")
     s.add_argument("--json", default=None)
