@@ -191,12 +191,13 @@ class VLLMEngine:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:
+        """Shut vLLM down and remove the shared files; a second call does nothing."""
         if self.llm is not None:
             self._call(self._shutdown())
             self.llm = None
         self.loop.call_soon_threadsafe(self.loop.stop)
-        os.unlink(self._counter_file.name)
-        os.unlink(self._explain_file.name)
+        for f in (self._counter_file, self._explain_file):
+            Path(f.name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------ what the server asks of an engine
 

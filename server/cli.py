@@ -230,7 +230,7 @@ def _bench_speed(args: argparse.Namespace) -> None:
     share = rep["methods"].get("tita", {}).get("consulted_share", {}).get("tita", 1.0)
     rep["tita_limit"] = tita_limit(args.model, engine, share) if "tita" in engine.available_methods else None
     print(format_speed(rep))
-    if hasattr(engine, "close"):
+    if not args.plain_baseline and hasattr(engine, "close"):  # else closed before the second plain run
         engine.close()
     _write_json(rep, args.json)
 

@@ -110,3 +110,17 @@ def test_a_shared_vision_tower_runs_once(shared_tower_pair):
     finally:
         engine.close()
     assert got == want
+
+
+def test_a_target_whose_head_is_padded_past_the_reward_models(tmp_path):
+    """The target's output layer has 700 rows, the reward model's the tokenizer's ~600: TITA's candidates may
+    fall in the target's padding, where the reward model has no row (``decoding.methods.tita.target_rows``)."""
+    pair = build("llava", tmp_path / "vlm", size="tiny_padded"), build("llava", tmp_path / "rm", size="tiny_rm", seed=1)
+    want = _want(*pair)
+    engine = _engine(*pair)
+    try:
+        assert engine.reward_in_model
+        got = [c.token_ids for c in engine.generate(_requests())]
+    finally:
+        engine.close()
+    assert got == want
