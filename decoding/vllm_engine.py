@@ -117,7 +117,8 @@ class VLLMEngine:
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
             if is_fork(reward_path):  # refused here, before vLLM loads anything, if built for another target
                 check_fork_files(self.model_path, reward_path)
-            in_model = in_model_overrides(self.model_path, reward_path)
+            # vLLM would quantize the reward model's layers with the target's (an online ``quantization``)
+            in_model = None if (engine_args or {}).get("quantization") else in_model_overrides(self.model_path, reward_path)
             if in_model:  # a fork of a LLaVA target, or a LLaVA reward model sharing its processor: part of vLLM's model
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)

@@ -50,16 +50,17 @@ class ForkedLlava(RewardInModel, LlavaForConditionalGeneration):
                                             layers=self.fork_k, first=n)
         self.rm_head = ParallelLMHead(text.vocab_size, text.hidden_size, prefix=f"{prefix}rm_head")
         self.rm_vocab_processor = self.language_model.logits_processor  # the fork's head has the target's rows
-        self.rm_width = text.hidden_size
+        self.rm_width, self.rm_vocab = text.hidden_size, text.vocab_size
         self.secondary_weights = [DefaultModelLoader.Source(spec["path"], None, prefix="rm.",
                                                             allow_patterns_overrides=["fork.safetensors"])]
-        self._register()
+        self._register(vllm_config)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         hidden, aux = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         if not self.fork_active:  # no TITA row in this step: the fork's half is never read
             return self._with_reward(hidden, None)
         self.fork_steps += 1
+        hidden = hidden.clone()  # see RewardInModel._with_reward
         return self._with_reward(hidden, self.rm_decoder(positions, aux[0]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -51,11 +51,12 @@ def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -
     """Engine arguments that put the reward model inside vLLM's model, or None where the pair is not of a
     kind served there: a fork of a LLaVA target with a Llama decoder (``ForkedLlava``), or a separate LLaVA
     reward model with a Llama decoder that shares the target's processor (``PairedLlava``). Others (other
-    families; a reward model with its own processor) run in the worker as a model of their own."""
+    families; a reward model with its own processor; a quantized target, whose quantization vLLM would apply
+    to the reward model's layers too) run in the worker as a model of their own."""
     if reward_path is None:
         return None
     cfg = json.loads((Path(model_path) / "config.json").read_text())
-    if not _llama_llava(cfg):
+    if not _llama_llava(cfg) or "quantization_config" in cfg:  # the reward layers would take the target's quantization
         return None
     path = str(Path(reward_path).resolve())
     if (Path(reward_path) / "fork.json").is_file():

@@ -69,13 +69,20 @@ class RewardDecoder(nn.Module):
 
 
 class RewardInModel:
-    """Mixin over vLLM's ``LlavaForConditionalGeneration``: ``rm_width`` (D_reward), ``rm_head`` and
-    ``rm_vocab_processor`` are set by the subclass, which runs its reward layers in ``forward`` when
-    ``fork_active``."""
+    """Mixin over vLLM's ``LlavaForConditionalGeneration``: ``rm_width`` (D_reward), ``rm_vocab`` (the reward
+    head's rows in its config, before vLLM pads them), ``rm_head`` and ``rm_vocab_processor`` are set by the
+    subclass, which runs its reward layers in ``forward`` when ``fork_active``."""
 
     rm_width: int
+    rm_vocab: int
 
-    def _register(self) -> None:
+    def _register(self, vllm_config) -> None:
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1 or getattr(parallel, "use_ubatching", False):
+            # a stage that is not the last returns intermediate tensors, not hidden states; micro-batches would
+            # each need their own slice of the reward model's inputs
+            raise ValueError("a reward model inside vLLM's model runs without pipeline parallelism and micro-batching "
+                             "(use tensor parallelism)")
         self.rm_hidden: torch.Tensor | None = None  # [n, D_reward] of the last compute_logits
         # whether this step runs the reward model's layers: set by the steering processor before each forward
         # (vLLM's V1 runner calls the logits processors' ``update_state`` before the model), off when no row
@@ -86,7 +93,10 @@ class RewardInModel:
         LIVE.append(weakref.ref(self))
 
     def _with_reward(self, hidden: torch.Tensor, reward: torch.Tensor | None) -> torch.Tensor:
-        """The forward's output [T, D_target + D_reward]; zeros on the reward side in a step without TITA."""
+        """The forward's output [T, D_target + D_reward]; zeros on the reward side in a step without TITA.
+        Callers clone ``hidden`` before running the reward decoder: under piecewise CUDA graphs the target's
+        last graph hands its output memory back to the shared pool, where the reward decoder's graphs may
+        write (vLLM's gemma3n clones for the same reason)."""
         if reward is None:
             reward = hidden.new_zeros(hidden.shape[0], self.rm_width)
         return torch.cat([hidden, reward], -1)
@@ -100,9 +110,11 @@ class RewardInModel:
         """The reward model's logits for rows (indices into the last ``compute_logits``): [n, V] over the
         target's V output rows (``decoding.methods.tita.target_rows``), or [n, K] at the ``candidates`` [n, K]
         token ids only (the head then costs K of its rows)."""
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
         h = self.rm_hidden[rows]
         n = self.config.text_config.vocab_size
-        if candidates is not None and self.rm_head.weight.shape[0] >= n:
-            return head_rows(self.rm_head.weight, h, candidates)  # an unsharded head (no tensor parallelism)
+        if candidates is not None and self.rm_vocab >= n and get_tensor_model_parallel_world_size() == 1:
+            return head_rows(self.rm_head.weight, h, candidates)  # a whole head holding every candidate's row
         logits = target_rows(self.rm_vocab_processor(self.rm_head, h).float(), n)
         return logits if candidates is None else logits.gather(-1, candidates)

@@ -66,20 +66,21 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         rm = AutoConfig.from_pretrained(spec["path"])
         text = rm.text_config
         self.rm_config = rm
-        self.rm_width = text.hidden_size
+        self.rm_width, self.rm_vocab = text.hidden_size, text.vocab_size
         self.rm_tower = _Tower(rm, vllm_config.quant_config)
         self.rm_shares_tower = False  # set at load: the two towers hold the same weights, so it runs once
         self.rm_embed = VocabParallelEmbedding(text.vocab_size, text.hidden_size, prefix="rm_embed")
         with set_model_tag("vlm_steer_rm"):
             self.rm_decoder = RewardDecoder(vllm_config=vllm_config, prefix="rm_decoder", config=text,
                                             layers=text.num_hidden_layers, first=self.config.text_config.num_hidden_layers)
-        self.rm_head = (self.rm_embed if text.tie_word_embeddings
-                        else ParallelLMHead(text.vocab_size, text.hidden_size, prefix="rm_head"))
+        # transformers 5 keeps the flag on the LLaVA config, and vLLM copies it down to the text config
+        tied = getattr(rm, "tie_word_embeddings", text.tie_word_embeddings)
+        self.rm_head = self.rm_embed if tied else ParallelLMHead(text.vocab_size, text.hidden_size, prefix="rm_head")
         self.rm_vocab_processor = LogitsProcessor(text.vocab_size, scale=getattr(text, "logit_scale", 1.0))
         rows = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("rm_embeds", torch.zeros(rows, text.hidden_size), persistent=False)
         self.secondary_weights = [DefaultModelLoader.Source(spec["path"], None, prefix="rm.")]
-        self._register()
+        self._register(vllm_config)
 
     # ------------------------------------------------------------ inputs
 
@@ -101,7 +102,7 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         mm = multimodal_embeddings if multimodal_embeddings is not None and len(multimodal_embeddings) else None
         out = super().embed_input_ids(input_ids, [e[..., :d] for e in mm] if mm else None, is_multimodal=is_multimodal)
         if self.fork_active:  # the reward model's inputs for this step's forward
-            rm = self._embed_text_input_ids(input_ids, self.rm_embed, is_multimodal=is_multimodal)
+            rm = self._embed_text_input_ids(self._in_rm_vocab(input_ids), self.rm_embed, is_multimodal=is_multimodal)
             if mm:
                 rm = _merge_multimodal_embeddings(rm, [e[..., d:] for e in mm], is_multimodal)
             self.rm_embeds[: rm.shape[0]].copy_(rm)
@@ -115,30 +116,39 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
             return self._with_reward(hidden, None)
         self.fork_steps += 1
         if inputs_embeds is None:  # token ids only (no multimodal path this step)
-            self.rm_embeds[: input_ids.shape[0]].copy_(self.rm_embed(input_ids))
+            self.rm_embeds[: input_ids.shape[0]].copy_(self.rm_embed(self._in_rm_vocab(input_ids)))
+        hidden = hidden.clone()  # see RewardInModel._with_reward
         return self._with_reward(hidden, self.rm_decoder(positions, self.rm_embeds[: hidden.shape[0]]))
+
+    def _in_rm_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids past the reward model's rows (a target head padded past the tokenizer, whose padding only
+        a random-weight target picks) read its last row, as the transformers engine's TITA does."""
+        return input_ids.clamp_max(self.rm_vocab - 1)
 
     # ------------------------------------------------------------ weights
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        reward: list[tuple[str, torch.Tensor]] = []
+        params = dict(self.named_parameters())
+        tower: list[tuple[str, torch.Tensor]] = []
+        reward: set[str] = set()
 
-        def target_only():
+        def target_only():  # the reward model's tensors load as they arrive (the tower's after the target's)
             for name, w in weights:
                 if name.startswith("rm."):
-                    reward.append((name[3:], w))
+                    reward.update(self._load_reward(params, name[3:], w, tower))
                 else:
                     yield name, w
 
         loaded = super().load_weights(target_only())
-        return loaded | self._load_reward(reward)
+        reward |= {f"rm_tower.{n}" for n in AutoWeightsLoader(self.rm_tower).load_weights(tower)}
+        self._share_tower_if_equal()
+        return loaded | reward
 
-    def _load_reward(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:
-        """The reward model's checkpoint (either of transformers' LLaVA layouts, mapped as vLLM maps the
-        target's) into the reward modules."""
-        params = dict(self.named_parameters())
-        tower, loaded = [], set()
-        for name, w in self.hf_to_vllm_mapper.apply(weights):
+    def _load_reward(self, params: dict, name: str, w: torch.Tensor, tower: list) -> set[str]:
+        """One tensor of the reward model's checkpoint (either of transformers' LLaVA layouts, mapped as vLLM
+        maps the target's) into the reward modules; its vision tower's and projector's go to ``tower``."""
+        out = set()
+        for name, w in self.hf_to_vllm_mapper.apply([(name, w)]):
             if name.startswith(("vision_tower.", "multi_modal_projector.")):
                 tower.append((name, w))
                 continue
@@ -156,11 +166,22 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
                     continue
             else:
                 raise ValueError(f"unexpected tensor {name!r} in the reward model's checkpoint")
-            loaded.add(load_stacked(params, target, w))
-        loaded |= {f"rm_tower.{n}" for n in AutoWeightsLoader(self.rm_tower).load_weights(tower)}
+            out.add(load_stacked(params, target, w))
+        return out
+
+    def _share_tower_if_equal(self) -> None:
+        """Whether the two vision towers hold the same weights (then the target's serves both and the copy's
+        memory goes back); decided on every tensor-parallel rank alike (each compares its own shards)."""
         ours, theirs = self.vision_tower.state_dict(), self.rm_tower.vision_tower.state_dict()
-        self.rm_shares_tower = (ours.keys() == theirs.keys()
-                                and all(torch.equal(ours[k], theirs[k]) for k in ours))
-        if self.rm_shares_tower:  # the target's tower serves both: the copy's memory goes back
+        same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+        if get_tensor_model_parallel_world_size() > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(same)], device=next(iter(ours.values())).device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=get_tp_group().device_group)
+            same = bool(flag.item())
+        self.rm_shares_tower = same
+        if same:
             self.rm_tower.vision_tower = None
-        return loaded

@@ -166,6 +166,10 @@ def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_th
     cfg["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]  # other pixels for the same image
     (other / "processor_config.json").write_text(json.dumps(cfg))
     assert in_model_overrides(a, other) is None
+    quantized = shutil.copytree(a, tmp_path / "a-awq")
+    cfg = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    assert in_model_overrides(quantized, rm) is None
     nxt = build("llava_next", tmp_path / "next")
     assert in_model_overrides(nxt, build("llava_next", tmp_path / "next-rm", size="tiny_rm", seed=1)) is None
 

@@ -31,7 +31,9 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_tower_pair(pair, tmp_path_factory):
-    """The reward model with the target's vision tower (a LLaVA pair that froze the same CLIP, as LLaVA-1.5's)."""
+    """The reward model with the target's vision tower (a LLaVA pair that froze the same CLIP, as LLaVA-1.5's),
+    and tied input and output embeddings (transformers 5 keeps the flag on the LLaVA config)."""
+    import json
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -41,7 +43,13 @@ def shared_tower_pair(pair, tmp_path_factory):
     ours, theirs = load_file(pair[0] / "model.safetensors"), load_file(rm / "model.safetensors")
     tower = {k: v for k, v in ours.items() if k.startswith("vision_tower.")}
     assert tower and tower.keys() <= theirs.keys()
+    embed = next(k for k in theirs if k.endswith("embed_tokens.weight"))
+    head = next(k for k in theirs if k.endswith("lm_head.weight"))
+    theirs[head] = theirs[embed].clone()
     save_file({**theirs, **tower}, rm / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((rm / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (rm / "config.json").write_text(json.dumps(cfg))
     return pair[0], rm
 
 
@@ -101,7 +109,7 @@ def test_tita_tokens_hold_with_chunked_prefill_and_preemption(pair):
     assert got == want
 
 
-def test_a_shared_vision_tower_runs_once(shared_tower_pair):
+def test_a_shared_vision_tower_runs_once_and_a_tied_head_loads(shared_tower_pair):
     want = _want(*shared_tower_pair)
     engine = _engine(*shared_tower_pair)
     try:
