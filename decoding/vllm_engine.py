@@ -37,7 +37,7 @@ from decoding.model_inputs import local_folder
 from decoding.request import (Completion, Delta, EngineDead, Failed, Finished, GenerationRequest, SteeringSpec,
                               TokenLogprob, tokens_covering)
 from decoding.prompts import render_prompt
-from decoding.vllm.fork_spec import check_fork_files, in_model_overrides
+from decoding.vllm.fork_spec import check_fork_files, reward_placement
 from decoding.vllm_protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
                                     SLOTS, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
@@ -117,8 +117,8 @@ class VLLMEngine:
             os.environ[REWARD_ENV] = str(Path(reward_path).resolve())
             if is_fork(reward_path):  # refused here, before vLLM loads anything, if built for another target
                 check_fork_files(self.model_path, reward_path)
-            # vLLM would quantize the reward model's layers with the target's (an online ``quantization``)
-            in_model = None if (engine_args or {}).get("quantization") else in_model_overrides(self.model_path, reward_path)
+            in_model, where = reward_placement(self.model_path, reward_path, engine_args)
+            log.info("TITA's reward model %s", where)
             if in_model:  # a fork of a LLaVA target, or a LLaVA reward model sharing its processor: part of vLLM's model
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)

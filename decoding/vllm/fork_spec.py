@@ -47,27 +47,39 @@ def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
             and vision(a.config) == vision(b.config))
 
 
-def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -> dict | None:
-    """Engine arguments that put the reward model inside vLLM's model, or None where the pair is not of a
-    kind served there: a fork of a LLaVA target with a Llama decoder (``ForkedLlava``), or a separate LLaVA
-    reward model with a Llama decoder that shares the target's processor (``PairedLlava``). Others (other
-    families; a reward model with its own processor; a quantized target, whose quantization vLLM would apply
-    to the reward model's layers too) run in the worker as a model of their own."""
-    if reward_path is None:
-        return None
+def reward_placement(model_path: str | Path, reward_path: str | Path, engine_args: dict | None = None) -> tuple[dict | None, str]:
+    """Where the vllm engine runs TITA's reward model: (engine arguments that put it inside vLLM's model, or
+    None, and a sentence for the start-up log saying where it runs and why). Inside: a fork of a LLaVA target
+    with a Llama decoder (``ForkedLlava``), or a separate LLaVA reward model with a Llama decoder that shares
+    the target's processor (``PairedLlava``). Otherwise (other families; a reward model with its own processor
+    or vision settings; a quantized target, whose quantization vLLM would apply to the reward model's layers
+    too) it runs in the steering processor as a model of its own."""
+    worker = "runs in vLLM's worker as a second model (slower; its memory outside vLLM's budget): "
     cfg = json.loads((Path(model_path) / "config.json").read_text())
-    if not _llama_llava(cfg) or "quantization_config" in cfg:  # the reward layers would take the target's quantization
-        return None
+    if not _llama_llava(cfg):
+        return None, worker + f"the target is {cfg.get('model_type')!r}, and only LLaVA targets with a Llama decoder hold it"
+    if "quantization_config" in cfg or (engine_args or {}).get("quantization"):
+        return None, worker + "the target is quantized, and vLLM would quantize the reward model's layers too"
     path = str(Path(reward_path).resolve())
     if (Path(reward_path) / "fork.json").is_file():
         info = json.loads((Path(reward_path) / "fork.json").read_text())
         spec = {"path": path, "first_layer": info["first_layer"], "layers": info["layers"]}
-        return {"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}}
+        return ({"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}},
+                f"inside vLLM's model: a fork of the target's top {info['layers']} layers (decoding/vllm/fork_model.py)")
     rm = json.loads((Path(reward_path) / "config.json").read_text())
-    if not _llama_llava(rm) or not same_processor(model_path, reward_path):
-        return None
-    return {"hf_overrides": {"architectures": [PAIR_ARCH], REWARD_KEY: {"path": path}},
-            "model_class_overrides": {PAIR_ARCH: PAIR_CLASS}}
+    if not _llama_llava(rm):
+        return None, worker + f"it is {rm.get('model_type')!r}, and only LLaVA reward models with a Llama decoder go inside"
+    if not same_processor(model_path, reward_path):
+        return None, worker + ("its processor, image size, patch size or vision feature settings differ from the "
+                               "target's, so it cannot read the target's pixels and prompt ids")
+    return ({"hf_overrides": {"architectures": [PAIR_ARCH], REWARD_KEY: {"path": path}},
+             "model_class_overrides": {PAIR_ARCH: PAIR_CLASS}},
+            "inside vLLM's model: a separate LLaVA sharing the target's processor (decoding/vllm/paired_model.py)")
+
+
+def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -> dict | None:
+    """``reward_placement``'s engine arguments (None: no reward model, or one that runs in the worker)."""
+    return None if reward_path is None else reward_placement(model_path, reward_path)[0]
 
 
 def _meta_target(model_path: str | Path):

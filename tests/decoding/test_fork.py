@@ -153,7 +153,7 @@ def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_th
     ids and pixels; one with its own image processing, or of another family, runs in the worker."""
     import shutil
 
-    from decoding.vllm.fork_spec import PAIR_ARCH, in_model_overrides
+    from decoding.vllm.fork_spec import PAIR_ARCH, in_model_overrides, reward_placement
 
     a = build("llava", tmp_path / "a")
     rm = build("llava", tmp_path / "rm", size="tiny_rm", seed=1)
@@ -166,6 +166,10 @@ def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_th
     cfg["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]  # other pixels for the same image
     (other / "processor_config.json").write_text(json.dumps(cfg))
     assert in_model_overrides(a, other) is None
+    assert "its processor, image size, patch size or vision feature settings differ" in reward_placement(a, other)[1]
+    assert reward_placement(a, rm)[1].startswith("inside vLLM's model: a separate LLaVA")
+    online = reward_placement(a, rm, {"quantization": "fp8"})
+    assert online[0] is None and "quantized" in online[1]
     quantized = shutil.copytree(a, tmp_path / "a-awq")
     cfg = json.loads((quantized / "config.json").read_text())
     (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}}))
