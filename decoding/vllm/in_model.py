@@ -92,14 +92,18 @@ class RewardInModel:
         self.fork_steps = 0  # forward passes that ran the reward model's layers (read by tests)
         LIVE.append(weakref.ref(self))
 
-    def _with_reward(self, hidden: torch.Tensor, reward: torch.Tensor | None) -> torch.Tensor:
-        """The forward's output [T, D_target + D_reward]; zeros on the reward side in a step without TITA.
-        Callers clone ``hidden`` before running the reward decoder: under piecewise CUDA graphs the target's
-        last graph hands its output memory back to the shared pool, where the reward decoder's graphs may
-        write (vLLM's gemma3n clones for the same reason)."""
-        if reward is None:
-            reward = hidden.new_zeros(hidden.shape[0], self.rm_width)
-        return torch.cat([hidden, reward], -1)
+    def _with_reward(self, hidden: torch.Tensor, decode=None) -> torch.Tensor:
+        """The forward's output [T, D_target + D_reward]: ``hidden`` beside ``decode()`` (the reward decoder's
+        final hidden states), or zeros in a step without TITA. ``hidden`` is copied into the output before the
+        reward decoder runs: under piecewise CUDA graphs the target's last graph hands its output memory back
+        to the shared pool, where the reward decoder's graphs may write (vLLM's gemma3n clones for the same
+        reason)."""
+        d = hidden.shape[-1]
+        out = hidden.new_empty(hidden.shape[0], d + self.rm_width) if decode else hidden.new_zeros(hidden.shape[0], d + self.rm_width)
+        out[:, :d] = hidden
+        if decode:
+            out[:, d:] = decode()
+        return out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         d = hidden_states.shape[-1] - self.rm_width

@@ -117,8 +117,7 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         self.fork_steps += 1
         if inputs_embeds is None:  # token ids only (no multimodal path this step)
             self.rm_embeds[: input_ids.shape[0]].copy_(self.rm_embed(self._in_rm_vocab(input_ids)))
-        hidden = hidden.clone()  # see RewardInModel._with_reward
-        return self._with_reward(hidden, self.rm_decoder(positions, self.rm_embeds[: hidden.shape[0]]))
+        return self._with_reward(hidden, lambda: self.rm_decoder(positions, self.rm_embeds[: hidden.shape[0]]))
 
     def _in_rm_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids past the reward model's rows (a target head padded past the tokenizer, whose padding only

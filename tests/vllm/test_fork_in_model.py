@@ -9,6 +9,7 @@ from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from shapeworld.models import MODELS_DIR
 from shapeworld.text import CAPTION_PROMPT
 from shapeworld.world import make_scenes
+from tests.vllm.engine_stats import preempted_requests
 
 SCENES = make_scenes("bait", 8, 777)
 
@@ -60,8 +61,7 @@ def test_tita_tokens_hold_under_preemption(want):
     engine = _engine(max_model_len=192, block_size=32, num_gpu_blocks_override=11)
     try:
         got = [c.token_ids for c in engine.generate(_requests())]
-        prom = [s for s in engine.llm.logger_manager.stat_loggers if hasattr(s, "counter_num_preempted_reqs")]
-        preempted = sum(c._value.get() for c in prom[0].counter_num_preempted_reqs.values())
+        preempted = preempted_requests(engine)
     finally:
         engine.close()
     assert preempted > 0

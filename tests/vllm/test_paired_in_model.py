@@ -9,6 +9,7 @@ from PIL import Image
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from tests.families import build
+from tests.vllm.engine_stats import preempted_requests
 
 COLOURS = ["red", "blue", "green", "white", "black", "yellow", "purple", "grey"]
 SIZES = [(40, 30), (64, 64), (20, 70), (96, 32)]
@@ -101,8 +102,7 @@ def test_tita_tokens_hold_with_chunked_prefill_and_preemption(pair):
                      num_gpu_blocks_override=5)
     try:
         got = [c.token_ids for c in engine.generate(_requests())]
-        prom = [s for s in engine.llm.logger_manager.stat_loggers if hasattr(s, "counter_num_preempted_reqs")]
-        preempted = sum(c._value.get() for c in prom[0].counter_num_preempted_reqs.values())
+        preempted = preempted_requests(engine)
     finally:
         engine.close()
     assert preempted > 0
