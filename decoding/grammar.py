@@ -222,8 +222,8 @@ class Grammars:
     def check(self, so: StructuredOutput, max_tokens: int, stop_ids=(), min_tokens: int = 0) -> None:
         """Refuse (``Unsatisfiable``) a constraint that no sequence of at most ``max_tokens`` tokens of the
         vocabulary satisfies, or ``ValueError`` for an invalid one. Always caught: a grammar whose first
-        token no token of the vocabulary can begin (the embedded ShapeWorld model's 64 words cannot write a
-        ``{``). Caught within ``SEARCH_BUDGET`` matcher states: a grammar that every token sequence leaves
+        token no token of the vocabulary can begin (the embedded ShapeWorld model's 64 tokens write no digit,
+        and no ``{`` but that of its one JSON shape). Caught within ``SEARCH_BUDGET`` matcher states: a grammar that every token sequence leaves
         in a dead end, or that needs more than ``max_tokens`` tokens (a depth-first search over the allowed
         tokens; a larger search space is let through, and a dead end met during generation fails the
         request: ``GrammarDeadEnd``). ``min_tokens``: the end (EOS, stop ids) is masked before that many

@@ -18,8 +18,8 @@ transformers engine. A row whose steering fails ends at once (its logits allow o
 reported through the counters: never served unsteered. Under a grammar (vLLM's structured outputs mask
 the logits before this processor) steering must keep masked tokens at -inf and give no NaN, else the row
 fails; a failed row whose grammar forbids the EOS gets its masked, unsteered logits for that one step
-instead, and the server, which reads the failure before that step's token, fails and aborts the request. Steered tokens are counted when steering
-changes the top token and taken back at the next step if that sample was discarded. Rows that ask for
+instead, and the server, which reads the failure before that step's token, fails and aborts the request. Steered tokens are counted (on the device)
+when steering changes the top token and taken back at the next step if that sample was discarded. Rows that ask for
 an explanation (``args["explain"]``, with or without steering) get one entry per step in the
 ``decoding.vllm_protocol.ExplainRing``.
 """
@@ -33,6 +33,7 @@ import torch
 
 from decoding.explain import contribution
 from decoding.grammar import GrammarDeadEnd, unmasked
+from decoding.host import upload
 from decoding.methods import usable_methods
 from decoding.model_inputs import inputs_for
 from decoding.request import GenerationRequest
@@ -115,7 +116,7 @@ class _MethodRows:
             # else: rows left, or some grew and some did not: those still here start again below
         self.cohorts = cohorts
         if self.members:
-            self.method.advance(self.state, self.members, torch.tensor([m.token_ids[-1] for m in self.members]))
+            self.method.advance(self.state, self.members, torch.tensor([m.token_ids[-1] for m in self.members]))  # host ids
             self.consumed = [c + 1 for c in self.consumed]
         held = {id(m) for m in self.members} | {id(r) for c in self.cohorts for r in c.rows}
         fresh = [r for r in rows if id(r) not in held]
@@ -137,12 +138,15 @@ class _MethodRows:
 
     def steer(self, rows: list, logits: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
         """Scores for ``rows`` (in the caller's order) from the main state and the cohorts."""
+        groups = [(state, held) for state, held in ((self.state, self.members), *((c.state, c.rows) for c in self.cohorts))
+                  if held]
+        if len(groups) == 1 and [id(r) for r in groups[0][1]] == [id(r) for r in rows]:  # the steady state: one state, in order
+            return self.method.steer(groups[0][0], rows, logits, strength)
         where = {id(r): i for i, r in enumerate(rows)}
         out = logits.clone()
-        for state, held in ((self.state, self.members), *((c.state, c.rows) for c in self.cohorts)):
-            if held:
-                order = torch.tensor([where[id(m)] for m in held], dtype=torch.long)
-                out[order] = self.method.steer(state, held, logits[order], strength[order])
+        for state, held in groups:
+            order = upload([where[id(m)] for m in held], torch.long, logits.device)
+            out[order] = self.method.steer(state, held, logits[order], strength[order])
         return out
 
 
@@ -159,7 +163,13 @@ class PerRequestSteering:
         self.counters = counters
         self.rows: dict[int, tuple] = {}  # batch index -> (Row, its arguments)
         self.masked: set[int] = set()  # id() of the rows under a grammar (vLLM's structured outputs mask them first)
-        self._pending: dict[int, tuple] = {}  # id(row) -> (row, args, its tokens) of last step's counted changes
+        # steered tokens, counted on the logits' device (``_count``): per request slot, copied whole into the
+        # counters file at each step without a host sync; last step's changes, taken back for rows whose
+        # sample was discarded; slots whose count restarts (a new admission, ``Counters.admitted``)
+        self._steered: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, dict[int, tuple]] | None = None
+        self._admissions: dict[int, float] = {}
+        self._restart: list[int] = []
 
     # ------------------------------------------------------------ batch bookkeeping
 
@@ -170,7 +180,8 @@ class PerRequestSteering:
         for i in removed:
             e = self.rows.pop(i, None)
             if e is not None:
-                self._pending.pop(id(e[0]), None)
+                if self._last is not None:
+                    self._last[1].pop(id(e[0]), None)
                 self.masked.discard(id(e[0]))
         for i, params, prompt_ids, output_ids in added:
             args = (params.extra_args or {}).get(ARG) if params is not None else None
@@ -180,6 +191,11 @@ class PerRequestSteering:
                     self.masked.discard(id(e[0]))
                 continue
             row = self._row(args, list(prompt_ids or []), output_ids)
+            if self.counters is not None:  # a new admission of the slot restarts its count; a resumed row keeps it
+                seen = float(self.counters.admitted[args["slot"]])
+                if self._admissions.get(args["slot"]) != seen:
+                    self._admissions[args["slot"]] = seen
+                    self._restart.append(args["slot"])
             if getattr(params, "structured_outputs", None) is not None:
                 self.masked.add(id(row))
             self.rows[i] = (row, args)
@@ -222,7 +238,10 @@ class PerRequestSteering:
     # ------------------------------------------------------------ each step
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        self._settle()
+        """The steered scores of one step's logits [rows, V]. No host sync in a step whose rows have no grammar,
+        no explanation and no failure: index and strength lists go up without blocking (``decoding.host``),
+        and changed tokens are counted on the device (``tests/decoding/test_host_syncs.py`` counts them)."""
+        self._settle(logits.device)
         if self.counters is not None:
             self.counters.t[0] += 1
         rows = {i: e for i, e in self.rows.items() if i < logits.shape[0]}
@@ -230,6 +249,7 @@ class PerRequestSteering:
             for g in self.groups.values():
                 g.reset()
             return logits
+        device = logits.device
         for i, (r, args) in rows.items():  # a row whose grammar allows no token: it fails, nothing is forced
             if id(r) in self.masked and r.error is None and not torch.isfinite(logits[i]).any():
                 self._fail(r, args, None, GrammarDeadEnd("the requested output format allows no token here"))
@@ -252,13 +272,14 @@ class PerRequestSteering:
                     self._fail(*rows[i], name, lost[id(rows[i][0])])
                 idx = [i for i in idx if id(rows[i][0]) not in lost]
                 members = [rows[i][0] for i in idx]
-                strength = torch.tensor([r.steer[name] for r in members], device=logits.device)
+                strength = upload([r.steer[name] for r in members], torch.float32, device)
+                at = upload(idx, torch.long, device)
                 pos = [p for p, i in enumerate(ex) if i in idx]
                 kept = scores[[ex[p] for p in pos]].float() if pos else None  # a copy, before the method
                 masked = [i for i in idx if id(rows[i][0]) in self.masked]
                 prior = scores[masked] if masked else None  # a copy: the grammar's -inf before the method
                 if idx:
-                    scores[idx] = group.steer(members, scores[idx], strength).to(scores.dtype)
+                    scores[at] = group.steer(members, scores[at], strength).to(scores.dtype)
                 if masked:  # a steered answer stays valid: a method that unmasks a token (or gives NaN) fails its row
                     for i, bad in zip(masked, unmasked(prior, scores[masked]).tolist()):
                         if bad:
@@ -272,9 +293,10 @@ class PerRequestSteering:
                 group.reset()
             if self.counters is not None:
                 self.counters.t[1 + METHODS.index(name)] += time.perf_counter() - t0
-        changed = (scores.argmax(-1) != before).tolist()
+        changed = scores.argmax(-1) != before  # on the device: counted there (``_count``)
         if ex:
-            self._explain([rows[i] for i in ex], logits[ex], scores[ex], parts, [changed[i] for i in ex])
+            shown = changed.tolist()
+            self._explain([rows[i] for i in ex], logits[ex], scores[ex], parts, [shown[i] for i in ex])
         for i, (r, args) in rows.items():
             if r.error is not None:  # never served unsteered: the row ends at once (end of sequence) ...
                 eos = args.get("eos", 0)
@@ -283,8 +305,7 @@ class PerRequestSteering:
                     continue  # failure first, never serves (it aborts the request)
                 scores[i] = float("-inf")
                 scores[i, eos] = 0.0
-            elif changed[i]:
-                self._count(r, args, +1)
+        self._count(changed, [(i, r, args) for i, (r, args) in rows.items() if r.error is None])
         return scores
 
     def _explain(self, rows: list, logits: torch.Tensor, scores: torch.Tensor, parts: dict, changed: list) -> None:
@@ -307,19 +328,57 @@ class PerRequestSteering:
             slot, nonce = args["explain"]
             self.explain.write(slot, nonce, len(r.token_ids), (int(base_i[k]), float(base_v[k])), changed[k], table[k])
 
-    def _count(self, row, args: dict, delta: int) -> None:
-        """Steered tokens: counted when steering changes the top token; taken back at the next step if the
-        row's tokens did not grow (a chunked prefill's samples are discarded)."""
-        if delta > 0:
-            self._pending[id(row)] = (row, args, len(row.token_ids))
-        if self.counters is not None:
-            self.counters.slot(args["slot"])[0] += delta
+    def _counts(self, device: torch.device) -> torch.Tensor:
+        """Steered tokens per request slot [SLOTS] float64 on ``device``: on a CPU the counters file's own block;
+        on an accelerator a device tensor copied into that block after each change, without blocking (the
+        file's pages are registered as pinned memory, so the copy lands before vLLM's sampled tokens reach the
+        host, and the server reads a finished request's count after its last token)."""
+        if self._steered is None:
+            block = self.counters.steered
+            if device.type == "cpu":
+                self._steered = block
+            else:
+                self._steered = block.to(device)
+                if device.type == "cuda":
+                    t = self.counters.t
+                    if torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) != 0:
+                        import logging
 
-    def _settle(self) -> None:
-        for r, args, n in list(self._pending.values()):
-            if len(r.token_ids) == n and r.error is None:
-                self._count(r, args, -1)
-        self._pending.clear()
+                        logging.getLogger("vlm_steer.worker").warning(
+                            "the counters file could not be pinned: steered-token counts copy with a host sync")
+        if self._restart:
+            self._steered.index_fill_(0, upload(self._restart, torch.long, device), 0)
+            self._restart = []
+        return self._steered
+
+    def _count(self, changed: torch.Tensor, rows: list[tuple[int, object, dict]]) -> None:
+        """Steered tokens: a row's count grows where steering changed its top token this step (``changed``
+        [rows] bool, on the device); ``_settle`` takes a change back at the next step if the row's tokens
+        did not grow (a chunked prefill's samples are discarded)."""
+        if self.counters is None or not rows:
+            return
+        device = changed.device
+        counts = self._counts(device)
+        pos = upload([i for i, _, _ in rows], torch.long, device)
+        counts.index_add_(0, upload([a["slot"] for _, _, a in rows], torch.long, device), changed[pos].to(counts.dtype))
+        self._last = (changed, {id(r): (i, a["slot"], len(r.token_ids), r) for i, r, a in rows})
+        self._publish(counts)
+
+    def _settle(self, device: torch.device) -> None:
+        last, self._last = self._last, None
+        if last is None or self.counters is None:
+            return
+        changed, rows = last
+        back = [(i, slot) for i, slot, n, r in rows.values() if len(r.token_ids) == n and r.error is None]
+        if back:
+            counts = self._counts(device)
+            pos = upload([i for i, _ in back], torch.long, device)
+            counts.index_add_(0, upload([s for _, s in back], torch.long, device), -changed[pos].to(counts.dtype))
+            self._publish(counts)
+
+    def _publish(self, counts: torch.Tensor) -> None:
+        if counts is not self.counters.steered:
+            self.counters.steered.copy_(counts, non_blocking=True)
 
     def _fail(self, row, args: dict, method: str | None, error: Exception) -> None:
         """The row fails: ``method``'s steering raised ``error``, or (``method`` None) its grammar dead-ended."""
@@ -327,4 +386,4 @@ class PerRequestSteering:
 
         row.error = row.error or (SteeringFailed(method, error) if method else error)
         if self.counters is not None:
-            self.counters.slot(args["slot"])[1] = METHODS.index(method) + 1 if method else DEAD_END
+            self.counters.failed[args["slot"]] = METHODS.index(method) + 1 if method else DEAD_END

@@ -274,7 +274,7 @@ class VLLMEngine:
 
     def _slot(self) -> int:
         slot = next(self._slots) % SLOTS
-        self.counters.slot(slot).zero_()
+        self.counters.reset(slot)
         return slot
 
     def _explain_slot(self, request: GenerationRequest) -> tuple[int, int] | None:
@@ -368,7 +368,7 @@ class VLLMEngine:
                     sink(Delta(piece, token_ids[sent:ready], logprobs[sent:ready], explained[sent:ready]))
                     sent = ready
                 if out.finished:
-                    steered = int(self.counters.slot(row.slot)[0])
+                    steered = int(self.counters.steered[row.slot]) if row.steer else 0
                     sink(Finished(Completion(row.request.request_id, token_ids, text, o.finish_reason or "length",
                                              len(row.prompt_ids), logprobs if k is not None else None, steered,
                                              explained if row.explain else None)))
@@ -390,7 +390,7 @@ class VLLMEngine:
 
     def _failure(self, row: VLLMRow) -> Exception | None:
         """The row's failure as the steering processor reported it (counters), or None."""
-        failed = int(self.counters.slot(row.slot)[1])
+        failed = int(self.counters.failed[row.slot])
         if not failed:
             return None
         if failed == DEAD_END:

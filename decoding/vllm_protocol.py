@@ -19,12 +19,17 @@ EXPLAIN_ENV = "VLM_STEER_EXPLAIN"  # the shared explanation ring file
 METHODS = ("tita", "fisao")  # application order, as in the transformers engine's registry
 SLOTS = 1 << 16
 HEADER = 8  # [0] engine steps, [1 + k] seconds spent by METHODS[k]
-FIELDS = 2  # per slot: steered tokens, failed method (index + 1, 0 = none; DEAD_END: no token was allowed)
+FIELDS = 3  # per slot, each in a block of SLOTS values: steered tokens, failed method, admissions
 DEAD_END = 255  # a row's grammar allowed no token of the vocabulary (decoding.grammar.GrammarDeadEnd)
 
 
 class Counters:
-    """float64 counters in a file mapped by the server and the worker (both read and write)."""
+    """float64 counters in a file mapped by the server and the worker (both read and write): a header, then
+    per request slot the tokens steering changed (``steered``, one contiguous block: the worker counts them
+    on the device and copies the block here without a host sync) and the method that failed
+    (``failed``: index + 1, 0 = none, ``DEAD_END``: its grammar allowed no token), and how many requests the
+    slot has been handed to (``admitted``: the worker zeroes its device count when a row's slot has a new
+    admission, and keeps it for a row vLLM preempted and resumed)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -32,11 +37,17 @@ class Counters:
             with open(path, "wb") as f:
                 f.truncate(self.nbytes)
         self.t = torch.from_file(path, shared=True, size=HEADER + FIELDS * SLOTS, dtype=torch.float64)
+        self.steered = self.t[HEADER : HEADER + SLOTS]
+        self.failed = self.t[HEADER + SLOTS : HEADER + 2 * SLOTS]
+        self.admitted = self.t[HEADER + 2 * SLOTS : HEADER + 3 * SLOTS]
 
     nbytes = 8 * (HEADER + FIELDS * SLOTS)
 
-    def slot(self, k: int) -> torch.Tensor:
-        return self.t[HEADER + FIELDS * k : HEADER + FIELDS * (k + 1)]
+    def reset(self, k: int) -> None:
+        """A slot handed to a new request."""
+        self.steered[k] = 0
+        self.failed[k] = 0
+        self.admitted[k] += 1
 
 
 EXPLAIN_SLOTS = 64  # explaining choices at once (more reuse slots: the nonce tells stale entries apart)

@@ -12,11 +12,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from decoding.grammar import StructuredOutput
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from reward_models.data import DataSet
 from reward_models.metrics import answer_is_yes, binary_scores, chair, f1_difference_interval
 
 CAPTION_MAX_TOKENS = 40
+# `--captions json`: the caption prompt answered under this JSON schema (the objects as a list of free strings;
+# strings, not enums, so that any tokenizer can write them), scored on the listed strings: the CHAIR of
+# extracted JSON, where a hallucinated field is a hallucinated object.
+OBJECTS_SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "items": {"type": "string"}, "maxItems": 8}},
+                  "required": ["objects"], "additionalProperties": False}
+CAPTION_FORMATS = ("text", "json")
+
+
+def listed_objects(text: str) -> str:
+    """The strings of an ``OBJECTS_SCHEMA`` answer joined as a sentence ("red square . blue circle"); the raw
+    text when it does not parse (an answer cut by ``max_tokens``)."""
+    try:
+        objects = json.loads(text)["objects"]
+    except (ValueError, KeyError, TypeError):
+        return text
+    return " . ".join(o for o in objects if isinstance(o, str))
 
 
 def _generate(engine, requests: list[GenerationRequest], batch: int, desc: str):
@@ -26,18 +43,33 @@ def _generate(engine, requests: list[GenerationRequest], batch: int, desc: str):
     return out
 
 
-def evaluate(engine, data: DataSet, steering: SteeringSpec, batch: int = 32, max_tokens: int = CAPTION_MAX_TOKENS) -> dict:
-    """CHAIR and recall of greedy captions of every image, and POPE scores per question file."""
+def evaluate(engine, data: DataSet, steering: SteeringSpec, batch: int = 32, max_tokens: int = CAPTION_MAX_TOKENS,
+             captions: str = "text") -> dict:
+    """CHAIR and recall of greedy captions of every image, and POPE scores per question file. ``captions``
+    "json": the captions are answers under ``OBJECTS_SCHEMA`` (``structured_outputs`` json), scored on the
+    listed objects, and POPE is not asked (its one-token answers do not change)."""
+    if captions not in CAPTION_FORMATS:
+        raise ValueError(f"captions {captions!r}: one of {CAPTION_FORMATS}")
     ids = data.image_ids
     images = {i: data.image(i) for i in ids}
     prompt = data.caption_prompt
     greedy = SamplingParams(max_tokens=max_tokens)
-    caps = [GenerationRequest.single_turn(prompt, [images[i]], sampling=greedy, steering=steering) for i in ids]
+    fmt = StructuredOutput("json", json.dumps(OBJECTS_SCHEMA)) if captions == "json" else None
+    caps = [GenerationRequest.single_turn(prompt, [images[i]], sampling=greedy, steering=steering, structured=fmt)
+            for i in ids]
     t0 = time.perf_counter()
     done = _generate(engine, caps, batch, f"captions [{steering.method}]")
     seconds = time.perf_counter() - t0
     generated = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in done)
-    result = chair([data.vocabulary.mentions(c.text) for c in done], [data.objects[i] for i in ids])
+    read = listed_objects if captions == "json" else (lambda text: text)
+    result = chair([data.vocabulary.mentions(read(c.text)) for c in done], [data.objects[i] for i in ids])
+    result["captions"] = captions
+    result["tokens_per_second"] = generated / seconds
+    result["examples"] = [{"truth": (data.captions.get(i) or [""])[0], "generated": c.text} for i, c in zip(ids[:5], done[:5])]
+    if captions == "json":
+        result["valid_json"] = sum(read(c.text) is not c.text for c in done) / len(done)
+        result["pope"], result["pope_answers"] = {}, {}
+        return result
     # every distinct (image, question) is asked once and shared by the question files
     keys = sorted({(q.image, q.text) for qs in data.pope.values() for q in qs})
     one = SamplingParams(max_tokens=1)
@@ -47,27 +79,26 @@ def evaluate(engine, data: DataSet, steering: SteeringSpec, batch: int = 32, max
                       for name, qs in data.pope.items()}
     # each question's answer (1 = yes), in file order: the paired bootstrap against `none` reads them
     result["pope_answers"] = {name: [int(answers[(q.image, q.text)]) for q in qs] for name, qs in data.pope.items()}
-    result["tokens_per_second"] = generated / seconds
-    result["examples"] = [{"truth": (data.captions.get(i) or [""])[0], "generated": c.text} for i, c in zip(ids[:5], done[:5])]
     return result
 
 
 def run_quality(engine, data: DataSet, methods: list[str], strengths: dict | None = None, batch: int = 32,
-                sweep: tuple[str, list[float]] | None = None, meta: dict | None = None) -> dict:
+                sweep: tuple[str, list[float]] | None = None, meta: dict | None = None, captions: str = "text") -> dict:
     """One entry per method (at its requested or default strength) and, with ``sweep=(method, values)``,
-    one entry ``method@value`` per strength. ``meta``: what the report says about the data (split, seed)."""
+    one entry ``method@value`` per strength. ``meta``: what the report says about the data (split, seed);
+    ``captions``: "text" or "json" (``evaluate``)."""
     report = {"data": str(data.root), "n": len(data.image_ids), **(meta or {}), "model": engine.model_path,
               "engine": engine.name, "methods": {}}
     for m in methods:
         spec = SteeringSpec(m, (strengths or {}).get(m))
-        report["methods"][m] = evaluate(engine, data, spec, batch)
+        report["methods"][m] = evaluate(engine, data, spec, batch, captions=captions)
         report["methods"][m]["strength"] = engine.resolve(spec)
     if sweep:
         name, values = sweep
         for v in values:
-            report["methods"][f"{name}@{v:g}"] = evaluate(engine, data, SteeringSpec(name, v), batch)
+            report["methods"][f"{name}@{v:g}"] = evaluate(engine, data, SteeringSpec(name, v), batch, captions=captions)
     base = report["methods"].get("none")
-    if base is not None:  # each method's POPE F1 minus none's, with a paired bootstrap 95% interval
+    if base is not None and captions == "text":  # each method's POPE F1 minus none's, with a paired bootstrap 95% interval
         truth = {name: [q.label for q in qs] for name, qs in data.pope.items()}
         for m, r in report["methods"].items():
             if m != "none":
@@ -88,15 +119,17 @@ def _pope_files(report: dict) -> list[str]:
 
 def format_table(report: dict) -> str:
     files = _pope_files(report)
-    head = (f"{_title(report)}\n"
+    json_caps = any("valid_json" in r for r in report["methods"].values())
+    head = (f"{_title(report)}{', JSON captions' if json_caps else ''}\n"
             f"{'method':<12} {'CHAIR_i':>8} {'CHAIR_s':>8} {'recall':>7} "
             + " ".join(f"{'F1 ' + s:>{max(7, len(s) + 3)}} {'acc ' + s:>{max(7, len(s) + 4)}}" for s in files)
-            + f" {'tok/s':>8}")
+            + (f" {'valid':>6}" if json_caps else "") + f" {'tok/s':>8}")
     lines = [head]
     for m, r in report["methods"].items():
         pope = " ".join(f"{r['pope'][s]['f1']:>{max(7, len(s) + 3)}.3f} {r['pope'][s]['accuracy']:>{max(7, len(s) + 4)}.3f}"
                         for s in files)
-        lines.append(f"{m:<12} {r['chair_i']:>8.3f} {r['chair_s']:>8.3f} {r['recall']:>7.3f} {pope} "
+        valid = f" {r.get('valid_json', float('nan')):>6.3f}" if json_caps else ""
+        lines.append(f"{m:<12} {r['chair_i']:>8.3f} {r['chair_s']:>8.3f} {r['recall']:>7.3f} {pope}{valid} "
                      f"{r['tokens_per_second']:>8.1f}")
     intervals = [(m, r["pope_vs_none"]) for m, r in report["methods"].items() if "pope_vs_none" in r]
     if intervals:

@@ -178,7 +178,8 @@ def _bench_quality(args: argparse.Namespace) -> None:
         from server.bench_quality import run_quality as run_on_data
 
         runs = [(Path(d).name, lambda d=d: run_on_data(engine, DataSet.load(d), methods, _strengths(args.strength),
-                                                       batch=args.batch, sweep=sweep)) for d in args.data.split(",")]
+                                                       batch=args.batch, sweep=sweep, captions=args.captions))
+                for d in args.data.split(",")]
     else:  # the embedded world's splits (ShapeWorld's: exported to those formats on the fly)
         runs = _embedded().quality_runs(args, engine, methods, _strengths(args.strength), sweep)
     for name, run in runs:
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible), or a reward model "
                                      "and a verifier calibration for any target on any data set (--data)")
-    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "judge", "all"])
+    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "judge", "json", "all"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--verifier", default=None, help="calibrate: the verifier folder (CLIP, SigLIP, ...) to calibrate")
     t.add_argument("--data", default=None, help="calibrate: labelled data set folder(s), comma-separated "
@@ -389,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sweep", default=None, help="strength sweep of one method, e.g. tita:0,0.2,0.4,0.6,0.8")
     q.add_argument("--n", type=int, default=300, help="scenes per split")
     q.add_argument("--seed", type=int, default=1234, help="scene seed (held out: not in 0-99)")
+    q.add_argument("--captions", default="text", choices=["text", "json"],
+                   help="json: captions answered under a JSON schema (a list of object strings, structured outputs) "
+                        "and scored on the listed objects; POPE is not asked")
     q.add_argument("--json", default=None, help="write the report here")
     q.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
     q.add_argument("--batch", type=int, default=32)

@@ -16,10 +16,11 @@ RESERVED_SEEDS = frozenset(range(0, 100)) | {500}
 
 
 def run_quality(engine, split: str, n: int, seed: int, methods: list[str], strengths: dict | None = None,
-                batch: int = 32, sweep: tuple[str, list[float]] | None = None) -> dict:
+                batch: int = 32, sweep: tuple[str, list[float]] | None = None, captions: str = "text") -> dict:
     """``server.bench_quality.run_quality`` on ``n`` scenes of a split (exported to a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix=f"shapeworld-{split}-") as d:
         data = DataSet.load(export(split, n, seed, d))
-        rep = run_on_data(engine, data, methods, strengths, batch, sweep, meta={"split": split, "seed": seed})
+        rep = run_on_data(engine, data, methods, strengths, batch, sweep, meta={"split": split, "seed": seed},
+                          captions=captions)
     rep["data"] = f"shapeworld:{split}:n={n}:seed={seed}"
     return rep

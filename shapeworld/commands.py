@@ -34,7 +34,7 @@ def data(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace, recipe) -> None:
-    """The embedded models' stages (`vlm-steer train verifier|calibrate|vlm|reward|all` without --data), into
+    """The embedded models' stages (`vlm-steer train verifier|calibrate|vlm|reward|json|all` without --data), into
     ``--out`` (verifier/, vlm/, reward/); ``recipe``: the reward model's recipe from the command line."""
     out = Path(args.out)
     if args.what in ("verifier", "all"):
@@ -66,6 +66,12 @@ def train(args: argparse.Namespace, recipe) -> None:
         from shapeworld.train_reward import train_embedded_reward
 
         train_embedded_reward(out, args.seed + 1, recipe)
+    if args.what in ("json", "all"):  # JSON answers: the new tokens' rows of the VLM and of its fork
+        from shapeworld.train_json import JsonTokensConfig, train_json_tokens
+
+        cfg = JsonTokensConfig(seed=args.seed + 3)
+        cfg.steps = args.steps or cfg.steps
+        print(json.dumps(train_json_tokens(out, cfg), indent=2))
 
 
 def reward_recipe():
@@ -81,7 +87,7 @@ def quality_runs(args: argparse.Namespace, engine, methods: list[str], strengths
     if args.seed in RESERVED_SEEDS:
         print(f"warning: seed {args.seed} is reserved for training/calibration; results are not held-out", file=sys.stderr)
     return [(split, lambda split=split: run_quality(engine, split, args.n, args.seed, methods, strengths,
-                                                    batch=args.batch, sweep=sweep))
+                                                    batch=args.batch, sweep=sweep, captions=args.captions))
             for split in args.split.split(",")]
 
 

@@ -27,6 +27,24 @@ def no_answer(asked: Obj, objects: list[Obj]) -> str:
     return f"{NO} , there is {caption(near)}" if near else NO
 
 
+# JSON answers ({"objects": ["red square", ...]}): raw tokens (no word mark) in the tokenizer's unused slots, so
+# that a grammar (xgrammar reads token strings raw) can write the JSON the 64 words cannot: an opening, a
+# string opened on each colour, a string closed with a comma or with the end of the list and object. Shapes
+# stay word tokens ("▁square"), which detokenize as " square": the string reads "red square".
+JSON_OPEN, JSON_NEXT, JSON_CLOSE = '{"objects":[', '",', '"]}'
+JSON_TOKENS: tuple[str, ...] = (JSON_OPEN, *(f'"{c}' for c in COLOURS), JSON_NEXT, JSON_CLOSE)
+# What a grammar asks of that JSON: a free-string list (the grammar sees "red▁square", so an enum of
+# "red square" can never match the word tokens).
+OBJECTS_SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "items": {"type": "string"},
+                                                               "maxItems": 6}},
+                  "required": ["objects"], "additionalProperties": False}
+
+
+def json_answer(objects: list[Obj]) -> str:
+    """'{"objects":["red circle","blue square"]}' (objects in reading order, as ``caption`` lists them)."""
+    return JSON_OPEN + JSON_NEXT.join(f'"{phrase(o)}' for o in objects) + JSON_CLOSE
+
+
 def parse_objects(text: str) -> list[Obj]:
     """Object mentions in generated text, in order (a colour word followed by a shape word)."""
     words = text.replace(".", " . ").replace("?", " ? ").replace(",", " , ").split()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from shapeworld.text import VOCABULARY
+from shapeworld.text import JSON_OPEN, JSON_TOKENS, VOCABULARY
 
 PAD, BOS, UNK, EOS, IMAGE = "<pad>", "<s>", "<unk>", "</s>", "<image>"
 # CLIP's text tower pools at the first EOS, except that eos id 2 selects a legacy code path: keep EOS at 3.
@@ -36,9 +36,12 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(for_clip_text: bool = False) -> PreTrainedTokenizerFast:
-    """The project's tokenizer. ``for_clip_text`` appends EOS (CLIP's text tower pools there)."""
+    """The project's tokenizer. ``for_clip_text`` appends EOS (CLIP's text tower pools there); the chat
+    tokenizer (not CLIP's) also holds ``JSON_TOKENS`` as added tokens (matched before the word split, so
+    JSON text in a conversation encodes to them)."""
     words = [f"▁{w}" for w in VOCABULARY]
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
+    raw = [] if for_clip_text else list(JSON_TOKENS)
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words, *raw])}
     while len(vocab) % VOCAB_MULTIPLE:
         vocab[f"<extra_{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -64,4 +67,6 @@ def build_tokenizer(for_clip_text: bool = False) -> PreTrainedTokenizerFast:
             "additional_special_tokens": [AddedToken(IMAGE, lstrip=True, rstrip=True, special=True, normalized=False)],
         }
     )
+    # The opening swallows the space before it (the chat template writes "ASSISTANT: " + answer).
+    fast.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=t == JSON_OPEN) for t in raw])
     return fast

@@ -13,18 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.host import upload
+
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.steer_math import token_bonus
 
 YES_WORDS, NO_WORDS = ("yes", "Yes"), ("no", "No")
 CONTEXTS = ("a", "the", ".", "is")  # words after which a phrase's in-context split is read off
+JSON_STRING = '"'  # a phrase as a JSON string's value ('["red square"'): the quote may merge into its first token
 
 
 def generated_splits(tokenizer, text: str) -> list[tuple[int, ...]]:
     """The token ids a model emits for ``text``: at the start of its answer and after a word. The second is
     read in context (the ids of "a " + text less those of "a"), not from " " + text alone: a SentencePiece
     tokenizer splits a lone " yes" into a bare "▁" and "▁yes", which no model generates after a word;
-    byte-level tokenizers emit "Ġyes" after a word and "yes" at the start. Empty and duplicate splits dropped."""
+    byte-level tokenizers emit "Ġyes" after a word and "yes" at the start. A third split is the phrase opening
+    a JSON string (structured outputs): the ids after a quote, or with the quote when the tokenizer merges it
+    into the first word (the embedded tokenizer's '"red'), kept only when it decodes back to the phrase.
+    Empty and duplicate splits dropped."""
     encode = lambda t: tuple(tokenizer(t, add_special_tokens=False).input_ids)
     out = [encode(text)]
     for ctx in CONTEXTS:
@@ -32,6 +38,10 @@ def generated_splits(tokenizer, text: str) -> list[tuple[int, ...]]:
         if head and full[: len(head)] == head and len(full) > len(head):
             out.append(full[len(head):])
             break
+    quote, full = encode(JSON_STRING), encode(JSON_STRING + text)
+    split = full[len(quote):] if quote and full[: len(quote)] == quote else full
+    if tokenizer.unk_token_id not in split and tokenizer.decode(split).strip().lstrip(JSON_STRING).strip() == text.strip():
+        out.append(split)
     return [ids for i, ids in enumerate(out) if ids and ids not in out[:i]]
 
 
@@ -165,7 +175,7 @@ class Fisao(SteeringMethod):
             r = state.rewards[i, state.question[i]][:, None]
             bonus[i[:, None], torch.tensor(self.yes_ids)] = r
             bonus[i[:, None], torch.tensor(self.no_ids)] = -r
-        return token_bonus(logits, bonus.to(logits.device), strength, self.alpha)
+        return token_bonus(logits, upload(bonus, bonus.dtype, logits.device), strength, self.alpha)
 
     def select(self, state, keep):
         idx = torch.tensor(keep, dtype=torch.long)

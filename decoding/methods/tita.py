@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from decoding.fork import Fork
+from decoding.host import upload
 from decoding.methods.base import SteeringMethod, register, same_weights, vision_tower
 from decoding.model_inputs import extended
 from decoding.steer_math import tita, tita_candidates
@@ -170,7 +171,7 @@ class Tita(SteeringMethod):
         asked = logits if ask is None else logits[ask]
         cand = asked.topk(self.candidates, -1).indices if 0 < self.candidates < logits.shape[-1] else None
         if self.in_model:
-            where = torch.tensor([r.batch_index for r in rows], dtype=torch.long, device=logits.device)
+            where = upload([r.batch_index for r in rows], torch.long, logits.device)
             rm = self.rm.logits(where if ask is None else where[ask], cand)
         elif self.reads_trunk:
             self.rm.catch_up(state)

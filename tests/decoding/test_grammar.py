@@ -95,14 +95,31 @@ def embedded_grammars(engine):
     return Grammars(engine.tokenizer, engine.vocab_size, engine.eos_ids)
 
 
-@pytest.mark.parametrize("so", [StructuredOutput("json_object"), StructuredOutput("json", '{"type": "string"}'),
-                                StructuredOutput("json", '{"enum": ["red", "blue"]}'),
-                                StructuredOutput("choice", '["yes", "no"]'), StructuredOutput("grammar", 'root ::= "{"'),
-                                StructuredOutput("regex", "[0-9]+")])
-def test_what_the_embedded_vocabulary_cannot_begin_is_refused(embedded_grammars, so):
-    """The embedded model's 64 words (``▁red``, ``▁circle``, ...) hold no ``{``, quote or digit: no JSON."""
-    with pytest.raises(Unsatisfiable, match="no token of this model's vocabulary can begin"):
+@pytest.mark.parametrize("so, why", [
+    (StructuredOutput("json", '{"type": "integer"}'), "no token of this model's vocabulary can begin"),
+    (StructuredOutput("json", '{"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}'),
+     "no token of this model's vocabulary can begin"),
+    (StructuredOutput("choice", '["yes", "no"]'), "no token of this model's vocabulary can begin"),
+    (StructuredOutput("grammar", 'root ::= "{"'), "no token of this model's vocabulary can begin"),
+    (StructuredOutput("regex", "[0-9]+"), "no token of this model's vocabulary can begin"),
+    (StructuredOutput("json", '{"enum": ["red", "blue"]}'), "no sequence of at most 40 tokens"),
+])
+def test_what_the_embedded_vocabulary_cannot_write_is_refused(embedded_grammars, so, why):
+    """The embedded model's 64 tokens: words (``▁red``, ``▁circle``, ...) and the JSON tokens of its one JSON
+    shape (``{"objects":[``, ``"red``, ``",``, ``"]}``, ...): no digit, no other opening; ``"red`` begins the
+    string "red" but no token closes it alone."""
+    with pytest.raises(Unsatisfiable, match=why):
         embedded_grammars.check(so, 40)
+
+
+def test_the_embedded_models_json_shape_passes(embedded_grammars):
+    from server.bench_quality import OBJECTS_SCHEMA
+
+    embedded_grammars.check(StructuredOutput("json_object"), 40)
+    embedded_grammars.check(StructuredOutput("json", json.dumps(OBJECTS_SCHEMA)), 40)
+    with pytest.raises(Unsatisfiable, match="no sequence of at most 40 tokens"):  # the grammar reads "red▁square"
+        embedded_grammars.check(StructuredOutput("json", json.dumps(
+            {"type": "object", "properties": {"objects": {"type": "array", "items": {"enum": ["red square"]}}}})), 40)
 
 
 def test_a_grammar_every_path_of_which_dead_ends_is_refused(embedded_grammars):
@@ -294,12 +311,12 @@ def test_the_vllm_processor_keeps_the_mask_and_fails_a_row_that_breaks_it(engine
     run.steer = None
     scores = run((0, 1), (True, True), logits)
     assert (torch.isneginf(scores).sum(-1) == engine.vocab_size - 2).all() and not scores.isnan().any()
-    assert int(counters.slot(0)[1]) == int(counters.slot(1)[1]) == 0
+    assert int(counters.failed[0]) == int(counters.failed[1]) == 0
 
     run.steer = lambda state, rows, logits, strength: torch.zeros_like(logits)  # gives every token a score
     scores = run((2, 3), (True, False), logits)
-    assert int(counters.slot(2)[1]) == fisao and torch.equal(scores[0], logits[0])  # failed, EOS not forced
-    assert int(counters.slot(3)[1]) == 0 and torch.equal(scores[1], torch.zeros_like(scores[1]))
+    assert int(counters.failed[2]) == fisao and torch.equal(scores[0], logits[0])  # failed, EOS not forced
+    assert int(counters.failed[3]) == 0 and torch.equal(scores[1], torch.zeros_like(scores[1]))
 
     def broken(state, rows, logits, strength):
         raise RuntimeError("the verifier is gone")
@@ -308,7 +325,7 @@ def test_the_vllm_processor_keeps_the_mask_and_fails_a_row_that_breaks_it(engine
     logits = _masked_logits(engine.vocab_size, [*ids, eos])
     logits[0, eos] = INF  # row 0's grammar forbids ending here, row 1's allows it
     scores = run((4, 5), (True, True), logits)
-    assert int(counters.slot(4)[1]) == int(counters.slot(5)[1]) == fisao
+    assert int(counters.failed[4]) == int(counters.failed[5]) == fisao
     assert torch.equal(scores[0], logits[0])
     assert scores[1, eos] == 0 and torch.isneginf(scores[1]).sum() == engine.vocab_size - 1
 
@@ -321,5 +338,5 @@ def test_the_vllm_processor_reports_a_dead_end(engine, fisao_adapter, tmp_path):
     steering = PerRequestSteering(fisao_adapter, counters)
     steering.update([], [_added(engine, 0, 0, True)], [], lambda d: False)
     steering.apply(torch.full((1, engine.vocab_size), INF))
-    assert int(counters.slot(0)[1]) == DEAD_END
+    assert int(counters.failed[0]) == DEAD_END
     assert isinstance(steering.rows[0][0].error, GrammarDeadEnd)

@@ -158,7 +158,7 @@ def test_adapter_gives_the_transformers_engines_tokens(steering_engine, adapter_
     assert [got[i] for i in range(len(requests))] == want
     # each method starts twice: the first rows, then the late ones, once for all their chunks
     assert {starts[m] for m in method.split("+")} == {2}, starts
-    steered = [int(counters.slot(i)[0]) for i in range(len(requests))]
+    steered = [int(counters.steered[i]) for i in range(len(requests))]
     assert steered == [c.steered_tokens for c in steering_engine.generate(requests)] and sum(steered) > 0
 
 
@@ -184,7 +184,7 @@ def test_a_row_that_cannot_start_fails_alone(steering_engine, adapter_resources,
     counters = Counters(str(tmp_path / "counters"))
     got = run_like_vllm(steering_engine, PerRequestSteering(adapter_resources, counters), requests, corrupt=(1,))
     want = [c.token_ids for c in steering_engine.generate(requests)]
-    assert got[1] == [] and int(counters.slot(1)[1]) == 1  # ended at once, reported as a tita failure
+    assert got[1] == [] and int(counters.failed[1]) == 1  # ended at once, reported as a tita failure
     assert [got[i] for i in (0, 2, 3)] == [want[i] for i in (0, 2, 3)]
 
 
@@ -204,7 +204,7 @@ def test_a_row_whose_start_fails_among_others_fails_alone(steering_engine, adapt
     monkeypatch.setattr(tita, "start", start)
     got = run_like_vllm(steering_engine, steering, requests)
     want = [c.token_ids for c in steering_engine.generate(requests)]
-    assert got[2] == [] and int(steering.counters.slot(2)[1]) == 1  # request 2 is the question
+    assert got[2] == [] and int(steering.counters.failed[2]) == 1  # request 2 is the question
     assert [got[i] for i in (0, 1, 3, 4)] == [want[i] for i in (0, 1, 3, 4)]
 
 

@@ -33,11 +33,12 @@ def test_well_formed_arguments_pass():
 def test_counters_are_shared_between_mappings(tmp_path):
     path = str(tmp_path / "counters")
     server, worker = Counters(path), Counters(path)
-    worker.slot(7)[0] += 3
+    worker.steered[7] += 3
+    worker.failed[7] = 1
     worker.t[0] += 1
-    assert server.slot(7).tolist() == [3.0, 0.0] and float(server.t[0]) == 1.0
-    server.slot(7).zero_()
-    assert worker.slot(7).tolist() == [0.0, 0.0]
+    assert float(server.steered[7]) == 3.0 and float(server.failed[7]) == 1.0 and float(server.t[0]) == 1.0
+    server.reset(7)
+    assert float(worker.steered[7]) == float(worker.failed[7]) == 0.0
 
 
 def test_model_runner_v2_is_refused_with_the_fix(monkeypatch):

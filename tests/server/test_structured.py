@@ -2,9 +2,12 @@
 (VLM_STEER_TEST_ENGINE): OpenAI's ``response_format``, vLLM's ``structured_outputs`` and its ``guided_*``
 spellings.
 
-- The embedded model (64 words, no ``{``, quote or digit): a JSON format is a 400 at once (never a hang or an
-  empty answer) and the server stays healthy; a format its words can write (``▁(yes|no)``) is followed under
-  every steering method, with the same tokens and processed log-probs as the transformers engine.
+- The embedded model (64 words and ten JSON tokens that write ``{"objects":["red square",...]}`` only): that
+  object (a schema or ``json_object``) is answered under every steering method, with the transformers
+  engine's tokens, and TITA corrects inside it the hallucination it corrects in a caption; a JSON format its
+  tokens cannot begin (another first key, an integer) is a 400 at once (never a hang or an empty answer) and
+  the server stays healthy; a format its words can write (``▁(yes|no)``) is followed under every steering
+  method, with the same tokens and processed log-probs as the transformers engine.
 - A LLaVA-shaped random-weight checkpoint (a tokenizer with every byte): bounded JSON schemas give answers
   that parse and validate under every method, ``json_object`` answers parse, choices are among the choices,
   and on the vllm run they equal the transformers engine's, token for token (same masks: both engines run
@@ -22,7 +25,9 @@ from PIL import Image
 
 from decoding.grammar import Grammars, StructuredOutput
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
+from server.bench_quality import OBJECTS_SCHEMA
 from server.settings import Settings
+from shapeworld.text import parse_objects
 from tests.conftest import ENGINE
 from tests.server.conftest import LiveServer, data_url, free_port
 from tests.server.test_chat import SCENES, image_message
@@ -62,7 +67,6 @@ def _ask(client, i=0, **kw):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCENE_SCHEMA, "strict": True}}},
      "response_format"),
     ({"guided_json": SCENE_SCHEMA}, "guided_json"),
@@ -71,7 +75,8 @@ def _ask(client, i=0, **kw):
     ({"structured_outputs": {"grammar": 'root ::= "[" [0-9] "]"'}}, "structured_outputs"),
 ])
 def test_a_format_the_embedded_model_cannot_write_is_a_400(client, live, body, param):
-    """No token of the 64 words can begin the output: refused before generation, the field named."""
+    """No token of the model can begin the output (its only JSON opening is ``{"objects":[``): refused before
+    generation, the field named."""
     err = _error(lambda: _ask(client, extra_body=body, stream=True))
     assert err["param"] == param
     assert err["message"] == f"{param}: no token of this model's vocabulary can begin an output that satisfies it"
@@ -135,8 +140,8 @@ def test_the_text_format_and_the_xgrammar_backend_change_nothing(client):
     assert r.choices[0].message.content in ("yes", "no")
 
 
-def _engine_request(i, method, so, max_tokens=40, **sampling):
-    return GenerationRequest.single_turn("is there a red circle ?", [SCENES[i].image()], structured=so,
+def _engine_request(i, method, so, max_tokens=40, text="is there a red circle ?", **sampling):
+    return GenerationRequest.single_turn(text, [SCENES[i].image()], structured=so,
                                          sampling=SamplingParams(max_tokens=max_tokens, **sampling),
                                          steering=SteeringSpec(method))
 
@@ -164,26 +169,56 @@ def test_a_format_the_embedded_model_can_write_under_every_method(client, steeri
     assert answers == {"yes", "no"}  # the constraint leaves the model its choice
 
 
+def test_the_embedded_model_answers_json_under_every_method(client, steering_engine, reference):
+    """Its one JSON shape, asked as a strict schema or as ``json_object``, under every method the server runs:
+    the answer parses, validates, lists each object as one "colour shape" string (what the model's caption
+    would say), and equals the transformers engine's, token for token."""
+    fmts = [({"response_format": {"type": "json_schema", "json_schema": {"name": "objects", "schema": OBJECTS_SCHEMA,
+                                                                        "strict": True}}},
+             StructuredOutput("json", json.dumps(OBJECTS_SCHEMA))),
+            ({"response_format": {"type": "json_object"}}, StructuredOutput("json_object"))]
+    for n, method in enumerate(steering_engine.available_methods):
+        for k, (body, so) in enumerate(fmts):
+            i = (2 * n + k) % len(SCENES)
+            r = client.chat.completions.create(model="shapeworld", messages=image_message(i), max_tokens=40, temperature=0,
+                                               extra_body={"steering": {"method": method}}, **body)
+            c = r.choices[0]
+            assert c.finish_reason == "stop", (method, c.message.content)
+            answer = json.loads(c.message.content)
+            jsonschema.validate(answer, OBJECTS_SCHEMA)
+            assert answer["objects"] and all(len(parse_objects(o)) == 1 and len(o.split()) == 2 for o in answer["objects"])
+            want = reference.generate([_engine_request(i, method, so, text="describe the image .")])[0]
+            assert c.message.content == want.text, (method, k)
+
+
 CAPTION = ("▁a▁(red|green|blue|yellow|purple|orange)▁(circle|square|triangle|star|cross|diamond)"
            "(▁and▁a▁(red|green|blue|yellow|purple|orange)▁(circle|square|triangle|star|cross|diamond))*▁\\.")
 
 
 def test_steering_corrects_a_hallucination_inside_a_format(client):
-    """The README's scene (bait 2, seed 1234) captioned inside a caption grammar: the plain model names a
-    yellow star that is not there, TITA and FiSAO the yellow diamond that is, as they do without a format."""
+    """The README's scene (bait 2, seed 1234) captioned inside a caption grammar and asked for its JSON
+    objects: the plain model names a yellow star that is not there, TITA and FiSAO the yellow diamond that
+    is, as they do without a format."""
     from shapeworld.world import make_scene
 
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(make_scene("bait", 2, 1234).image())}},
                                          {"type": "text", "text": "describe the image ."}]}]
-    said = {}
+    json_format = {"type": "json_schema", "json_schema": {"name": "scene", "schema": OBJECTS_SCHEMA, "strict": True}}
+    said, listed = {}, {}
     for method in ("none", "tita", "fisao"):
         r = client.chat.completions.create(model="shapeworld", messages=msgs, max_tokens=40, temperature=0,
                                            extra_body={"structured_outputs": {"regex": CAPTION},
                                                        "steering": {"method": method}})
         said[method] = r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop" and said[method].endswith(" .")
+        r = client.chat.completions.create(model="shapeworld", messages=msgs, max_tokens=40, temperature=0,
+                                           response_format=json_format, extra_body={"steering": {"method": method}})
+        listed[method] = json.loads(r.choices[0].message.content)["objects"]
     assert "a yellow star" in said["none"]
     assert "a yellow diamond" in said["tita"] and "a yellow diamond" in said["fisao"]
+    assert "yellow star" in listed["none"] and "yellow diamond" not in listed["none"]
+    assert "yellow diamond" in listed["tita"] and "yellow star" not in listed["tita"]
+    assert "yellow diamond" in listed["fisao"] and "yellow star" not in listed["fisao"]
 
 
 def test_a_format_streams_as_it_completes(client):
@@ -313,5 +348,5 @@ def test_the_engine_process_follows_the_format():
                                                extra_body={"guided_regex": YES_NO, "steering": {"method": method}})
             assert r.choices[0].message.content in ("yes", "no")
         err = _error(lambda: client.chat.completions.create(model="shapeworld", messages=image_message(0), max_tokens=5,
-                                                            response_format={"type": "json_object"}))
-        assert err["param"] == "response_format"
+                                                            extra_body={"guided_json": SCENE_SCHEMA}))
+        assert err["param"] == "guided_json"
