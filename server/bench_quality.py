@@ -20,8 +20,10 @@ from reward_models.metrics import answer_is_yes, binary_scores, chair, f1_differ
 CAPTION_MAX_TOKENS = 40
 # `--captions json`: the caption prompt answered under this JSON schema (the objects as a list of free strings;
 # strings, not enums, so that any tokenizer can write them), scored on the listed strings: the CHAIR of
-# extracted JSON, where a hallucinated field is a hallucinated object.
-OBJECTS_SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "items": {"type": "string"}, "maxItems": 8}},
+# extracted JSON, where a hallucinated field is a hallucinated object. Bounded, as a JSON answer should be
+# (README): a string that rambles is closed at 20 characters, so the answer stays valid within max_tokens.
+OBJECTS_SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                                               "maxItems": 8}},
                   "required": ["objects"], "additionalProperties": False}
 CAPTION_FORMATS = ("text", "json")
 

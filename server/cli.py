@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the embedded ShapeWorld models (seeded, reproducible), or a reward model "
                                      "and a verifier calibration for any target on any data set (--data)")
-    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "judge", "json", "all"])
+    t.add_argument("what", choices=["verifier", "calibrate", "vlm", "reward", "judge", "json", "all"],
+                   help="json: teach the embedded VLM and its fork the JSON tokens of their one JSON shape "
+                        "(shapeworld/train_json.py), rewriting OUT/vlm and OUT/reward in place")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--verifier", default=None, help="calibrate: the verifier folder (CLIP, SigLIP, ...) to calibrate")
     t.add_argument("--data", default=None, help="calibrate: labelled data set folder(s), comma-separated "

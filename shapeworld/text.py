@@ -28,7 +28,7 @@ def no_answer(asked: Obj, objects: list[Obj]) -> str:
 
 
 # JSON answers ({"objects": ["red square", ...]}): raw tokens (no word mark) in the tokenizer's unused slots, so
-# that a grammar (xgrammar reads token strings raw) can write the JSON the 64 words cannot: an opening, a
+# that a grammar (xgrammar reads token strings raw) can write the JSON the 48 words cannot: an opening, a
 # string opened on each colour, a string closed with a comma or with the end of the list and object. Shapes
 # stay word tokens ("▁square"), which detokenize as " square": the string reads "red square".
 JSON_OPEN, JSON_NEXT, JSON_CLOSE = '{"objects":[', '",', '"]}'

@@ -92,7 +92,9 @@ def test_phrase_trie_bonus_known_values():
     assert after_red[ids("blue")] == -1.0  # a new phrase may still start: the shallow bonus stays
     assert after_blue[ids("square")] == -1.0 and after_blue[ids("circle")] == 0.0
     assert other_row[ids("circle")] == -1.0 and other_row[ids("square")] == 1.0  # rows keep their own rewards
-    assert start.shape == (len(tok),) and int((start != 0).sum()) == 2
+    json_red, json_blue = tok.convert_tokens_to_ids(['"red', '"blue'])  # phrases opening a JSON string
+    assert start[json_red] == 1.0 and start[json_blue] == -1.0
+    assert start.shape == (len(tok),) and int((start != 0).sum()) == 4
 
 
 def test_fisao_maps_yes_no_questions(steering_engine):

@@ -2,7 +2,7 @@
 (VLM_STEER_TEST_ENGINE): OpenAI's ``response_format``, vLLM's ``structured_outputs`` and its ``guided_*``
 spellings.
 
-- The embedded model (64 words and ten JSON tokens that write ``{"objects":["red square",...]}`` only): that
+- The embedded model (48 words and nine JSON tokens that write ``{"objects":["red square",...]}`` only): that
   object (a schema or ``json_object``) is answered under every steering method, with the transformers
   engine's tokens, and TITA corrects inside it the hallucination it corrects in a caption; a JSON format its
   tokens cannot begin (another first key, an integer) is a 400 at once (never a hang or an empty answer) and
