@@ -44,7 +44,15 @@ class Unsatisfiable(ValueError):
 
 class GrammarDeadEnd(ValueError):
     """During generation, the constraint allowed no token of the vocabulary (the request fails, no token
-    the grammar forbids is forced)."""
+    the grammar forbids is forced). ``param``: the request field that closed the way (``min_tokens``), for
+    the 400's ``param``; kept through pickling (the engine process sends it across a pipe)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):
+        return type(self), (str(self), self.param)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ class SteeringPipeline:
             for i, none_left in zip(held, torch.isneginf(masked[held]).all(-1).tolist()):
                 if none_left:
                     batch.rows[i].error = GrammarDeadEnd(
-                        f"min_tokens: the requested output format must end after {len(batch.rows[i].token_ids)} tokens")
+                        f"min_tokens: the requested output format must end after {len(batch.rows[i].token_ids)} tokens",
+                        param="min_tokens")
         scores = base = apply_logit_bias(masked, [r.request.sampling.logit_bias for r in batch.rows])
         explain = [i for i, r in enumerate(batch.rows) if r.request.steering.explain]
         trace = batch.trace = StepTrace(explain, base[explain].float().log_softmax(-1)) if explain else None

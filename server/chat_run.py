@@ -165,7 +165,7 @@ class Reply:
 
 def engine_error(e: Exception) -> APIError:
     if isinstance(e, ValueError):
-        return APIError(400, str(e))
+        return APIError(400, str(e), getattr(e, "param", None))
     if isinstance(e, EngineDead):  # the server exits and its supervisor restarts it (server.supervision)
         return APIError(500, f"the engine died while generating ({e}); retry once the server has restarted")
     if isinstance(e, SteeringFailed):  # said plainly: the request was not served unsteered instead
