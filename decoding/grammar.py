@@ -233,8 +233,9 @@ class Grammars:
         token no token of the vocabulary can begin (the embedded ShapeWorld model's 64 tokens write no digit,
         and no ``{`` but that of its one JSON shape). Caught within ``SEARCH_BUDGET`` matcher states: a grammar that every token sequence leaves
         in a dead end, or that needs more than ``max_tokens`` tokens (a depth-first search over the allowed
-        tokens; a larger search space is let through, and a dead end met during generation fails the
-        request: ``GrammarDeadEnd``). ``min_tokens``: the end (EOS, stop ids) is masked before that many
+        tokens that skips a loop back to a root parser state on its path and a state known to end nowhere,
+        so a root string no token closes is refused whatever ``max_tokens``; a larger search space is let
+        through, and a dead end met during generation fails the request: ``GrammarDeadEnd``). ``min_tokens``: the end (EOS, stop ids) is masked before that many
         tokens (vLLM's ``min_tokens``), so a format that must end sooner is refused too. Results are cached per
         constraint, ``max_tokens`` and ``min_tokens``."""
         key = (so, max_tokens, tuple(stop_ids), min_tokens)
@@ -258,6 +259,9 @@ class Grammars:
             m.fill_next_token_bitmask(bitmask, 0)
             return allowed_tokens(bitmask[0], self.vocab_size).tolist()
 
+        on_path: set[str] = set()  # states of the current path (past min_tokens): a loop back to one adds nothing
+        dead: dict[str, int] = {}  # state -> the shallowest depth (past min_tokens) from which it cannot complete
+
         def completes(ids: list[int], depth: int) -> bool | None:
             """From a state whose allowed tokens are ``ids``, after ``depth`` tokens: True if a completion
             is reachable, False if none is within ``max_tokens``, None when the budget ran out."""
@@ -265,16 +269,39 @@ class Grammars:
                 return True
             if depth == max_tokens:
                 return False
-            for t in ids:
-                if visited >= SEARCH_BUDGET:
-                    return None
-                if t in stops or not m.accept_token(t):  # an end before min_tokens is masked
-                    continue
-                found = completes(allowed(), depth + 1)
-                m.rollback(1)
-                if found is not False:
-                    return found
-            return False
+            here = state_key() if depth >= min_tokens else None
+            if here is not None:
+                on_path.add(here)
+            try:
+                for t in ids:
+                    if visited >= SEARCH_BUDGET:
+                        return None
+                    if t in stops or not m.accept_token(t):  # an end before min_tokens is masked
+                        continue
+                    key = state_key() if depth + 1 >= min_tokens else None
+                    if key is not None and (key in on_path or dead.get(key, max_tokens + 1) <= depth + 1):
+                        m.rollback(1)  # a loop, or a state already known to end nowhere from no deeper
+                        continue
+                    found = completes(allowed(), depth + 1)
+                    m.rollback(1)
+                    if found is not False:
+                        return found
+                    if key is not None:
+                        dead[key] = min(dead.get(key, max_tokens + 1), depth + 1)
+                return False
+            finally:
+                on_path.discard(here)
+
+        def state_key() -> str | None:
+            """The matcher's parser state when it depends on nothing before it (every Earley item of the last
+            step at the root, ``rule_start_pos=-1``), read from xgrammar's debug print (no public API): two
+            such states have the same futures. None otherwise, or if the print is not there."""
+            try:
+                last = m._debug_print_internal_state().split("Last step:", 1)[1]
+            except Exception:
+                return None
+            starts = re.findall(r"rule_start_pos=(-?\d+)", last)
+            return last if starts and all(p == "-1" for p in starts) else None
 
         first = allowed()
         if not first:

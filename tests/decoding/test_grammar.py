@@ -132,6 +132,19 @@ def test_a_grammar_every_path_of_which_dead_ends_is_refused(embedded_grammars):
     embedded_grammars.check(StructuredOutput("regex", "(▁a)+▁b"), 200)
 
 
+@pytest.mark.parametrize("max_tokens", [40, 4096])
+def test_a_loop_that_never_closes_is_refused_whatever_the_room(embedded_grammars, max_tokens):
+    """A JSON string at the root: ``"red`` opens it, every word continues it, and no token of the embedded
+    vocabulary closes it alone. The search sees the loop (the same root parser state again) instead of
+    spending its budget going deeper, so the request is a 400, not an answer cut by ``max_tokens``; a bounded
+    loop that can close (the objects list) still passes."""
+    with pytest.raises(Unsatisfiable, match="no sequence"):
+        embedded_grammars.check(StructuredOutput("json", '{"type": "string"}'), max_tokens)
+    from server.bench_quality import OBJECTS_SCHEMA
+
+    embedded_grammars.check(StructuredOutput("json", json.dumps(OBJECTS_SCHEMA)), max_tokens)
+
+
 def test_a_grammar_the_vocabulary_can_complete_passes(embedded_grammars):
     embedded_grammars.check(YES_NO, 1)
     embedded_grammars.check(StructuredOutput("regex", "(▁a▁red▁circle▁and)*▁a▁blue▁star▁\\."), 40)
