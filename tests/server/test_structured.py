@@ -169,6 +169,8 @@ def test_a_format_the_embedded_model_can_write_under_every_method(client, steeri
     assert answers == {"yes", "no"}  # the constraint leaves the model its choice
 
 
+@pytest.mark.xfail(ENGINE == "vllm", strict=True, reason="known gap: on the vllm engine min_tokens past the end of a "
+                   "format vLLM's grammar has terminated is served (vLLM stops masking a terminated grammar)")
 def test_min_tokens_past_a_json_answers_end_is_a_400_naming_it(client):
     """The objects' JSON ends where the model closes the list: ``min_tokens`` beyond it masks the only way
     on, found during generation (the check cannot know where the model will close): a 400, no token forced;
@@ -177,8 +179,7 @@ def test_min_tokens_past_a_json_answers_end_is_a_400_naming_it(client):
     err = _error(lambda: client.chat.completions.create(model="shapeworld", messages=image_message(0), max_tokens=40,
                                                         temperature=0, response_format=fmt, extra_body={"min_tokens": 30}))
     assert "min_tokens" in err["message"] or "allows no token" in err["message"]
-    if ENGINE != "vllm":
-        assert err["param"] == "min_tokens"
+    assert err["param"] == "min_tokens"
 
 
 def test_the_embedded_model_answers_json_under_every_method(client, steering_engine, reference):
