@@ -45,6 +45,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY decoding ./decoding
 COPY reward_models ./reward_models
+COPY bench ./bench
 COPY shapeworld ./shapeworld
 COPY models ./models
 # An editable install: the code runs from /app, so the settings find the embedded models in /app/models

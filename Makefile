@@ -84,7 +84,7 @@ $(VLLM_STAMP): pyproject.toml
 
 # The server suite and the engine-equivalence tests on the vllm engine (CI runs it after `make test`).
 test-vllm: $(VLLM_STAMP) $(CHROMEDRIVER) $(LMMS_STAMP)
-	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/vllm
+	VLM_STEER_TEST_ENGINE=vllm $(VLLM_VENV)/bin/python -m pytest -q tests/server tests/bench tests/vllm
 
 # The image built and run for real (CI runs it after the test suites; about 6 minutes cold on 2 cores, nothing
 # cached): Debian's docker.io on a private socket, a bookworm base made with mmdebstrap, the CPU image from the

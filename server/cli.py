@@ -93,7 +93,7 @@ def _images(args: argparse.Namespace):
 
 def _write_json(report: dict, path: str | None) -> None:
     if path:
-        from server.bench_quality import write_json
+        from bench.quality import write_json
 
         write_json(report, Path(path))
         print(f"wrote {path}")
@@ -112,7 +112,7 @@ def _engine(args: argparse.Namespace):
         return value if value is not None else Settings.model_fields[name].default
 
     if getattr(args, "engine", "transformers") == "vllm":
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         return VLLMEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
                           max_batch=max(8, getattr(args, "batch", 8)), tita_gate=setting("tita_gate"),
@@ -164,7 +164,7 @@ def _export_lmms_eval(args: argparse.Namespace) -> None:
 
 
 def _bench_quality(args: argparse.Namespace) -> None:
-    from server.bench_quality import format_table, plot_quality, plot_sweep, write_json
+    from bench.quality import format_table, plot_quality, plot_sweep, write_json
 
     engine = _engine(args)
     methods = args.methods.split(",")
@@ -175,7 +175,7 @@ def _bench_quality(args: argparse.Namespace) -> None:
     reports = []
     if args.data:  # data set folders in the field's formats (reward_models.data)
         from reward_models.data import DataSet
-        from server.bench_quality import run_quality as run_on_data
+        from bench.quality import run_quality as run_on_data
 
         runs = [(Path(d).name, lambda d=d: run_on_data(engine, DataSet.load(d), methods, _strengths(args.strength),
                                                        batch=args.batch, sweep=sweep, captions=args.captions))
@@ -198,12 +198,12 @@ def _bench_quality(args: argparse.Namespace) -> None:
 
 
 def _bench_speed(args: argparse.Namespace) -> None:
-    from server.bench_speed import format_speed, plain_speed, run_speed, tita_limit, with_plain
+    from bench.speed import format_speed, plain_speed, run_speed, tita_limit, with_plain
 
     images, prompt = _images(args)(args.n, args.seed)
     plain = []
 
-    def measure_plain():  # the target alone, with no other engine alive (bench_speed.plain_speed says why)
+    def measure_plain():  # the target alone, with no other engine alive (bench.speed.plain_speed says why)
         alone = _engine(argparse.Namespace(**{**vars(args), "reward": "", "verifier": ""}))
         try:
             plain.append(plain_speed(alone, images, prompt, batch=args.batch, max_tokens=args.max_tokens,
@@ -243,18 +243,18 @@ def _bench_verifier(args: argparse.Namespace) -> None:
 def _bench_load(args: argparse.Namespace) -> None:
     import asyncio
 
-    from server.bench_load import format_load, run_load
+    from bench.load import format_load, run_load
 
     source = _images(args)
     if args.engines:  # servers of each engine started here, interleaved rounds at each concurrency
-        from server.bench_load import format_engines, run_engines
+        from bench.load import format_engines, run_engines
 
         rep = asyncio.run(run_engines(args.engines.split(","), [int(c) for c in str(args.concurrency).split(",")],
                                       args.requests, args.methods.split(","), source, max_tokens=args.max_tokens))
         print(format_engines(rep))
     elif args.overhead:  # the server vs this process's own engine, interleaved, concurrency 1
         from decoding.transformers_engine import TransformersEngine
-        from server.bench_load import format_overhead, run_overhead
+        from bench.load import format_overhead, run_overhead
 
         engine = TransformersEngine(args.model, device=args.device, dtype=args.dtype)
         rep = asyncio.run(run_overhead(args.url, engine, args.requests, source, model=args.model_name, max_tokens=args.max_tokens))
@@ -271,7 +271,7 @@ def _bench_load(args: argparse.Namespace) -> None:
 def _bench_health(args: argparse.Namespace) -> None:
     import asyncio
 
-    from server.bench_health import format_health, run_health
+    from bench.health import format_health, run_health
 
     w, h = (int(x) for x in args.image_size.lower().split("x"))
     rep = asyncio.run(run_health(args.url, (w, h), args.requests, model=args.model_name))

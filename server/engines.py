@@ -8,7 +8,7 @@ from server.settings import Settings
 
 def load_engine(s: Settings):
     if s.engine == "vllm":
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         return VLLMEngine(s.model, device=s.device, dtype=s.dtype, reward_path=s.reward_model, verifier_path=s.verifier,
                           verifier_files=verifier_files(s), tita_gate=s.tita_gate,

@@ -22,7 +22,7 @@ def steering_engine():
     """The target with the embedded TITA reward model and calibrated FiSAO verifier, on ``ENGINE``."""
     paths = dict(reward_path=MODELS_DIR / "reward", verifier_path=MODELS_DIR / "verifier")
     if ENGINE == "vllm":
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         e = VLLMEngine(MODELS_DIR / "vlm", max_batch=16, **paths)
         yield e
@@ -47,7 +47,7 @@ def shapes(tmp_path_factory):
 # start several servers or processes, or drive a browser. `make test` runs everything.
 SLOW = {
     "server/test_soak.py", "server/test_families.py", "server/test_protocol.py", "server/test_engine_process.py",
-    "server/test_lifecycle.py", "server/test_supervision.py", "server/test_bench_quality.py", "server/test_openapi_fuzz.py",
+    "server/test_lifecycle.py", "server/test_supervision.py", "bench/test_quality.py", "server/test_openapi_fuzz.py",
     "server/test_playground.py", "reward_models/test_train_reward.py", "deploy/test_manifests.py",
     "shapeworld/test_bench.py", "test_gpu_check.py", "docs/test_docs.py", "server/test_startup.py",
     "server/test_lmms_eval.py", "server/test_sampling_fields.py",

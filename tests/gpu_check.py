@@ -121,14 +121,14 @@ def check_row(name, kind, paths, device, dtype, a, reference) -> tuple[dict, lis
     import torch
 
     from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
-    from server.bench_speed import run_speed, tita_limit
+    from bench.speed import run_speed, tita_limit
     from shapeworld.commands import images
 
     dt = str(dtype).removeprefix("torch.")
     if kind == "vllm":
         if not _importable("vllm"):
             return {"pair": name, "engine": "vllm", "error": "vllm is not installed in this python"}, None
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         engine = VLLMEngine(paths["model"], device=device, dtype=dt, reward_path=paths["reward"],
                             verifier_path=paths["verifier"], max_batch=8,

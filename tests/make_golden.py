@@ -36,7 +36,7 @@ def recompute_quality_tita(engine) -> None:
     import tempfile
 
     from reward_models.data import DataSet
-    from server.bench_quality import run_quality
+    from bench.quality import run_quality
     from server.cli import main
 
     path = GOLDEN.with_name("golden_quality.json")

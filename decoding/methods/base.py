@@ -5,7 +5,7 @@ through the engine's verbs: ``start`` when rows join (usually at prefill, with n
 row may also join mid-answer, its ``token_ids`` generated so far), ``steer`` on their logits each step,
 ``advance`` with the tokens chosen, ``select`` when rows leave, ``merge`` when rows join.
 The same method objects serve both engines: the transformers engine calls the verbs from its step loop,
-vLLM's logits processor from its batch updates (``decoding.steering_adapter``).
+vLLM's logits processor from its batch updates (``decoding.vllm.adapter``).
 A new method is one file with a subclass plus ``@register``.
 """
 

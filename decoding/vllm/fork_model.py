@@ -10,11 +10,11 @@ hold for them as for the target's layers), and they read the target's own hidden
 Per step (vLLM's V1 model runner): ``forward`` returns the target's final hidden states and the fork's side
 by side, [T, 2D]; the runner picks the rows it samples from; ``compute_logits`` returns the target's logits
 [n, V] and keeps the fork's final-normed hidden states [n, D] for the steering logits processor, whose row i
-is row i of ``compute_logits`` (``decoding.vllm_steering``). The processor then runs the fork's head over
+is row i of ``compute_logits`` (``decoding.vllm.steering``). The processor then runs the fork's head over
 the rows that steer with TITA only, over the target's top candidates (``InModelFork``).
 
 Selected with ``hf_overrides={"architectures": [ARCH], FORK_KEY: {...}}`` and
-``model_class_overrides={ARCH: "decoding.vllm.fork_model:ForkedLlava"}`` (``decoding.vllm_engine``); the
+``model_class_overrides={ARCH: "decoding.vllm.fork_model:ForkedLlava"}`` (``decoding.vllm.engine``); the
 fork's weights load as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py`` does).
 Llama-decoder LLaVA targets only; other families run the fork as a whole second model in the worker.
 """

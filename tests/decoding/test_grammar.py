@@ -113,7 +113,7 @@ def test_what_the_embedded_vocabulary_cannot_write_is_refused(embedded_grammars,
 
 
 def test_the_embedded_models_json_shape_passes(embedded_grammars):
-    from server.bench_quality import OBJECTS_SCHEMA
+    from bench.quality import OBJECTS_SCHEMA
 
     embedded_grammars.check(StructuredOutput("json_object"), 40)
     embedded_grammars.check(StructuredOutput("json", json.dumps(OBJECTS_SCHEMA)), 40)
@@ -140,7 +140,7 @@ def test_a_loop_that_never_closes_is_refused_whatever_the_room(embedded_grammars
     loop that can close (the objects list) still passes."""
     with pytest.raises(Unsatisfiable, match="no sequence"):
         embedded_grammars.check(StructuredOutput("json", '{"type": "string"}'), max_tokens)
-    from server.bench_quality import OBJECTS_SCHEMA
+    from bench.quality import OBJECTS_SCHEMA
 
     embedded_grammars.check(StructuredOutput("json", json.dumps(OBJECTS_SCHEMA)), max_tokens)
 
@@ -271,7 +271,7 @@ def test_json_answers_on_a_family_tokenizer_validate(tmp_path):
 def fisao_adapter():
     """The steering adapter vLLM's logits processor wraps, with FiSAO (the embedded verifier)."""
     from decoding.methods import Resources
-    from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+    from decoding.vllm.adapter import PerRequestSteering, WorkerTarget
     from decoding.verifier import Verifier
 
     return Resources(WorkerTarget(str(MODELS_DIR / "vlm")), None, Verifier(MODELS_DIR / "verifier"))
@@ -282,8 +282,8 @@ def _added(engine, index, slot, structured: bool):
     grammar masks it), prompt ids and live output ids."""
     import types
 
-    from decoding.vllm_engine import _png
-    from decoding.vllm_protocol import ARG
+    from decoding.vllm.engine import _png
+    from decoding.vllm.protocol import ARG
 
     req = _question("fisao", None)
     args = {"slot": slot, "eos": engine.tokenizer.eos_token_id, "methods": {"fisao": 6.0}, "messages": req.messages,
@@ -305,8 +305,8 @@ def test_the_vllm_processor_keeps_the_mask_and_fails_a_row_that_breaks_it(engine
     a grammar are its steering, served). A failed row whose grammar forbids the EOS at this step gets its
     masked, unsteered logits for that step rather than a forced EOS (the server reads the failure before
     that token and aborts the request); where the grammar allows the EOS the row ends with it, as before."""
-    from decoding.steering_adapter import PerRequestSteering
-    from decoding.vllm_protocol import METHODS, Counters
+    from decoding.vllm.adapter import PerRequestSteering
+    from decoding.vllm.protocol import METHODS, Counters
 
     ids = engine.tokenizer.convert_tokens_to_ids(["▁yes", "▁no"])
     eos = engine.tokenizer.eos_token_id
@@ -344,8 +344,8 @@ def test_the_vllm_processor_keeps_the_mask_and_fails_a_row_that_breaks_it(engine
 
 
 def test_the_vllm_processor_reports_a_dead_end(engine, fisao_adapter, tmp_path):
-    from decoding.steering_adapter import PerRequestSteering
-    from decoding.vllm_protocol import DEAD_END, Counters
+    from decoding.vllm.adapter import PerRequestSteering
+    from decoding.vllm.protocol import DEAD_END, Counters
 
     counters = Counters(str(tmp_path / "counters"))
     steering = PerRequestSteering(fisao_adapter, counters)

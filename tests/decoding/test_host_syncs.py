@@ -21,11 +21,11 @@ import torch
 
 import decoding.methods.fisao as fisao_module
 import decoding.methods.tita as tita_module
-import decoding.steering_adapter as adapter_module
+import decoding.vllm.adapter as adapter_module
 from decoding.methods import Resources
-from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+from decoding.vllm.adapter import PerRequestSteering, WorkerTarget
 from decoding.verifier import Verifier
-from decoding.vllm_protocol import ARG, Counters
+from decoding.vllm.protocol import ARG, Counters
 from shapeworld.models import MODELS_DIR
 
 READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,

@@ -3,7 +3,7 @@ vLLM's ``gpu_memory_utilization`` (no vLLM import: the arithmetic the engine log
 
 import pytest
 
-from decoding.vllm_engine import utilization_after
+from decoding.vllm.engine import utilization_after
 
 GIB = 2**30
 

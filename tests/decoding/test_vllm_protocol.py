@@ -4,7 +4,7 @@ the engine's refusal of vLLM's Model Runner V2 (its processor implements the V1 
 
 import pytest
 
-from decoding.vllm_protocol import Counters, validate
+from decoding.vllm.protocol import Counters, validate
 
 
 @pytest.mark.parametrize("args,match", [
@@ -42,7 +42,7 @@ def test_counters_are_shared_between_mappings(tmp_path):
 
 
 def test_model_runner_v2_is_refused_with_the_fix(monkeypatch):
-    from decoding.vllm_engine import VLLMEngine
+    from decoding.vllm.engine import VLLMEngine
 
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):

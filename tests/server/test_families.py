@@ -30,7 +30,7 @@ def family_server(request, tmp_path_factory):
     write_verifier_files(verifier)
     paths = dict(reward_path=reward, verifier_path=verifier)
     if ENGINE == "vllm":
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         engine = VLLMEngine(model, max_batch=8, **paths)
     else:

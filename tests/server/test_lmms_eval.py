@@ -16,7 +16,7 @@ import yaml
 
 from decoding.request import SteeringSpec
 from reward_models.data import DataSet
-from server.bench_quality import evaluate
+from bench.quality import evaluate
 from server.cli import main
 from server.export_lmms_eval import export_lmms_eval
 from tests.server.conftest import start

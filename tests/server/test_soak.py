@@ -7,7 +7,7 @@ import os
 
 import httpx
 
-from server.bench_load import run_load
+from bench.load import run_load
 from shapeworld.commands import images
 from tests.server.conftest import start
 

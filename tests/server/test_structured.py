@@ -25,7 +25,7 @@ from PIL import Image
 
 from decoding.grammar import Grammars, StructuredOutput
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
-from server.bench_quality import OBJECTS_SCHEMA
+from bench.quality import OBJECTS_SCHEMA
 from server.settings import Settings
 from shapeworld.text import parse_objects
 from tests.conftest import ENGINE
@@ -262,7 +262,7 @@ def llava(tmp_path_factory):
 
     reference = TransformersEngine(model, **paths)
     if ENGINE == "vllm":
-        from decoding.vllm_engine import VLLMEngine
+        from decoding.vllm.engine import VLLMEngine
 
         engine = VLLMEngine(model, max_batch=8, **paths)
     else:

@@ -29,7 +29,7 @@ def want():
 
 
 def _engine(max_model_len=None, **engine_args):
-    from decoding.vllm_engine import VLLMEngine
+    from decoding.vllm.engine import VLLMEngine
 
     return VLLMEngine(MODELS_DIR / "vlm", reward_path=MODELS_DIR / "reward", max_batch=8, max_model_len=max_model_len,
                       engine_args=engine_args)

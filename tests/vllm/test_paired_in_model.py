@@ -61,7 +61,7 @@ def _want(model, reward):
 
 
 def _engine(model, reward, **engine_args):
-    from decoding.vllm_engine import VLLMEngine
+    from decoding.vllm.engine import VLLMEngine
 
     return VLLMEngine(model, reward_path=reward, max_batch=8, max_model_len=engine_args.pop("max_model_len", None),
                       engine_args={"worker_extension_cls": "tests.vllm.worker_probe.Probe", **engine_args})

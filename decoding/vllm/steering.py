@@ -1,6 +1,6 @@
 """Steering inside vLLM: one V1 logits processor, registered at engine start, active per request.
 
-A thin adapter: vLLM's batch updates and logits go to ``decoding.steering_adapter.PerRequestSteering``,
+A thin adapter: vLLM's batch updates and logits go to ``decoding.vllm.adapter.PerRequestSteering``,
 which runs the same steering method objects as the transformers engine. The processor lives in vLLM's
 worker process, so it loads what the methods need there: the reward model (``REWARD_ENV``; nothing when it
 is part of vLLM's model) and the verifier's vocabulary and calibration (``VERIFIER_ENV``; its weights stay
@@ -19,9 +19,9 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from decoding.methods import Resources
-from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+from decoding.vllm.adapter import PerRequestSteering, WorkerTarget
 from decoding.vllm.fork_spec import ARCHES, InModelFork
-from decoding.vllm_protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing,
+from decoding.vllm.protocol import (ARG, COUNTERS_ENV, EXPLAIN_ENV, REWARD_ENV, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing,
                                     validate)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reward_models.data import DataSet, Vocabulary, write_dataset
-from server.bench_quality import run_quality
+from bench.quality import run_quality
 from server.cli import main
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden_quality.json").read_text())

@@ -3,7 +3,7 @@ and TITA's FLOPs limit of a fork with its head over the target's top candidates 
 benchmark)."""
 
 from decoding.transformers_engine import TransformersEngine
-from server.bench_speed import format_speed, plain_speed, run_speed, tita_limit, with_plain
+from bench.speed import format_speed, plain_speed, run_speed, tita_limit, with_plain
 from shapeworld.commands import images
 from shapeworld.models import MODELS_DIR
 

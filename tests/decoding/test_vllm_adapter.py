@@ -9,10 +9,10 @@ import torch
 
 from decoding.methods import Resources
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
-from decoding.steering_adapter import PerRequestSteering, WorkerTarget
+from decoding.vllm.adapter import PerRequestSteering, WorkerTarget
 from decoding.transformers_engine import TransformersEngine
-from decoding.vllm_engine import _png
-from decoding.vllm_protocol import ARG, Counters, ExplainRing
+from decoding.vllm.engine import _png
+from decoding.vllm.protocol import ARG, Counters, ExplainRing
 from decoding.verifier import Verifier
 from shapeworld.models import MODELS_DIR
 from shapeworld.text import CAPTION_PROMPT, question
@@ -24,7 +24,7 @@ SWAP, ONE_WAY = "swap", "one-way"
 
 @pytest.fixture(scope="module")
 def adapter_resources(steering_engine):
-    # what vLLM's worker loads (decoding.vllm_steering): a forked reward model as a whole model, the target
+    # what vLLM's worker loads (decoding.vllm.steering): a forked reward model as a whole model, the target
     # loaded again with the fork's layers in place
     from decoding.transformers_engine import TransformersEngine
 

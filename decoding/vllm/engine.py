@@ -1,5 +1,5 @@
 """The vLLM engine: vLLM's AsyncLLM (continuous batching, paged KV cache, tensor parallelism) with the
-steering of ``decoding.vllm_steering`` registered as a logits processor and switched on per request.
+steering of ``decoding.vllm.steering`` registered as a logits processor and switched on per request.
 
 This side (the server's process) turns a request into vLLM inputs: the prompt text and images, vLLM
 sampling parameters and, for steered requests, ``extra_args`` with what the worker-side processor needs.
@@ -38,7 +38,7 @@ from decoding.request import (Completion, Delta, EngineDead, Failed, Finished, G
                               TokenLogprob, tokens_covering)
 from decoding.prompts import render_prompt
 from decoding.vllm.fork_spec import check_fork_files, reward_placement
-from decoding.vllm_protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
+from decoding.vllm.protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
                                     SLOTS, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
 log = logging.getLogger("vlm_steer.vllm")
@@ -163,7 +163,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        from decoding.vllm_steering import SteeringLogitsProcessor
+        from decoding.vllm.steering import SteeringLogitsProcessor
 
         from vllm.config import StructuredOutputsConfig
 

@@ -1,10 +1,10 @@
 """Steering for an engine that owns the batch (vLLM): the transformers engine's steering method objects,
 driven from batch updates instead of our step loop. No vLLM import here, so ``make test`` drives it with
-fake batch updates; ``decoding.vllm_steering`` is the thin vLLM ``LogitsProcessor`` around it.
+fake batch updates; ``decoding.vllm.steering`` is the thin vLLM ``LogitsProcessor`` around it.
 
 The engine reports, before each step, rows that left, joined (with their sampling parameters, prompt ids
 and live list of generated ids) and moved. A joined row that asks for steering (``extra_args[ARG]``,
-built by ``decoding.vllm_engine``) becomes a ``Row`` as the transformers engine has it: its request
+built by ``decoding.vllm.engine``) becomes a ``Row`` as the transformers engine has it: its request
 (messages and decoded images, which is what methods read), prompt ids, the processor's tensors rebuilt
 from the ids and images, and ``token_ids`` = the engine's live list. Per method, ``_MethodRows`` keeps
 the method's batched state in step with the rows that use it: at each step, rows that generated one
@@ -21,7 +21,7 @@ fails; a failed row whose grammar forbids the EOS gets its masked, unsteered log
 instead, and the server, which reads the failure before that step's token, fails and aborts the request. Steered tokens are counted (on the device)
 when steering changes the top token and taken back at the next step if that sample was discarded. Rows that ask for
 an explanation (``args["explain"]``, with or without steering) get one entry per step in the
-``decoding.vllm_protocol.ExplainRing``.
+``decoding.vllm.protocol.ExplainRing``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from decoding.host import upload
 from decoding.methods import usable_methods
 from decoding.model_inputs import inputs_for
 from decoding.request import GenerationRequest
-from decoding.vllm_protocol import ARG, DEAD_END, EXPLAIN_TOP, METHODS
+from decoding.vllm.protocol import ARG, DEAD_END, EXPLAIN_TOP, METHODS
 
 
 class WorkerTarget:
@@ -152,11 +152,11 @@ class _MethodRows:
 
 class PerRequestSteering:
     """The steering of every row of an engine-owned batch: ``update`` with each batch update, ``apply``
-    to each step's logits. ``counters`` (``decoding.vllm_protocol.Counters``) receives engine steps,
+    to each step's logits. ``counters`` (``decoding.vllm.protocol.Counters``) receives engine steps,
     seconds per method, steered tokens and failures per request slot."""
 
     def __init__(self, resources, counters=None, explain=None):
-        self.explain = explain  # decoding.vllm_protocol.ExplainRing, where explaining rows' steps go
+        self.explain = explain  # decoding.vllm.protocol.ExplainRing, where explaining rows' steps go
         self.methods = {name: cls(resources) for name, cls in usable_methods(resources, METHODS).items()}
         self.groups = {name: _MethodRows(m) for name, m in self.methods.items()}
         self.target = resources.target

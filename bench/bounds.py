@@ -8,9 +8,9 @@
   PNGs (4096x4096 each) are in flight, against before them;
 - ``idle``: how long connections that send nothing, headers only, or half a body stay open.
 
-    python -m server.bench_bounds --url http://127.0.0.1:8000 --model-name vlm --case header
-    python -m server.bench_bounds --url http://127.0.0.1:8000 --case prompt [--spaces]
-    python -m server.bench_bounds --url http://127.0.0.1:8000 --case images --pid $(pgrep -f 'vlm-steer serve')
+    python -m bench.bounds --url http://127.0.0.1:8000 --model-name vlm --case header
+    python -m bench.bounds --url http://127.0.0.1:8000 --case prompt [--spaces]
+    python -m bench.bounds --url http://127.0.0.1:8000 --case images --pid $(pgrep -f 'vlm-steer serve')
 
 A benchmark, not a test: the figures depend on the machine and its load.
 """

@@ -3,7 +3,7 @@ the engine and through HTTP, so both sides must count the same tokens."""
 
 import asyncio
 
-from server.bench_load import format_overhead, run_overhead
+from bench.load import format_overhead, run_overhead
 from shapeworld.commands import images
 
 
