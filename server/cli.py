@@ -99,8 +99,9 @@ def _write_json(report: dict, path: str | None) -> None:
         print(f"wrote {path}")
 
 
-def _engine(args: argparse.Namespace):
-    """The engine a benchmark runs: the embedded reward model and verifier go with the embedded VLM only."""
+def _engine(args: argparse.Namespace, engine_args: dict | None = None):
+    """The engine a benchmark runs: the embedded reward model and verifier go with the embedded VLM only;
+    ``engine_args``: vLLM's engine arguments (the vllm engine)."""
     embedded = Path(args.model).resolve() == (MODELS_DIR / "vlm").resolve()
     reward = args.reward if args.reward is not None else (MODELS_DIR / "reward" if embedded else None)
     verifier = args.verifier if args.verifier is not None else (MODELS_DIR / "verifier" if embedded else None)
@@ -116,7 +117,7 @@ def _engine(args: argparse.Namespace):
 
         return VLLMEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
                           max_batch=max(8, getattr(args, "batch", 8)), tita_gate=setting("tita_gate"),
-                          tita_candidates=setting("tita_candidates"))
+                          tita_candidates=setting("tita_candidates"), engine_args=engine_args)
     from decoding.transformers_engine import TransformersEngine
 
     return TransformersEngine(args.model, device=args.device, dtype=args.dtype, reward_path=reward, verifier_path=verifier,
@@ -233,6 +234,22 @@ def _bench_speed(args: argparse.Namespace) -> None:
     print(format_speed(rep))
     if not args.plain_baseline and hasattr(engine, "close"):  # else closed before the second plain run
         engine.close()
+    _write_json(rep, args.json)
+
+
+def _bench_arrival(args: argparse.Namespace) -> None:
+    from bench.arrival import format_arrival, run_arrival
+
+    images, prompt = _images(args)(args.running + args.repeats, args.seed)
+    engine = _engine(argparse.Namespace(**{**vars(args), "engine": "vllm", "batch": args.running + 1}),
+                     engine_args={"worker_extension_cls": "bench.arrival.RewardTimer"})
+    try:
+        methods = [m for m in args.methods.split(",") if all(p in engine.available_methods for p in m.split("+"))]
+        rep = run_arrival(engine, methods, images, prompt, running=args.running, repeats=args.repeats)
+    finally:
+        engine.close()
+    rep.update(seed=args.seed, images=args.data or "embedded", model=args.model)
+    print(format_arrival(rep))
     _write_json(rep, args.json)
 
 
@@ -420,6 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None)
     _model_args(s)
     s.set_defaults(func=_bench_speed)
+
+    ar = bsub.add_parser("arrival", help="the vllm engine: what a steered arrival adds to the step that admits it, "
+                                         "against an unsteered one, and TITA's reward model's prefill alone")
+    ar.add_argument("--methods", default="none,tita,fisao,tita+fisao")
+    ar.add_argument("--running", type=int, default=8, help="unsteered requests decoding when each arrival comes")
+    ar.add_argument("--repeats", type=int, default=20, help="arrivals per method (interleaved)")
+    ar.add_argument("--seed", type=int, default=1234)
+    ar.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
+                                                 "(default: the embedded world's bait scenes)")
+    ar.add_argument("--json", default=None)
+    _model_args(ar)
+    ar.set_defaults(func=_bench_arrival)
 
     ld = bsub.add_parser("load", help="load generator against a running server (streaming, mixed methods)")
     ld.add_argument("--url", default="http://127.0.0.1:8000")

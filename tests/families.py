@@ -106,6 +106,10 @@ SIZES = {  # language model: hidden, layers, heads, kv heads, intermediate, voca
     # reward model of about 1/4 of its FLOPs per token, small images: a CPU-sized speed benchmark
     "mid": dict(hidden=1024, layers=16, heads=16, kv=16, inter=2816, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=32, patch=8),
     "mid_rm": dict(hidden=512, layers=12, heads=8, kv=8, inter=1408, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=32, patch=8),
+    # the same with LLaVA-1.5's image grid (336 px in patches of 14: 576 image tokens per prompt), for the
+    # steered-arrival benchmark, whose cost is the reward model's prefill of a prompt of that length
+    "mid_576": dict(hidden=1024, layers=16, heads=16, kv=16, inter=2816, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=336, patch=14),
+    "mid_rm_576": dict(hidden=512, layers=12, heads=8, kv=8, inter=1408, vocab=32064, v_hidden=256, v_layers=4, v_heads=4, image=336, patch=14),
     # real shapes, for the GPU check: LLaVA-1.5-7B with a TinyLlama-1.1B-shaped reward model (CLIP-L/14 336)
     "7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32064, v_hidden=1024, v_layers=24, v_heads=16, image=336, patch=14),
     "1b": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32064, v_hidden=1024, v_layers=24, v_heads=16, image=336, patch=14),

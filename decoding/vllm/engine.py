@@ -7,7 +7,7 @@ Nothing of a request's image is computed in vLLM's step: FiSAO's verifier scores
 the request joins the batch (the verifier runs in this process, in the model's dtype, and its memory is
 taken off vLLM's budget), and sends one score per object phrase; a forked TITA reward model inside vLLM's
 model reads the target's hidden states. Only a reward model that runs in the worker as a model of its own
-(a separate one, or a fork of a family ``ForkedLlava`` does not serve) gets the image, as PNG bytes. AsyncLLM runs
+(a separate one, or a fork of a family ``fork_model`` does not serve) gets the image, as PNG bytes. AsyncLLM runs
 on its own event loop in a background thread, so any caller (several test servers, a benchmark) can
 share one engine; ``run`` streams a request's events to a thread-safe sink.
 """
@@ -119,7 +119,7 @@ class VLLMEngine:
                 check_fork_files(self.model_path, reward_path)
             in_model, where = reward_placement(self.model_path, reward_path, engine_args)
             log.info("TITA's reward model %s", where)
-            if in_model:  # a fork of a LLaVA target, or a LLaVA reward model sharing its processor: part of vLLM's model
+            if in_model:  # a fork of a LLaVA(-NeXT) target, or a LLaVA reward model sharing its processor: part of vLLM's model
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)
         else:

@@ -1,6 +1,8 @@
 """A forked TITA reward model inside vLLM's own model (the vllm engine; ``decoding.fork`` for the format).
 
-``ForkedLlava`` subclasses vLLM's ``LlavaForConditionalGeneration`` and adds the fork's k decoder layers,
+``ForkedLlava`` (``ForkedLlavaNext``) subclasses vLLM's ``LlavaForConditionalGeneration``
+(``LlavaNextForConditionalGeneration``: the same Llama decoder behind any-resolution image features) and adds
+the fork's k decoder layers,
 final norm (``in_model.RewardDecoder``, compiled by vLLM like the target's decoder) and output head as
 ordinary vLLM layers: their attention layers are declared to vLLM, so their
 KV cache lives in vLLM's paged cache and its memory profile (prefix caching, chunked prefill and preemption
@@ -13,10 +15,11 @@ by side, [T, 2D]; the runner picks the rows it samples from; ``compute_logits`` 
 is row i of ``compute_logits`` (``decoding.vllm.steering``). The processor then runs the fork's head over
 the rows that steer with TITA only, over the target's top candidates (``InModelFork``).
 
-Selected with ``hf_overrides={"architectures": [ARCH], FORK_KEY: {...}}`` and
-``model_class_overrides={ARCH: "decoding.vllm.fork_model:ForkedLlava"}`` (``decoding.vllm.engine``); the
-fork's weights load as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py`` does).
-Llama-decoder LLaVA targets only; other families run the fork as a whole second model in the worker.
+Selected with ``hf_overrides={"architectures": [arch], FORK_KEY: {...}}`` and
+``model_class_overrides={arch: "decoding.vllm.fork_model:ForkedLlava"}`` (``fork_spec.FORK_ARCHES`` per target
+family); the fork's weights load as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py``
+does). Llama-decoder LLaVA and LLaVA-NeXT targets only; other families run the fork as a whole second model in
+the worker.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 
 from decoding.vllm.fork_spec import FORK_KEY
 from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked
 
 
-class ForkedLlava(RewardInModel, LlavaForConditionalGeneration):
+class _Fork(RewardInModel):
+    """The fork's layers over a vLLM LLaVA-family model whose ``language_model`` is vLLM's ``LlamaForCausalLM``
+    and whose ``forward`` returns ``language_model.model``'s output (the subclasses below name the family)."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         spec = getattr(vllm_config.model_config.hf_config, FORK_KEY)
@@ -91,3 +98,11 @@ class ForkedLlava(RewardInModel, LlavaForConditionalGeneration):
                 target = f"rm_decoder.layers.{j}.{rest}"
             loaded.add(load_stacked(params, target, w))
         return loaded
+
+
+class ForkedLlava(_Fork, LlavaForConditionalGeneration):
+    """A fork inside vLLM's LLaVA-1.5 model."""
+
+
+class ForkedLlavaNext(_Fork, LlavaNextForConditionalGeneration):
+    """A fork inside vLLM's LLaVA-NeXT model."""

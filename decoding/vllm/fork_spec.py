@@ -1,19 +1,21 @@
 """How the vllm engine puts TITA's reward model inside vLLM's model (no vllm import: read in the API process):
-a fork of a LLaVA target (``decoding.vllm.fork_model``), or a separate LLaVA reward model that shares the
-target's processor (``decoding.vllm.paired_model``)."""
+a fork of a LLaVA or LLaVA-NeXT target (``decoding.vllm.fork_model``), or a separate LLaVA reward model that
+shares the target's processor (``decoding.vllm.paired_model``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ARCH = "VlmSteerForkedLlava"
 FORK_KEY = "vlm_steer_fork"  # the hf_config attribute carrying the fork's folder and layers
-MODEL_CLASS = "decoding.vllm.fork_model:ForkedLlava"
+# a fork inside vLLM's model, per target family (model_type): (architecture name, model class)
+FORK_ARCHES = {"llava": ("VlmSteerForkedLlava", "decoding.vllm.fork_model:ForkedLlava"),
+               "llava_next": ("VlmSteerForkedLlavaNext", "decoding.vllm.fork_model:ForkedLlavaNext")}
+ARCH, MODEL_CLASS = FORK_ARCHES["llava"]
 PAIR_ARCH = "VlmSteerPairedLlava"
 REWARD_KEY = "vlm_steer_reward"  # the hf_config attribute carrying a separate reward model's folder
 PAIR_CLASS = "decoding.vllm.paired_model:PairedLlava"
-ARCHES = (ARCH, PAIR_ARCH)  # the architectures whose model holds the reward model
+ARCHES = (*(a for a, _ in FORK_ARCHES.values()), PAIR_ARCH)  # the architectures whose model holds the reward model
 LIVE: list = []  # weak references to the models holding a reward model built in this process (vLLM's worker)
 
 
@@ -26,8 +28,8 @@ def live_model():
     raise RuntimeError("no vLLM model holding the reward model in this process")
 
 
-def _llama_llava(cfg: dict) -> bool:
-    return cfg.get("model_type") == "llava" and cfg.get("text_config", {}).get("model_type", "llama") == "llama"
+def _llama_llava(cfg: dict, families=("llava",)) -> bool:
+    return cfg.get("model_type") in families and cfg.get("text_config", {}).get("model_type", "llama") == "llama"
 
 
 def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
@@ -49,22 +51,27 @@ def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
 
 def reward_placement(model_path: str | Path, reward_path: str | Path, engine_args: dict | None = None) -> tuple[dict | None, str]:
     """Where the vllm engine runs TITA's reward model: (engine arguments that put it inside vLLM's model, or
-    None, and a sentence for the start-up log saying where it runs and why). Inside: a fork of a LLaVA target
-    with a Llama decoder (``ForkedLlava``), or a separate LLaVA reward model with a Llama decoder that shares
+    None, and a sentence for the start-up log saying where it runs and why). Inside: a fork of a LLaVA or
+    LLaVA-NeXT target with a Llama decoder (``ForkedLlava``, ``ForkedLlavaNext``), or a separate LLaVA reward
+    model with a Llama decoder that shares
     the target's processor (``PairedLlava``). Otherwise (other families; a reward model with its own processor
     or vision settings; a quantized target, whose quantization vLLM would apply to the reward model's layers
     too) it runs in the steering processor as a model of its own."""
     worker = "runs in vLLM's worker as a second model (slower; its memory outside vLLM's budget): "
     cfg = json.loads((Path(model_path) / "config.json").read_text())
-    if not _llama_llava(cfg):
-        return None, worker + f"the target is {cfg.get('model_type')!r}, and only LLaVA targets with a Llama decoder hold it"
+    fork = (Path(reward_path) / "fork.json").is_file()
+    if not _llama_llava(cfg, tuple(FORK_ARCHES) if fork else ("llava",)):
+        held = "LLaVA and LLaVA-NeXT targets with a Llama decoder hold a fork" if fork else \
+            "only LLaVA targets with a Llama decoder hold a separate reward model"
+        return None, worker + f"the target is {cfg.get('model_type')!r}, and {held}"
     if "quantization_config" in cfg or (engine_args or {}).get("quantization"):
         return None, worker + "the target is quantized, and vLLM would quantize the reward model's layers too"
     path = str(Path(reward_path).resolve())
-    if (Path(reward_path) / "fork.json").is_file():
+    if fork:
         info = json.loads((Path(reward_path) / "fork.json").read_text())
         spec = {"path": path, "first_layer": info["first_layer"], "layers": info["layers"]}
-        return ({"hf_overrides": {"architectures": [ARCH], FORK_KEY: spec}, "model_class_overrides": {ARCH: MODEL_CLASS}},
+        arch, cls = FORK_ARCHES[cfg["model_type"]]
+        return ({"hf_overrides": {"architectures": [arch], FORK_KEY: spec}, "model_class_overrides": {arch: cls}},
                 f"inside vLLM's model: a fork of the target's top {info['layers']} layers (decoding/vllm/fork_model.py)")
     rm = json.loads((Path(reward_path) / "config.json").read_text())
     if not _llama_llava(rm):

@@ -176,6 +176,13 @@ def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_th
     assert in_model_overrides(quantized, rm) is None
     nxt = build("llava_next", tmp_path / "next")
     assert in_model_overrides(nxt, build("llava_next", tmp_path / "next-rm", size="tiny_rm", seed=1)) is None
+    # a fork goes inside vLLM's LLaVA-NeXT too (the same Llama decoder); a Qwen2.5-VL fork runs in the worker
+    got = in_model_overrides(nxt, build_fork(nxt, tmp_path / "next-fork", layers=1))
+    assert got["hf_overrides"]["architectures"] == ["VlmSteerForkedLlavaNext"]
+    assert got["model_class_overrides"] == {"VlmSteerForkedLlavaNext": "decoding.vllm.fork_model:ForkedLlavaNext"}
+    q = build("qwen2_5_vl", tmp_path / "q")
+    placed = reward_placement(q, build_fork(q, tmp_path / "q-fork", layers=1))
+    assert placed[0] is None and "LLaVA and LLaVA-NeXT targets with a Llama decoder hold a fork" in placed[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
