@@ -25,11 +25,15 @@ import torch
 TEXT_KEYS = ("input_ids", "attention_mask")
 
 
+class NoSuchFolder(ValueError):
+    """A model folder that is not there (the CLI prints it as one line)."""
+
+
 def local_folder(path, what: str) -> None:
-    """Models load from local folders only: a missing one is a clear ValueError at once (``from_pretrained``
-    would take it for a hub id and retry the network for a minute before failing)."""
+    """Models load from local folders only: a missing one is a clear ``NoSuchFolder`` (a ValueError) at once
+    (``from_pretrained`` would take it for a hub id and retry the network for a minute before failing)."""
     if not Path(path).is_dir():
-        raise ValueError(f"{what} {path}: no such folder (models load from local folders)")
+        raise NoSuchFolder(f"{what} {path}: no such folder (models load from local folders)")
 
 
 def row_inputs(processor_output) -> dict[str, torch.Tensor]:

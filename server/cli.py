@@ -132,6 +132,17 @@ def probability(text: str) -> float:
     return value
 
 
+def positive(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return value
+
+
 def count(text: str) -> int:
     """--tita-candidates: 0 (the whole vocabulary) or an integer >= 2."""
     try:
@@ -245,6 +256,9 @@ def _bench_arrival(args: argparse.Namespace) -> None:
                      engine_args={"worker_extension_cls": "bench.arrival.RewardTimer"})
     try:
         methods = [m for m in args.methods.split(",") if all(p in engine.available_methods for p in m.split("+"))]
+        skipped = sorted(set(args.methods.split(",")) - set(methods))
+        if skipped:
+            print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
         rep = run_arrival(engine, methods, images, prompt, running=args.running, repeats=args.repeats)
     finally:
         engine.close()
@@ -441,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar = bsub.add_parser("arrival", help="the vllm engine: what a steered arrival adds to the step that admits it, "
                                          "against an unsteered one, and TITA's reward model's prefill alone")
     ar.add_argument("--methods", default="none,tita,fisao,tita+fisao")
-    ar.add_argument("--running", type=int, default=8, help="unsteered requests decoding when each arrival comes")
-    ar.add_argument("--repeats", type=int, default=20, help="arrivals per method (interleaved)")
+    ar.add_argument("--running", type=positive, default=8, help="unsteered requests decoding when each arrival comes")
+    ar.add_argument("--repeats", type=positive, default=20, help="arrivals per method (interleaved)")
     ar.add_argument("--seed", type=int, default=1234)
     ar.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
                                                  "(default: the embedded world's bait scenes)")
@@ -491,11 +505,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from reward_models.data import DataError
 
+    from decoding.model_inputs import NoSuchFolder
     from pydantic import ValidationError
 
     try:
         args.func(args)
-    except DataError as e:  # a user's data set file: one clear line, no traceback
+    except (DataError, NoSuchFolder) as e:  # a user's data set file or model folder: one clear line, no traceback
         raise SystemExit(f"vlm-steer: {e}") from None
     except ValidationError as e:  # a setting out of range: each field and why
         raise SystemExit("vlm-steer: invalid settings: " + "; ".join(
