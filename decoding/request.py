@@ -118,6 +118,10 @@ class Failed:
     error: Exception
 
 
+class EngineMissing(RuntimeError):
+    """The engine asked for is not installed here (vLLM in a virtualenv without it)."""
+
+
 class EngineDead(RuntimeError):
     """The engine itself is gone (its process died, or vLLM's engine core did: vLLM's ``EngineDeadError``):
     every request in flight fails with it, and no request can be served until the server restarts."""

@@ -143,6 +143,26 @@ def positive(text: str) -> int:
     return value
 
 
+def methods(text: str) -> str:
+    """--methods: comma-separated steering methods, each ``none``, a registered name or names joined by '+'."""
+    from decoding.methods import REGISTRY
+
+    for m in filter(None, text.split(",")):
+        parts = m.split("+")
+        if m != "none" and (any(p not in REGISTRY for p in parts) or len(set(parts)) != len(parts)):
+            raise argparse.ArgumentTypeError(f"unknown steering method {m!r} (known: none, {', '.join(REGISTRY)}, "
+                                             "and registered names joined by '+', each once)")
+    return text
+
+
+def splits(text: str) -> str:
+    """--split: ShapeWorld splits, comma-separated."""
+    bad = [p for p in text.split(",") if p not in ("train", "random", "bait")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown split {bad[0]!r} (ShapeWorld's are train, random and bait)")
+    return text
+
+
 def count(text: str) -> int:
     """--tita-candidates: 0 (the whole vocabulary) or an integer >= 2."""
     try:
@@ -397,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data", required=True)
     ds = dsub.add_parser("shapeworld", help="ShapeWorld scenes: images, COCO instances and captions, POPE files, vocabulary")
     ds.add_argument("--split", default="random", choices=["train", "random", "bait"])
-    ds.add_argument("--n", type=int, default=300)
+    ds.add_argument("--n", type=positive, default=300)
     ds.add_argument("--seed", type=int, default=1234)
     ds.add_argument("--out", required=True)
     ds.set_defaults(func=_data_shapeworld)
@@ -417,30 +437,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", default=None, help="data set folder(s), comma-separated: images, COCO instances and "
                                                 "captions, POPE question files, vocabulary (see reward_models/data.py); "
                                                 "default: ShapeWorld scenes of --split")
-    q.add_argument("--split", default="random", help="ShapeWorld: random, bait, or both comma-separated")
-    q.add_argument("--methods", default="none", help="comma-separated steering methods")
+    q.add_argument("--split", type=splits, default="random", help="ShapeWorld: random, bait, or both comma-separated")
+    q.add_argument("--methods", type=methods, default="none", help="comma-separated steering methods")
     q.add_argument("--strength", default=None, help="per-method strengths, e.g. tita:0.6,fisao:3")
     q.add_argument("--sweep", default=None, help="strength sweep of one method, e.g. tita:0,0.2,0.4,0.6,0.8")
-    q.add_argument("--n", type=int, default=300, help="scenes per split")
+    q.add_argument("--n", type=positive, default=300, help="scenes per split")
     q.add_argument("--seed", type=int, default=1234, help="scene seed (held out: not in 0-99)")
     q.add_argument("--captions", default="text", choices=["text", "json"],
                    help="json: captions answered under a JSON schema (a list of object strings, structured outputs) "
                         "and scored on the listed objects; POPE is not asked")
     q.add_argument("--json", default=None, help="write the report here")
     q.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
-    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--batch", type=positive, default=32)
     _model_args(q)
     q.set_defaults(func=_bench_quality)
 
     s = bsub.add_parser("speed", help="tokens/s per method, interleaved, with the ratio to none")
-    s.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--methods", type=methods, default="none,tita,fisao,tita+fisao,vcd")
+    s.add_argument("--n", type=positive, default=64)
     s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--batch", type=positive, default=8)
     s.add_argument("--ignore-eos", action="store_true",
                    help="every request generates --max-tokens tokens (vLLM's benchmark convention): methods compared per "
                         "decoding step, not by the length of their answers")
-    s.add_argument("--max-tokens", type=int, default=40)
+    s.add_argument("--max-tokens", type=positive, default=40)
     s.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     s.add_argument("--plain-baseline", action="store_true",
                    help="also time none on the target alone (no reward model, no verifier), an engine of its own "
@@ -454,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ar = bsub.add_parser("arrival", help="the vllm engine: what a steered arrival adds to the step that admits it, "
                                          "against an unsteered one, and TITA's reward model's prefill alone")
-    ar.add_argument("--methods", default="none,tita,fisao,tita+fisao")
+    ar.add_argument("--methods", type=methods, default="none,tita,fisao,tita+fisao")
     ar.add_argument("--running", type=positive, default=8, help="unsteered requests decoding when each arrival comes")
     ar.add_argument("--repeats", type=positive, default=20, help="arrivals per method (interleaved)")
     ar.add_argument("--seed", type=int, default=1234)
@@ -467,12 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld = bsub.add_parser("load", help="load generator against a running server (streaming, mixed methods)")
     ld.add_argument("--url", default="http://127.0.0.1:8000")
     ld.add_argument("--concurrency", default="8", help="clients at once (with --engines: a comma-separated list)")
-    ld.add_argument("--requests", type=int, default=64)
-    ld.add_argument("--methods", default="none,tita,fisao,tita+fisao,vcd")
+    ld.add_argument("--requests", type=positive, default=64)
+    ld.add_argument("--methods", type=methods, default="none,tita,fisao,tita+fisao,vcd")
     ld.add_argument("--data", default=None, help="a data set folder whose images (and caption prompt) the requests use "
                                                  "(default: the embedded world's bait scenes)")
     ld.add_argument("--model-name", default="vlm")
-    ld.add_argument("--max-tokens", type=int, default=40)
+    ld.add_argument("--max-tokens", type=positive, default=40)
     ld.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of clients that hang up mid-stream")
     ld.add_argument("--api-key", default=None)
     ld.add_argument("--json", default=None)
@@ -486,13 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     hb = bsub.add_parser("health", help="/health latency while costly images are processed, against idle")
     hb.add_argument("--url", default="http://127.0.0.1:8000")
     hb.add_argument("--image-size", default="1x20000", help="WIDTHxHEIGHT of a white PNG sent with each request")
-    hb.add_argument("--requests", type=int, default=4, help="such requests at once")
+    hb.add_argument("--requests", type=positive, default=4, help="such requests at once")
     hb.add_argument("--model-name", default="vlm")
     hb.add_argument("--json", default=None)
     hb.set_defaults(func=_bench_health)
 
     v = bsub.add_parser("verifier", help="verifier scores of correct vs hallucinated mentioned objects (plot)")
-    v.add_argument("--n", type=int, default=300)
+    v.add_argument("--n", type=positive, default=300)
     v.add_argument("--seed", type=int, default=1234)
     v.add_argument("--json", default=None)
     v.add_argument("--plot", default=None)
@@ -505,13 +525,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from reward_models.data import DataError
 
+    from decoding.methods.base import UnknownMethod
     from decoding.model_inputs import NoSuchFolder
+    from decoding.request import EngineMissing
     from pydantic import ValidationError
 
     try:
         args.func(args)
-    except (DataError, NoSuchFolder) as e:  # a user's data set file or model folder: one clear line, no traceback
-        raise SystemExit(f"vlm-steer: {e}") from None
+    except (DataError, NoSuchFolder, UnknownMethod, EngineMissing) as e:  # a user's data, model folder, method
+        raise SystemExit(f"vlm-steer: {e}") from None  # or engine: one clear line, no traceback
     except ValidationError as e:  # a setting out of range: each field and why
         raise SystemExit("vlm-steer: invalid settings: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None

@@ -100,6 +100,11 @@ def usable_methods(resources: Resources, names=None) -> dict[str, type[SteeringM
     return {n: cls for n, cls in REGISTRY.items() if (names is None or n in names) and cls.unavailable(resources) is None}
 
 
+class UnknownMethod(ValueError):
+    """A steering method that is not registered, or that this engine cannot run (its reward model or verifier
+    is not configured)."""
+
+
 def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
     """method -> strength for a steering spec ("none", a registered name, or names joined by '+'), in
     application order; raises ValueError for an unknown or unusable method or an out-of-range strength.
@@ -109,10 +114,10 @@ def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
     parts = spec.method.split("+")
     for p in parts:
         if p not in REGISTRY:
-            raise ValueError(f"unknown steering method {spec.method!r}; available: {['none', *usable]}")
+            raise UnknownMethod(f"unknown steering method {spec.method!r}; available: {['none', *usable]}")
         if p not in usable:
             reason = why_not(p) if why_not else "is not available"
-            raise ValueError(f"steering method {p!r} {reason}")
+            raise UnknownMethod(f"steering method {p!r} {reason}")
     if len(set(parts)) != len(parts):
         raise ValueError(f"steering method {spec.method!r} names a method twice")
     return {name: strength_of(REGISTRY[name], spec.strength) for name in usable if name in parts}

