@@ -223,8 +223,10 @@ def test_the_heartbeat_is_fresh_while_idle_or_stepping_and_stale_while_busy_with
 # ------------------------------------------------------------ the drain's deadline
 
 def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done():
-    with serve("--drain-timeout", "2", "--max-batch", "2") as (proc, url, log):
-        streams = [Stream(url, LONG) for _ in range(6)]
+    with serve("--drain-timeout", "1", "--max-batch", "2") as (proc, url, log):
+        # 15 requests of 400 tokens, 2 at a time: 6,000 tokens, several seconds of the embedded model's work even
+        # on a quiet machine (7 requests with a 2 s deadline all finished there)
+        streams = [Stream(url, LONG) for _ in range(14)]
         call = Call(url, LONG)
         wait_for(lambda: any(s.content() >= 2 for s in streams)
                  and gauge(url, "vlm_steer_num_requests_waiting") >= 4, 120, "streams generating, others queued")
@@ -242,9 +244,9 @@ def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done():
                 assert "drain timeout" in last["error"]["message"]
             else:
                 assert last["choices"][0]["finish_reason"] == "length"
-        assert cut >= 1  # 7 requests of 400 tokens, 2 at a time: not all done in 2 s
+        assert cut >= 1  # not all done in 1 s
         call.join(30)
         r = call.response
         assert r.status_code in (200, 503) and (r.status_code == 200 or r.json()["error"]["code"] == 503)
         text = open(log).read()
-        assert "Traceback" not in text and "drain timeout (2.0 s): ending" in text, text[-3000:]
+        assert "Traceback" not in text and "drain timeout (1.0 s): ending" in text, text[-3000:]
