@@ -55,6 +55,12 @@ class GrammarDeadEnd(ValueError):
         return type(self), (str(self), self.param)
 
 
+def min_tokens_dead_end(n: int) -> GrammarDeadEnd:
+    """The failure of a row whose format must end after ``n`` generated tokens while ``min_tokens`` masks its
+    end (both engines say it alike)."""
+    return GrammarDeadEnd(f"min_tokens: the requested output format must end after {n} tokens", param="min_tokens")
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """One constraint on a completion: ``kind`` one of ``KINDS`` (vLLM's ``StructuredOutputsParams`` fields
@@ -161,6 +167,27 @@ class RowGrammar:
         ok = self.matcher.accept_token(token)
         self.terminated = self.matcher.is_terminated()
         return ok
+
+
+class EndGuard:
+    """A completion's tokens followed through its grammar, to tell when ``min_tokens`` closes the only way on:
+    after fewer than ``min_tokens`` tokens the grammar allows nothing but tokens ``min_tokens`` masks (its
+    ends). The vllm engine needs it in the API process: vLLM stops masking a grammar it has terminated, so
+    there the row would run on past its format's end (the transformers engine sees the dead end in its step)."""
+
+    def __init__(self, row: RowGrammar, vocab_size: int, min_tokens: int, ends):
+        self.row, self.vocab_size, self.min_tokens, self.ends = row, vocab_size, min_tokens, frozenset(ends)
+        self.n = 0
+        self.bitmask = torch.zeros(1, (vocab_size + 31) // 32, dtype=torch.int32)
+
+    def dead_after(self, token: int) -> bool:
+        """Take one generated token; True when the format must end now and ``min_tokens`` forbids it."""
+        self.row.accept(token)
+        self.n += 1
+        if self.n >= self.min_tokens or self.row.terminated:
+            return False
+        self.row.fill(self.bitmask, 0)
+        return self.ends.issuperset(allowed_tokens(self.bitmask[0], self.vocab_size).tolist())
 
 
 class Grammars:

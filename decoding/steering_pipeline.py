@@ -11,7 +11,7 @@ import time
 import torch
 
 from decoding.explain import StepTrace, contribution
-from decoding.grammar import GrammarDeadEnd, unmasked
+from decoding.grammar import min_tokens_dead_end, unmasked
 from decoding.methods import SteeringFailed
 from decoding.sampling import apply_logit_bias, suppress_tokens
 
@@ -80,9 +80,7 @@ class SteeringPipeline:
         if held:  # a format whose only way on is its end, masked by min_tokens: the row fails (400), no token forced
             for i, none_left in zip(held, torch.isneginf(masked[held]).all(-1).tolist()):
                 if none_left:
-                    batch.rows[i].error = GrammarDeadEnd(
-                        f"min_tokens: the requested output format must end after {len(batch.rows[i].token_ids)} tokens",
-                        param="min_tokens")
+                    batch.rows[i].error = min_tokens_dead_end(len(batch.rows[i].token_ids))
         scores = base = apply_logit_bias(masked, [r.request.sampling.logit_bias for r in batch.rows])
         explain = [i for i, r in enumerate(batch.rows) if r.request.steering.explain]
         trace = batch.trace = StepTrace(explain, base[explain].float().log_softmax(-1)) if explain else None

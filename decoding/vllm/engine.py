@@ -30,7 +30,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from decoding.fork import is_fork
-from decoding.grammar import GrammarDeadEnd
+from decoding.grammar import EndGuard, GrammarDeadEnd, min_tokens_dead_end
 from decoding.methods import REGISTRY, Resources, SteeringFailed, resolve, usable_methods
 from decoding.methods.tita import check_rows
 from decoding.model_inputs import local_folder
@@ -159,6 +159,7 @@ class VLLMEngine:
         self._explains = itertools.count()
         self._slots = itertools.count()
         self._seconds_seen = [0.0] * len(METHODS)
+        self._grammars = None  # xgrammar's compiler, for ``_end_guard`` (built at first use)
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -332,10 +333,14 @@ class VLLMEngine:
         text = ""
         k = row.request.sampling.top_logprobs
         stops = bool(row.request.sampling.stop)
+        guard = self._end_guard(row.request)
+        dead = False  # the guard found the format's end masked by min_tokens after the tokens served so far
         outputs = self.llm.generate(row.prompt, row.params, row.request.request_id)
         try:
             async for out in outputs:
                 failure = self._failure(row)
+                if failure is None and dead:  # what vLLM made past that point is never served
+                    failure = min_tokens_dead_end(len(token_ids))
                 if failure is not None:  # seen before this output's tokens are served (the worker wrote it first)
                     sink(Failed(failure))
                     await outputs.aclose()  # aborts the request in vLLM
@@ -345,6 +350,13 @@ class VLLMEngine:
                     sink(Failed(RuntimeError("the engine ended the request with an error")))  # its tokens unserved
                     return
                 ids = list(o.token_ids)
+                if guard is not None and not out.finished:
+                    at = next((j for j, t in enumerate(ids) if guard.dead_after(t)), None)
+                    if at is not None and at < len(ids) - 1:  # tokens past the dead end in this very output
+                        sink(Failed(min_tokens_dead_end(len(token_ids) + at + 1)))
+                        await outputs.aclose()
+                        return
+                    dead = at is not None
                 lps = [self._logprob(t, d, k) for t, d in zip(ids, o.logprobs or [])] if k is not None else []
                 if out.finished and o.finish_reason == "stop" and ids and self._ended_by_token(o, ids[-1]):
                     ids = ids[:-1]  # the EOS or stop token is not part of the completion (as in the transformers engine)
@@ -380,6 +392,20 @@ class VLLMEngine:
             if isinstance(e, EngineDeadError) or self.errored:
                 e = EngineDead("vLLM's engine core exited")
             sink(Failed(ValueError(str(e)) if isinstance(e, VLLMClientError) else e))
+
+    def _end_guard(self, request: GenerationRequest):
+        """A ``decoding.grammar.EndGuard`` for a request with an output format and ``min_tokens``, else None
+        (nothing runs for other requests). vLLM masks the end with ``min_tokens`` (the EOS unless ``ignore_eos``,
+        and the request's stop token ids) but stops masking a grammar it has terminated."""
+        s = request.sampling
+        if request.structured is None or not s.min_tokens:
+            return None
+        if self._grammars is None:
+            from decoding.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        ends = {*s.stop_token_ids, *(() if s.ignore_eos else self.eos_ids)}
+        return EndGuard(self._grammars.matcher(request.structured, s.stop_token_ids), self.vocab_size, s.min_tokens, ends)
 
     def _ended_by_token(self, o, last: int) -> bool:
         """Whether a finished output ended on a token that leaves the completion: the EOS (no stop reason)

@@ -353,3 +353,17 @@ def test_the_vllm_processor_reports_a_dead_end(engine, fisao_adapter, tmp_path):
     steering.apply(torch.full((1, engine.vocab_size), INF))
     assert int(counters.failed[0]) == DEAD_END
     assert isinstance(steering.rows[0][0].error, GrammarDeadEnd)
+
+
+def test_the_end_guard_finds_where_min_tokens_masks_the_formats_only_way_on(embedded_grammars, engine):
+    """``▁a▁blue▁star`` must end after its 3 tokens: with ``min_tokens`` 5 masking the EOS, the guard (the vllm
+    engine's, in the API process) says so at the third token, not before; with the EOS not masked
+    (``ignore_eos``) or ``min_tokens`` reached, never."""
+    from decoding.grammar import EndGuard
+
+    so = StructuredOutput("regex", "▁a▁blue▁star")
+    ids = engine.tokenizer.convert_tokens_to_ids(["▁a", "▁blue", "▁star"])
+    eos = {engine.tokenizer.eos_token_id}
+    for min_tokens, ends, want in ((5, eos, [False, False, True]), (5, set(), [False] * 3), (3, eos, [False] * 3)):
+        guard = EndGuard(embedded_grammars.matcher(so), engine.vocab_size, min_tokens, ends)
+        assert [guard.dead_after(t) for t in ids] == want, (min_tokens, ends)

@@ -169,8 +169,6 @@ def test_a_format_the_embedded_model_can_write_under_every_method(client, steeri
     assert answers == {"yes", "no"}  # the constraint leaves the model its choice
 
 
-@pytest.mark.xfail(ENGINE == "vllm", strict=True, reason="known gap: on the vllm engine min_tokens past the end of a "
-                   "format vLLM's grammar has terminated is served (vLLM stops masking a terminated grammar)")
 def test_min_tokens_past_a_json_answers_end_is_a_400_naming_it(client):
     """The objects' JSON ends where the model closes the list: ``min_tokens`` beyond it masks the only way
     on, found during generation (the check cannot know where the model will close): a 400, no token forced;
