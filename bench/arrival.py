@@ -29,6 +29,7 @@ import statistics
 import threading
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from decoding.request import Delta, Failed, Finished, GenerationRequest, SamplingParams, SteeringSpec
@@ -245,14 +246,14 @@ def run_arrival(engine, methods: list[str], images: list, prompt: str, running: 
         extra = [a - b for a, b in zip(admit, base)]  # paired by repeat: the same image, one round apart
         report["methods"][m] = {
             "admit_median_s": statistics.median(admit), "steady_median_s": _nanmedian(r["steady"] for r in rounds[m]),
-            "extra_median_s": statistics.median(extra), "extra_p90_s": _quantile(extra, 0.9),
+            "extra_median_s": statistics.median(extra), "extra_p90_s": float(np.quantile(extra, 0.9)),
             "reward_in_step_median_s": (statistics.median(r["reward_in_step"] for r in rounds[m]) if timed else None),
             "to_first_token_median_s": statistics.median(r["to_first_token"] for r in rounds[m]),
             "steering_median_s": statistics.median(r["steering"] for r in rounds[m]),
             "admit_s": admit}
     if alone:
         report["reward_prefill_alone_median_s"] = statistics.median(alone)
-        report["reward_prefill_alone_p90_s"] = _quantile(alone, 0.9)
+        report["reward_prefill_alone_p90_s"] = float(np.quantile(alone, 0.9))
         for m in methods:
             if "tita" in m.split("+"):
                 report["methods"][m]["extra_p90_over_reward_prefill"] = (
@@ -263,14 +264,6 @@ def run_arrival(engine, methods: list[str], images: list, prompt: str, running: 
 def _nanmedian(xs) -> float:
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    """The q-quantile, linear between order statistics (numpy's default)."""
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
 
 
 def format_arrival(rep: dict) -> str:

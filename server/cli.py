@@ -145,13 +145,13 @@ def positive(text: str) -> int:
 
 def methods(text: str) -> str:
     """--methods: comma-separated steering methods, each ``none``, a registered name or names joined by '+'."""
-    from decoding.methods import REGISTRY
+    from decoding.methods.base import UnknownMethod, method_parts
 
     for m in filter(None, text.split(",")):
-        parts = m.split("+")
-        if m != "none" and (any(p not in REGISTRY for p in parts) or len(set(parts)) != len(parts)):
-            raise argparse.ArgumentTypeError(f"unknown steering method {m!r} (known: none, {', '.join(REGISTRY)}, "
-                                             "and registered names joined by '+', each once)")
+        try:
+            method_parts(m)
+        except UnknownMethod as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

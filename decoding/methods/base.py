@@ -105,21 +105,28 @@ class UnknownMethod(ValueError):
     is not configured)."""
 
 
+def method_parts(method: str, usable=None) -> list[str]:
+    """The registered methods a name joins with '+' ([] for "none"); ``UnknownMethod`` for a name not
+    registered or a method named twice. ``usable``: what the error lists as available (default: all)."""
+    if method == "none":
+        return []
+    parts = method.split("+")
+    if any(p not in REGISTRY for p in parts):
+        raise UnknownMethod(f"unknown steering method {method!r}; available: {['none', *(usable if usable is not None else REGISTRY)]}")
+    if len(set(parts)) != len(parts):
+        raise UnknownMethod(f"steering method {method!r} names a method twice")
+    return parts
+
+
 def resolve(spec, usable: dict[str, Any], why_not=None) -> dict[str, float]:
     """method -> strength for a steering spec ("none", a registered name, or names joined by '+'), in
     application order; raises ValueError for an unknown or unusable method or an out-of-range strength.
     ``usable``: the methods this engine can run (by name); ``why_not(name)``: why a registered one is not."""
-    if spec.method == "none":
-        return {}
-    parts = spec.method.split("+")
+    parts = method_parts(spec.method, usable)
     for p in parts:
-        if p not in REGISTRY:
-            raise UnknownMethod(f"unknown steering method {spec.method!r}; available: {['none', *usable]}")
         if p not in usable:
             reason = why_not(p) if why_not else "is not available"
             raise UnknownMethod(f"steering method {p!r} {reason}")
-    if len(set(parts)) != len(parts):
-        raise ValueError(f"steering method {spec.method!r} names a method twice")
     return {name: strength_of(REGISTRY[name], spec.strength) for name in usable if name in parts}
 
 

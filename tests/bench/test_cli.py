@@ -22,7 +22,7 @@ def test_the_arrival_bench_refuses_counts_below_one(flag, value, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "speed", "--methods", "none,nosuch"], "argument --methods: unknown steering method 'nosuch'"),
-    (["bench", "arrival", "--methods", "tita+tita"], "argument --methods: unknown steering method 'tita+tita'"),
+    (["bench", "arrival", "--methods", "tita+tita"], "argument --methods: steering method 'tita+tita' names a method twice"),
     (["bench", "quality", "--methods", "tita+nosuch"], "argument --methods: unknown steering method 'tita+nosuch'"),
     (["bench", "quality", "--split", "random,nosuch"], "argument --split: unknown split 'nosuch'"),
     (["bench", "speed", "--n", "0"], "argument --n: 0 is not an integer >= 1"),
