@@ -8,6 +8,7 @@ ordinary vLLM layers: their attention layers are declared to vLLM, so their
 KV cache lives in vLLM's paged cache and its memory profile (prefix caching, chunked prefill and preemption
 hold for them as for the target's layers), and they read the target's own hidden state entering layer
 ``first`` (vLLM's auxiliary hidden states, as EAGLE-3 reads them). The target's vision tower runs once.
+``ForkedQwen2_5_VL`` does the same over vLLM's Qwen2.5-VL model (Qwen2 decoder layers, M-RoPE positions).
 
 Per step (vLLM's V1 model runner): ``forward`` returns the target's final hidden states and the fork's side
 by side, [T, 2D]; the runner picks the rows it samples from; ``compute_logits`` returns the target's logits
@@ -18,8 +19,8 @@ the rows that steer with TITA only, over the target's top candidates (``InModelF
 Selected with ``hf_overrides={"architectures": [arch], FORK_KEY: {...}}`` and
 ``model_class_overrides={arch: "decoding.vllm.fork_model:ForkedLlava"}`` (``fork_spec.FORK_ARCHES`` per target
 family); the fork's weights load as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py``
-does). Llama-decoder LLaVA and LLaVA-NeXT targets only; other families run the fork as a whole second model in
-the worker.
+does). Llama-decoder LLaVA and LLaVA-NeXT targets and Qwen2.5-VL; a Gemma 3 target (vLLM's Gemma 3 decoder
+returns no auxiliary hidden states) runs the fork as a whole second model in the worker.
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from decoding.vllm.fork_spec import FORK_KEY
 from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked
 
 
 class _Fork(RewardInModel):
-    """The fork's layers over a vLLM LLaVA-family model whose ``language_model`` is vLLM's ``LlamaForCausalLM``
-    and whose ``forward`` returns ``language_model.model``'s output (the subclasses below name the family)."""
+    """The fork's layers over a vLLM VLM whose ``language_model.model`` returns auxiliary hidden states (vLLM's
+    Llama and Qwen2 decoders) and whose ``forward`` returns that output (the subclasses below name the family)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         spec = getattr(vllm_config.model_config.hf_config, FORK_KEY)
-        text = vllm_config.model_config.hf_config.text_config
+        text = vllm_config.model_config.hf_config.get_text_config()
         self.fork_first, self.fork_k = int(spec["first_layer"]), int(spec["layers"])
         n = text.num_hidden_layers
         # the hidden state entering layer ``first`` (hidden + residual), returned beside the final one
@@ -106,3 +108,7 @@ class ForkedLlava(_Fork, LlavaForConditionalGeneration):
 
 class ForkedLlavaNext(_Fork, LlavaNextForConditionalGeneration):
     """A fork inside vLLM's LLaVA-NeXT model."""
+
+
+class ForkedQwen2_5_VL(_Fork, Qwen2_5_VLForConditionalGeneration):
+    """A fork inside vLLM's Qwen2.5-VL model (Qwen2 decoder layers at the target's M-RoPE positions)."""

@@ -1,6 +1,6 @@
 """How the vllm engine puts TITA's reward model inside vLLM's model (no vllm import: read in the API process):
-a fork of a LLaVA or LLaVA-NeXT target (``decoding.vllm.fork_model``), or a separate LLaVA reward model that
-shares the target's processor (``decoding.vllm.paired_model``)."""
+a fork of a LLaVA or LLaVA-NeXT target (``decoding.vllm.fork_model``), or a separate reward model of the
+target's family that shares its processor (``decoding.vllm.paired_model``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from pathlib import Path
 FORK_KEY = "vlm_steer_fork"  # the hf_config attribute carrying the fork's folder and layers
 # a fork inside vLLM's model, per target family (model_type): (architecture name, model class)
 FORK_ARCHES = {"llava": ("VlmSteerForkedLlava", "decoding.vllm.fork_model:ForkedLlava"),
-               "llava_next": ("VlmSteerForkedLlavaNext", "decoding.vllm.fork_model:ForkedLlavaNext")}
+               "llava_next": ("VlmSteerForkedLlavaNext", "decoding.vllm.fork_model:ForkedLlavaNext"),
+               "qwen2_5_vl": ("VlmSteerForkedQwen2_5_VL", "decoding.vllm.fork_model:ForkedQwen2_5_VL")}
 ARCH, MODEL_CLASS = FORK_ARCHES["llava"]
-PAIR_ARCH = "VlmSteerPairedLlava"
 REWARD_KEY = "vlm_steer_reward"  # the hf_config attribute carrying a separate reward model's folder
-PAIR_CLASS = "decoding.vllm.paired_model:PairedLlava"
-ARCHES = (*(a for a, _ in FORK_ARCHES.values()), PAIR_ARCH)  # the architectures whose model holds the reward model
+# a separate reward model of the target's family inside vLLM's model, per family (model_type)
+PAIR_ARCHES = {"llava": ("VlmSteerPairedLlava", "decoding.vllm.paired_model:PairedLlava"),
+               "llava_next": ("VlmSteerPairedLlavaNext", "decoding.vllm.paired_model:PairedLlavaNext"),
+               "qwen2_5_vl": ("VlmSteerPairedQwen2_5_VL", "decoding.vllm.paired_model:PairedQwen2_5_VL"),
+               "gemma3": ("VlmSteerPairedGemma3", "decoding.vllm.paired_model:PairedGemma3")}
+PAIR_ARCH, PAIR_CLASS = PAIR_ARCHES["llava"]
+# the architectures whose model holds the reward model
+ARCHES = (*(a for a, _ in FORK_ARCHES.values()), *(a for a, _ in PAIR_ARCHES.values()))
 LIVE: list = []  # weak references to the models holding a reward model built in this process (vLLM's worker)
 
 
@@ -34,7 +40,8 @@ def _llama_llava(cfg: dict, families=("llava",)) -> bool:
 
 def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
     """Whether the reward model turns every request into the target's prompt ids and pixels: the same
-    processor (``decoding.methods.tita.same_inputs``), image token and image features per image."""
+    processor (``decoding.methods.tita.same_inputs``), image token and image features per image (the config
+    fields that set how many tokens an image becomes, in any of the four families)."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoProcessor
@@ -43,45 +50,51 @@ def same_processor(model_path: str | Path, reward_path: str | Path) -> bool:
 
     a, b = (SimpleNamespace(processor=AutoProcessor.from_pretrained(p), config=AutoConfig.from_pretrained(p))
             for p in (model_path, reward_path))
-    keys = ("vision_feature_select_strategy", "vision_feature_layer")
-    vision = lambda c: (c.vision_config.image_size, c.vision_config.patch_size)  # noqa: E731
-    return (same_inputs(a, b) and all(getattr(a.config, k) == getattr(b.config, k) for k in keys)
+    keys = ("vision_feature_select_strategy", "vision_feature_layer", "image_grid_pinpoints", "mm_tokens_per_image")
+    vision_keys = ("image_size", "patch_size", "spatial_merge_size", "temporal_patch_size")
+    vision = lambda c: [getattr(c.vision_config, k, None) for k in vision_keys]  # noqa: E731
+    return (same_inputs(a, b) and all(getattr(a.config, k, None) == getattr(b.config, k, None) for k in keys)
             and vision(a.config) == vision(b.config))
 
 
 def reward_placement(model_path: str | Path, reward_path: str | Path, engine_args: dict | None = None) -> tuple[dict | None, str]:
     """Where the vllm engine runs TITA's reward model: (engine arguments that put it inside vLLM's model, or
     None, and a sentence for the start-up log saying where it runs and why). Inside: a fork of a LLaVA or
-    LLaVA-NeXT target with a Llama decoder (``ForkedLlava``, ``ForkedLlavaNext``), or a separate LLaVA reward
-    model with a Llama decoder that shares
-    the target's processor (``PairedLlava``). Otherwise (other families; a reward model with its own processor
-    or vision settings; a quantized target, whose quantization vLLM would apply to the reward model's layers
-    too) it runs in the steering processor as a model of its own."""
+    LLaVA-NeXT target with a Llama decoder (``ForkedLlava``, ``ForkedLlavaNext``), or a separate reward model of
+    the target's family (LLaVA with a Llama decoder, LLaVA-NeXT, Qwen2.5-VL, Gemma 3) that shares the target's
+    processor (``paired_model``). Otherwise (a fork of another family; a reward model of another family, or
+    with its own processor or vision settings; a quantized target, whose quantization vLLM would apply to the
+    reward model's layers too) it runs in the steering processor as a model of its own."""
     worker = "runs in vLLM's worker as a second model (slower; its memory outside vLLM's budget): "
     cfg = json.loads((Path(model_path) / "config.json").read_text())
+    family = cfg.get("model_type")
     fork = (Path(reward_path) / "fork.json").is_file()
-    if not _llama_llava(cfg, tuple(FORK_ARCHES) if fork else ("llava",)):
-        held = "LLaVA and LLaVA-NeXT targets with a Llama decoder hold a fork" if fork else \
-            "only LLaVA targets with a Llama decoder hold a separate reward model"
-        return None, worker + f"the target is {cfg.get('model_type')!r}, and {held}"
+    if fork and not (family == "qwen2_5_vl" or _llama_llava(cfg, ("llava", "llava_next"))):
+        return None, worker + (f"the target is {family!r}, and LLaVA and LLaVA-NeXT targets with a Llama decoder and "
+                               "Qwen2.5-VL targets hold a fork (vLLM's Gemma 3 decoder returns no auxiliary hidden states)")
+    if not fork and (family not in PAIR_ARCHES or (family == "llava" and not _llama_llava(cfg))):
+        return None, worker + (f"the target is {family!r}, and LLaVA (Llama decoder), LLaVA-NeXT, Qwen2.5-VL and "
+                               "Gemma 3 targets hold a separate reward model")
     if "quantization_config" in cfg or (engine_args or {}).get("quantization"):
         return None, worker + "the target is quantized, and vLLM would quantize the reward model's layers too"
     path = str(Path(reward_path).resolve())
     if fork:
         info = json.loads((Path(reward_path) / "fork.json").read_text())
         spec = {"path": path, "first_layer": info["first_layer"], "layers": info["layers"]}
-        arch, cls = FORK_ARCHES[cfg["model_type"]]
+        arch, cls = FORK_ARCHES[family]
         return ({"hf_overrides": {"architectures": [arch], FORK_KEY: spec}, "model_class_overrides": {arch: cls}},
                 f"inside vLLM's model: a fork of the target's top {info['layers']} layers (decoding/vllm/fork_model.py)")
     rm = json.loads((Path(reward_path) / "config.json").read_text())
-    if not _llama_llava(rm):
-        return None, worker + f"it is {rm.get('model_type')!r}, and only LLaVA reward models with a Llama decoder go inside"
+    if rm.get("model_type") != family or (family == "llava" and not _llama_llava(rm)):
+        return None, worker + (f"it is {rm.get('model_type')!r}, and a separate reward model goes inside when it is "
+                               f"of the target's family ({family!r}{', with a Llama decoder' if family == 'llava' else ''})")
     if not same_processor(model_path, reward_path):
         return None, worker + ("its processor, image size, patch size or vision feature settings differ from the "
                                "target's, so it cannot read the target's pixels and prompt ids")
-    return ({"hf_overrides": {"architectures": [PAIR_ARCH], REWARD_KEY: {"path": path}},
-             "model_class_overrides": {PAIR_ARCH: PAIR_CLASS}},
-            "inside vLLM's model: a separate LLaVA sharing the target's processor (decoding/vllm/paired_model.py)")
+    arch, cls = PAIR_ARCHES[family]
+    return ({"hf_overrides": {"architectures": [arch], REWARD_KEY: {"path": path}}, "model_class_overrides": {arch: cls}},
+            f"inside vLLM's model: a separate {family} reward model sharing the target's processor "
+            "(decoding/vllm/paired_model.py)")
 
 
 def in_model_overrides(model_path: str | Path, reward_path: str | Path | None) -> dict | None:

@@ -45,19 +45,53 @@ def load_stacked(params: dict, target: str, w: torch.Tensor) -> str:
     return target
 
 
-@support_torch_compile(dynamic_arg_dims={"positions": 0, "inputs_embeds": 0})
+def number_after(module: nn.Module, vllm_config: VllmConfig, offset: int) -> list[str]:
+    """Rename the attention layers of ``module`` (built with its own numbering, e.g. ``rm.language_model.model.
+    layers.0.self_attn.attn``) so that their one integer counts on from ``offset`` (the target's layer count):
+    vLLM binds KV caches by that integer (``vllm.v1.worker.utils.bind_kv_cache``), and two layers sharing it
+    are refused on CUDA. Call before the KV cache is allocated; returns the new names."""
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    context = vllm_config.compilation_config.static_forward_context
+    names = []
+    for layer in module.modules():
+        if isinstance(layer, AttentionLayerBase) and getattr(layer, "layer_name", None) in context:
+            parts = layer.layer_name.split(".")
+            (i,) = [j for j, part in enumerate(parts) if part.isdigit()]
+            parts[i] = str(int(parts[i]) + offset)
+            new = ".".join(parts)
+            if new in context:
+                raise ValueError(f"attention layer {new} exists twice")
+            context[new] = context.pop(layer.layer_name)
+            layer.layer_name = new
+            names.append(new)
+    return names
+
+
+def decoder_layer(vllm_config: VllmConfig, config, prefix: str) -> nn.Module:
+    """vLLM's own decoder layer for a text config: Qwen2's (biased q/k/v projections, M-RoPE when the config's
+    rope parameters carry an ``mrope_section``) for Qwen2 and Qwen2.5-VL text configs, else Llama's."""
+    if config.model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text"):
+        from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+
+        return Qwen2DecoderLayer(config=config, cache_config=vllm_config.cache_config,
+                                 quant_config=vllm_config.quant_config, prefix=prefix)
+    sub = vllm_config.with_hf_config(config, architectures=["LlamaForCausalLM"])
+    return LlamaDecoderLayer(vllm_config=sub, config=config, prefix=prefix)
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": -1, "inputs_embeds": 0})
 class RewardDecoder(nn.Module):
-    """Llama decoder layers and a final norm, compiled by vLLM like the target's own decoder (construct it under
-    ``vllm.compilation.backends.set_model_tag``): [T, D] inputs (a separate reward model's input embeddings,
-    or the target's hidden state entering the fork's first layer) -> [T, D] final-normed hidden states. Its
-    attention layers are named ``rm_layers.{first + j}`` (vLLM needs one distinct integer per attention layer
-    name: ``first`` is the target's layer count)."""
+    """Decoder layers of the config's family (``decoder_layer``) and a final norm, compiled by vLLM like the
+    target's own decoder (construct it under ``vllm.compilation.backends.set_model_tag``): [T, D] inputs (a
+    separate reward model's input embeddings, or the target's hidden state entering the fork's first layer) and
+    positions [T] (or [3, T], M-RoPE) -> [T, D] final-normed hidden states. Its attention layers are named
+    ``rm_layers.{first + j}`` (vLLM needs one distinct integer per attention layer name: ``first`` is the
+    target's layer count)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", config=None, layers: int = 1, first: int = 0):
         super().__init__()
-        sub = vllm_config.with_hf_config(config, architectures=["LlamaForCausalLM"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(vllm_config=sub, config=config, prefix=f"rm_layers.{first + j}")
-                                    for j in range(layers))
+        self.layers = nn.ModuleList(decoder_layer(vllm_config, config, f"rm_layers.{first + j}") for j in range(layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -117,8 +151,10 @@ class RewardInModel:
         from vllm.distributed import get_tensor_model_parallel_world_size
 
         h = self.rm_hidden[rows]
-        n = self.config.text_config.vocab_size
-        if candidates is not None and self.rm_vocab >= n and get_tensor_model_parallel_world_size() == 1:
+        n = self.config.get_text_config().vocab_size
+        proc = self.rm_vocab_processor
+        plain = proc.soft_cap is None and proc.scale == 1.0  # the head's product is the logit (not Gemma 2's cap)
+        if candidates is not None and plain and self.rm_vocab >= n and get_tensor_model_parallel_world_size() == 1:
             return head_rows(self.rm_head.weight, h, candidates)  # a whole head holding every candidate's row
         logits = target_rows(self.rm_vocab_processor(self.rm_head, h).float(), n)
         return logits if candidates is None else logits.gather(-1, candidates)

@@ -1,12 +1,18 @@
 """A separate TITA reward model inside vLLM's own model (the vllm engine; the fork's kind is ``fork_model``).
 
-``PairedLlava`` subclasses vLLM's ``LlavaForConditionalGeneration`` (its processor registration is inherited)
-and adds a whole second LLaVA (a Llama decoder) as ordinary vLLM layers: token embedding, decoder layers
-(their attention layers declared to vLLM, numbered after the target's, so their KV cache lives in vLLM's
-paged cache and memory profile: prefix caching, chunked prefill and preemption hold for them as for the
-target's), final norm, output head, and its own vision tower and projector. The pair must turn a request into
-the same prompt ids and pixels (one processor: ``fork_spec.same_processor``); where the two vision towers hold
-the same weights the tower runs once.
+Two shapes of one idea: the target's vLLM class subclassed, the reward model's layers added as ordinary vLLM
+layers (their attention layers declared to vLLM and numbered after the target's, so their KV cache lives in
+vLLM's paged cache and memory profile: prefix caching, chunked prefill and preemption hold for them as for the
+target's), the pair turning a request into the same prompt ids and pixels (one processor:
+``fork_spec.same_processor``).
+
+- ``PairedLlava`` (LLaVA-1.5 targets, the users' main case): the reward model's token embedding, Llama decoder,
+  norm, head, vision tower and projector as layers of their own, so that where the two vision towers hold the
+  same weights (a pair that froze the same CLIP) the tower runs once.
+- ``PairedLlavaNext``, ``PairedQwen2_5_VL``, ``PairedGemma3`` (``_Paired``): the reward model is vLLM's own
+  implementation of its architecture (the target's family), built as the submodule ``rm``: M-RoPE positions
+  (Qwen2.5-VL), sliding-window layers and logit soft-capping (Gemma 3) come with it. Its vision tower runs
+  beside the target's at each image's encoding.
 
 Per step (vLLM's V1 model runner, vllm 0.32):
 - ``embed_multimodal`` returns, per image, the target's image embeddings and the reward model's side by side,
@@ -15,13 +21,15 @@ Per step (vLLM's V1 model runner, vllm 0.32):
   own buffer) and writes the reward model's, token embeddings and image half, into ``rm_embeds`` (a buffer of
   ``max_num_batched_tokens`` rows held by the model, so a captured CUDA graph reads a fixed address).
 - ``forward`` runs the target, then the reward model's decoder over ``rm_embeds`` (compiled by vLLM like the
-  target's, under the model tag ``vlm_steer_rm``), and returns both final hidden states, [T, D_t + D_r].
+  target's, under the model tag ``vlm_steer_rm``) at the target's positions, and returns both final hidden
+  states, [T, D_t + D_r].
 - ``compute_logits`` returns the target's logits; TITA's processor reads the reward model's for its rows
   (``in_model.RewardInModel.rm_logits``). Steps with no TITA row skip the decoder and its embeddings.
 
-Selected with ``hf_overrides={"architectures": [PAIR_ARCH], REWARD_KEY: {"path": ...}}`` and
-``model_class_overrides={PAIR_ARCH: PAIR_CLASS}`` (``fork_spec.in_model_overrides``); the reward model's
-checkpoint loads as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py`` does).
+Selected with ``hf_overrides={"architectures": [arch], REWARD_KEY: {"path": ...}}`` and
+``model_class_overrides={arch: class}`` (``fork_spec.PAIR_ARCHES``, ``fork_spec.in_model_overrides``); the
+reward model's checkpoint loads as vLLM's secondary weights (``DefaultModelLoader.Source``, as ``ultravox.py``
+does).
 """
 
 from __future__ import annotations
@@ -35,12 +43,15 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.models.gemma3_mm import Gemma3ForConditionalGeneration
 from vllm.model_executor.models.llava import (LlavaForConditionalGeneration, LlavaImageEmbeddingInputs,
                                               LlavaMultiModalProjector, init_vision_tower_for_llava)
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.utils import AutoWeightsLoader, _merge_multimodal_embeddings
 
 from decoding.vllm.fork_spec import REWARD_KEY
-from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked
+from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked, number_after
 
 
 class _Tower(nn.Module):
@@ -184,3 +195,88 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         self.rm_shares_tower = same
         if same:
             self.rm_tower.vision_tower = None
+
+
+class _Paired(RewardInModel):
+    """A separate reward model of the target's family inside vLLM's model: ``self.rm`` is vLLM's own class
+    for the reward model's architecture, built from its config; the subclasses below name the family."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from transformers import AutoConfig
+        from vllm.compilation.backends import set_model_tag
+        from vllm.model_executor.model_loader.utils import get_model_architecture
+
+        spec = getattr(vllm_config.model_config.hf_config, REWARD_KEY)
+        rm = AutoConfig.from_pretrained(spec["path"])
+        text = rm.get_text_config()
+        tied = getattr(rm, "tie_word_embeddings", getattr(text, "tie_word_embeddings", False))
+        sub = vllm_config.with_hf_config(rm, architectures=list(rm.architectures))
+        # ``with_hf_config`` copies the target's tie flag into the reward model's text config: its own goes back
+        sub.model_config.hf_config.get_text_config().tie_word_embeddings = tied
+        cls, _ = get_model_architecture(sub.model_config)
+        with set_model_tag("vlm_steer_rm"):
+            self.rm = cls(vllm_config=sub, prefix="rm")
+        # vLLM needs one distinct integer per attention layer name: the reward model's count on from the target's
+        number_after(self.rm, vllm_config, self.config.get_text_config().num_hidden_layers)
+        lm = self.rm.language_model
+        self.rm_head, self.rm_vocab_processor = lm.lm_head, lm.logits_processor
+        self.rm_width, self.rm_vocab = text.hidden_size, text.vocab_size
+        rows = vllm_config.scheduler_config.max_num_batched_tokens
+        self.register_buffer("rm_embeds", torch.zeros(rows, text.hidden_size), persistent=False)
+        self.secondary_weights = [DefaultModelLoader.Source(spec["path"], None, prefix="rm.")]
+        self._register(vllm_config)
+
+    def embed_multimodal(self, **kwargs: object):
+        ours = super().embed_multimodal(**kwargs)
+        if ours is None or not len(ours):
+            return ours
+        theirs = self.rm.embed_multimodal(**kwargs)
+        return [torch.cat([a, b.to(a.dtype)], -1) for a, b in zip(ours, theirs, strict=True)]
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
+        d = self.config.get_text_config().hidden_size
+        mm = multimodal_embeddings if multimodal_embeddings is not None and len(multimodal_embeddings) else None
+        out = super().embed_input_ids(input_ids, [e[..., :d] for e in mm] if mm else None, is_multimodal=is_multimodal,
+                                      **kwargs)
+        if self.fork_active:  # the reward model's inputs for this step's forward
+            ids = input_ids.clamp_max(self.rm_vocab - 1)  # a target head padded past the reward model's rows
+            rm = self.rm.embed_input_ids(ids, [e[..., d:] for e in mm] if mm else None, is_multimodal=is_multimodal,
+                                         **kwargs)
+            self.rm_embeds[: rm.shape[0]].copy_(rm)
+        return out
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if not self.fork_active:  # no TITA row in this step: the reward model's half is never read
+            return self._with_reward(hidden, None)
+        self.fork_steps += 1
+        t = hidden.shape[0]
+        if inputs_embeds is None:  # token ids only (no multimodal path this step)
+            self.rm_embeds[:t].copy_(self.rm.embed_input_ids(input_ids.clamp_max(self.rm_vocab - 1)))
+        return self._with_reward(hidden, lambda: self.rm(None, positions, None, inputs_embeds=self.rm_embeds[:t]))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        reward: list[tuple[str, torch.Tensor]] = []
+
+        def target_only():
+            for name, w in weights:
+                if name.startswith("rm."):
+                    reward.append((name[3:], w))
+                else:
+                    yield name, w
+
+        loaded = super().load_weights(target_only())
+        return loaded | {f"rm.{n}" for n in self.rm.load_weights(iter(reward))}
+
+
+class PairedLlavaNext(_Paired, LlavaNextForConditionalGeneration):
+    """A separate LLaVA-NeXT reward model inside vLLM's LLaVA-NeXT model."""
+
+
+class PairedQwen2_5_VL(_Paired, Qwen2_5_VLForConditionalGeneration):
+    """A separate Qwen2.5-VL reward model inside vLLM's Qwen2.5-VL model (M-RoPE positions shared)."""
+
+
+class PairedGemma3(_Paired, Gemma3ForConditionalGeneration):
+    """A separate Gemma 3 reward model inside vLLM's Gemma 3 model."""

@@ -120,7 +120,7 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
     """The vllm engine checks a fork from the target's files before vLLM loads anything
     (``decoding.vllm.fork_spec``): the same fingerprint as the loaded model's, for checkpoints in
     transformers' current key layout (the tiny LLaVA) and the older one vLLM reads (the embedded model);
-    another target is refused; only LLaVA forks go inside vLLM's model."""
+    another target is refused; a Gemma 3 fork runs in the worker."""
     from decoding.vllm.fork_spec import check_fork_files, file_fingerprint, in_model_overrides
 
     a = build("llava", tmp_path / "a", seed=0)
@@ -133,12 +133,12 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
     with pytest.raises(ValueError, match="another target's weights"):
         check_fork_files(build("llava", tmp_path / "b", seed=5), fork)
     assert in_model_overrides(a, fork)["hf_overrides"]["vlm_steer_fork"]["first_layer"] == info["first_layer"]
-    q = build("qwen2_5_vl", tmp_path / "q")
-    qfork = build_fork(q, tmp_path / "qfork", layers=1)
-    assert in_model_overrides(q, qfork) is None  # a whole model in the worker, checked from the files all the same
-    check_fork_files(q, qfork)
+    g = build("gemma3", tmp_path / "g")
+    gfork = build_fork(g, tmp_path / "gfork", layers=1)
+    assert in_model_overrides(g, gfork) is None  # a whole model in the worker, checked from the files all the same
+    check_fork_files(g, gfork)
     with pytest.raises(ValueError, match="another target's weights"):
-        check_fork_files(build("qwen2_5_vl", tmp_path / "q5", seed=5), qfork)
+        check_fork_files(build("gemma3", tmp_path / "g5", seed=5), gfork)
     with pytest.raises(ValueError, match="was built for a llava target"):
         check_fork_files(build("llava_next", tmp_path / "next"), fork)
     for family in FAMILIES:  # each family's checkpoint layout maps to its state-dict names
@@ -148,9 +148,10 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
     assert in_model_overrides(a, None) is None  # no reward model
 
 
-def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_the_processor(tmp_path):
-    """``decoding.vllm.paired_model`` takes a LLaVA reward model that turns requests into the target's prompt
-    ids and pixels; one with its own image processing, or of another family, runs in the worker."""
+def test_a_separate_reward_model_goes_inside_vllms_model_when_it_shares_the_processor(tmp_path):
+    """``decoding.vllm.paired_model`` takes a reward model of the target's family that turns requests into the
+    target's prompt ids and pixels (each of the four families); one with its own image processing, or of
+    another family, runs in the worker."""
     import shutil
 
     from decoding.vllm.fork_spec import PAIR_ARCH, in_model_overrides, reward_placement
@@ -167,22 +168,35 @@ def test_a_separate_llava_reward_model_goes_inside_vllms_model_when_it_shares_th
     (other / "processor_config.json").write_text(json.dumps(cfg))
     assert in_model_overrides(a, other) is None
     assert "its processor, image size, patch size or vision feature settings differ" in reward_placement(a, other)[1]
-    assert reward_placement(a, rm)[1].startswith("inside vLLM's model: a separate LLaVA")
+    assert reward_placement(a, rm)[1].startswith("inside vLLM's model: a separate llava reward model")
     online = reward_placement(a, rm, {"quantization": "fp8"})
     assert online[0] is None and "quantized" in online[1]
     quantized = shutil.copytree(a, tmp_path / "a-awq")
     cfg = json.loads((quantized / "config.json").read_text())
     (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq", "bits": 4}}))
     assert in_model_overrides(quantized, rm) is None
-    nxt = build("llava_next", tmp_path / "next")
-    assert in_model_overrides(nxt, build("llava_next", tmp_path / "next-rm", size="tiny_rm", seed=1)) is None
-    # a fork goes inside vLLM's LLaVA-NeXT too (the same Llama decoder); a Qwen2.5-VL fork runs in the worker
-    got = in_model_overrides(nxt, build_fork(nxt, tmp_path / "next-fork", layers=1))
-    assert got["hf_overrides"]["architectures"] == ["VlmSteerForkedLlavaNext"]
-    assert got["model_class_overrides"] == {"VlmSteerForkedLlavaNext": "decoding.vllm.fork_model:ForkedLlavaNext"}
-    q = build("qwen2_5_vl", tmp_path / "q")
-    placed = reward_placement(q, build_fork(q, tmp_path / "q-fork", layers=1))
-    assert placed[0] is None and "LLaVA and LLaVA-NeXT targets with a Llama decoder hold a fork" in placed[1]
+    pairs = {}
+    for family, cls in (("llava_next", "PairedLlavaNext"), ("qwen2_5_vl", "PairedQwen2_5_VL"), ("gemma3", "PairedGemma3")):
+        pairs[family] = build(family, tmp_path / family), build(family, tmp_path / f"{family}-rm", size="tiny_rm", seed=1)
+        got = in_model_overrides(*pairs[family])
+        arch = got["hf_overrides"]["architectures"][0]
+        assert got["model_class_overrides"] == {arch: f"decoding.vllm.paired_model:{cls}"}, family
+    placed = reward_placement(pairs["qwen2_5_vl"][0], pairs["gemma3"][1])  # another family's reward model
+    assert placed[0] is None and "of the target's family ('qwen2_5_vl')" in placed[1]
+    qwen_rm = shutil.copytree(pairs["qwen2_5_vl"][1], tmp_path / "qwen-rm-merge")
+    cfg = json.loads((qwen_rm / "config.json").read_text())
+    cfg["vision_config"]["spatial_merge_size"] = 1  # four times the image tokens of the target's
+    (qwen_rm / "config.json").write_text(json.dumps(cfg))
+    assert in_model_overrides(pairs["qwen2_5_vl"][0], qwen_rm) is None
+    nxt = pairs["llava_next"][0]
+    # a fork goes inside vLLM's LLaVA-NeXT (the same Llama decoder) and Qwen2.5-VL; a Gemma 3 fork runs in the worker
+    for family, arch in (("llava_next", "ForkedLlavaNext"), ("qwen2_5_vl", "ForkedQwen2_5_VL")):
+        got = in_model_overrides(pairs[family][0], build_fork(pairs[family][0], tmp_path / f"{family}-fork", layers=1))
+        assert got["hf_overrides"]["architectures"] == [f"VlmSteer{arch}"]
+        assert got["model_class_overrides"] == {f"VlmSteer{arch}": f"decoding.vllm.fork_model:{arch}"}
+    g = pairs["gemma3"][0]
+    placed = reward_placement(g, build_fork(g, tmp_path / "g-fork", layers=1))
+    assert placed[0] is None and "Gemma 3 decoder returns no auxiliary hidden states" in placed[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

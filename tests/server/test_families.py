@@ -93,12 +93,14 @@ def family_reference(family_server):
 
 @pytest.mark.parametrize("method", ["none", "tita", "fisao", "tita+fisao"])
 def test_greedy_outputs_equal_the_reference(family_server, family_reference, method):
-    """vllm run: the vLLM engine's greedy outputs equal the transformers engine's for each method;
-    transformers run: `none` equals transformers' own generate (steered methods: test_families in decoding)."""
+    """vllm run: the vLLM engine's greedy outputs equal the transformers engine's for each method, with the
+    reward model inside vLLM's model; transformers run: `none` equals transformers' own generate (steered
+    methods: test_families in decoding)."""
     fam, srv, engine = family_server
     reqs = _engine_requests(method)
     got = engine.generate(reqs)
     if family_reference is not None:
+        assert engine.reward_in_model, fam
         want = family_reference.generate(reqs)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.steered_tokens for g in got] == [w.steered_tokens for w in want]

@@ -85,28 +85,32 @@ def test_steps_without_a_tita_row_run_no_fork_layers(want):
     assert got == want
 
 
-def test_a_llava_next_fork_goes_inside_vllms_model_and_gives_the_transformers_tokens(tmp_path):
-    """A fork of a LLaVA-NeXT target (the same Llama decoder behind any-resolution image features) is part of
-    vLLM's model (``ForkedLlavaNext``): its layers are in vLLM's KV cache, and TITA's greedy tokens, over images of
-    several aspect ratios, equal the transformers engine's with the same fork."""
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_a_fork_of_each_family_goes_inside_vllms_model_and_gives_the_transformers_tokens(family, tmp_path):
+    """A fork of a LLaVA-NeXT target (the same Llama decoder behind any-resolution image features) or of a
+    Qwen2.5-VL target (Qwen2 layers at M-RoPE positions) is part of vLLM's model (``ForkedLlavaNext``,
+    ``ForkedQwen2_5_VL``): its layers are in vLLM's KV cache, and TITA's greedy tokens, over images of several
+    aspect ratios and with prompts prefilled in chunks of 32 tokens, equal the transformers engine's with the
+    same fork."""
     from PIL import Image
 
     from decoding.transformers_engine import TransformersEngine
     from decoding.vllm.engine import VLLMEngine
     from tests.families import build, build_fork
 
-    model = build("llava_next", tmp_path / "next")
-    fork = build_fork(model, tmp_path / "next-fork", layers=1, noise=0.2)
+    model = build(family, tmp_path / "vlm")
+    fork = build_fork(model, tmp_path / "fork", layers=1, noise=0.2)
     sp = SamplingParams(max_tokens=12, ignore_eos=True)
     reqs = [GenerationRequest.single_turn("describe the image .", [Image.new("RGB", size, colour)], sampling=sp,
                                           steering=SteeringSpec(method))
             for size, colour in (((40, 30), "red"), ((20, 70), "blue"), ((64, 64), "green")) for method in ("tita", "none")]
     want = [c.token_ids for c in TransformersEngine(model, reward_path=fork).generate(reqs)]
-    engine = VLLMEngine(model, reward_path=fork, max_batch=8, engine_args={"worker_extension_cls": "tests.vllm.worker_probe.Probe"})
+    engine = VLLMEngine(model, reward_path=fork, max_batch=8, engine_args={
+        "worker_extension_cls": "tests.vllm.worker_probe.Probe", "max_num_batched_tokens": 32, "enable_chunked_prefill": True})
     try:
         assert engine.reward_in_model
         names = engine._call(engine.llm.collective_rpc("kv_cache_layer_names", timeout=60))[0]
-        assert [n for n in names if n.startswith("rm_layers.")], names
+        assert [n for n in names if n.startswith("rm_layers.")] == ["rm_layers.2.self_attn.attn"], names
         got = [c.token_ids for c in engine.generate(reqs)]
     finally:
         engine.close()

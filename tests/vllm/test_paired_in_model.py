@@ -2,7 +2,9 @@
 tiny random-weight LLaVA target and a smaller LLaVA reward model of its processor (tests/families.py). Its
 attention layers are in vLLM's allocated KV cache beside the target's; TITA's greedy tokens equal the
 transformers engine's, with chunked prefill and under preemption too; steps with no TITA row run none of its
-layers; where its vision tower is the target's, the tower runs once."""
+layers; where its vision tower is the target's, the tower runs once. The same holds for a reward model of each
+other family (LLaVA-NeXT, Qwen2.5-VL with its M-RoPE positions, Gemma 3 with its sliding-window layers), built
+as vLLM's own implementation of the family (``paired_model._Paired``)."""
 
 import pytest
 from PIL import Image
@@ -132,3 +134,29 @@ def test_a_target_whose_head_is_padded_past_the_reward_models(tmp_path):
     finally:
         engine.close()
     assert got == want
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3"])
+def test_a_reward_model_of_each_family_goes_inside_and_gives_the_transformers_tokens(family, tmp_path):
+    """One engine per family, with prefix caching, prompts in chunks of at most 32 tokens and 8 blocks of 32
+    tokens for 8 requests (vLLM preempts and recomputes some): the reward model's layers are in vLLM's KV cache,
+    numbered after the target's two; unsteered prompts run none of them; TITA's tokens then equal the
+    transformers engine's."""
+    pair = build(family, tmp_path / "vlm"), build(family, tmp_path / "rm", size="tiny_rm", seed=1)
+    want = _want(*pair)
+    engine = _engine(*pair, enable_prefix_caching=True, max_num_batched_tokens=32, enable_chunked_prefill=True,
+                     block_size=32, num_gpu_blocks_override=8, max_model_len=192)
+    try:
+        assert engine.reward_in_model
+        assert [n for n in _probe(engine, "kv_cache_layer_names") if n.startswith("rm.")] == [
+            "rm.language_model.model.layers.2.self_attn.attn"]
+        before = _probe(engine, "fork_steps")
+        none = engine.generate(_requests("none"))
+        assert _probe(engine, "fork_steps") == before
+        got = [c.token_ids for c in engine.generate(_requests())]
+        preempted = preempted_requests(engine)
+    finally:
+        engine.close()
+    assert got == want
+    assert preempted > 0
+    assert [c.token_ids for c in none] != want
