@@ -37,7 +37,7 @@ from decoding.model_inputs import local_folder
 from decoding.request import (Completion, Delta, EngineDead, EngineMissing, Failed, Finished, GenerationRequest, SteeringSpec,
                               TokenLogprob, tokens_covering)
 from decoding.prompts import render_prompt
-from decoding.vllm.fork_spec import check_fork_files, reward_placement
+from decoding.vllm.fork_spec import REWARD_KEY, check_fork_files, reward_placement
 from decoding.vllm.protocol import (ARG, COUNTERS_ENV, DEAD_END, EXPLAIN_ENV, EXPLAIN_SLOTS, METHODS, NONCES, REWARD_ENV,
                                     SLOTS, TITA_ENV, VERIFIER_ENV, Counters, ExplainRing)
 
@@ -75,6 +75,16 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
+
+def tita_image_key(image) -> str:
+    """A key for vLLM's multimodal caches (``multi_modal_uuids``) of an image in a TITA request: a digest of
+    its mode, size and pixels, apart from the key vLLM gives the same image in other requests."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{image.mode}:{image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return "vlm-steer-tita:" + digest.hexdigest()
+
 class VLLMEngine:
     name = "vllm"
     supported = METHODS  # steering methods that run inside vLLM (VCD needs a second target pass: not here)
@@ -95,6 +105,7 @@ class VLLMEngine:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.model_path = str(model_path)
         self.reward_in_model = False  # the reward model is part of vLLM's model (decoding.vllm.fork_model, paired_model)
+        self.reward_reads_images = False  # ... as a separate model with its own image embeddings (paired_model)
         local_folder(model_path, "model")
         if reward_path is not None:
             local_folder(reward_path, "reward model")
@@ -119,9 +130,11 @@ class VLLMEngine:
                 check_fork_files(self.model_path, reward_path)
             in_model, where = reward_placement(self.model_path, reward_path, engine_args)
             log.info("TITA's reward model %s", where)
-            if in_model:  # a fork of a LLaVA(-NeXT) target, or a LLaVA reward model sharing its processor: part of vLLM's model
+            if in_model:  # a fork, or a reward model of the target's family sharing its processor: part of vLLM's model
                 engine_args = {**in_model, **(engine_args or {})}
             self.reward_in_model = bool(in_model)
+            # a separate reward model's image half is computed only in steps that hold a TITA row
+            self.reward_reads_images = bool(in_model) and REWARD_KEY in in_model["hf_overrides"]
         else:
             os.environ.pop(REWARD_ENV, None)
         os.environ.pop(VERIFIER_ENV, None)
@@ -254,6 +267,10 @@ class VLLMEngine:
             prompt["cache_salt"] = FORK_SALT
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images if len(request.images) > 1 else request.images[0]}
+            if self.reward_reads_images and "tita" in steering:
+                # vLLM's encoder cache keys an image by its content: images encoded in steps without a TITA row
+                # lack the reward model's half (``paired_model``), so a TITA request's images get keys of their own
+                prompt["multi_modal_uuids"] = {"image": [tita_image_key(im) for im in request.images]}
         slot, explain = self._slot(), self._explain_slot(request)
         extra = None
         if steering or explain:

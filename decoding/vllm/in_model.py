@@ -124,6 +124,7 @@ class RewardInModel:
         # gives TITA requests their own ``cache_salt`` so prefix caching never hands them such blocks.
         self.fork_active = True
         self.fork_steps = 0  # forward passes that ran the reward model's layers (read by tests)
+        self.rm_image_calls = 0  # image encodings that ran a separate reward model's tower or projector (tests)
         LIVE.append(weakref.ref(self))
 
     def _with_reward(self, hidden: torch.Tensor, decode=None) -> torch.Tensor:

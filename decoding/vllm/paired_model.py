@@ -17,6 +17,8 @@ target's), the pair turning a request into the same prompt ids and pixels (one p
 Per step (vLLM's V1 model runner, vllm 0.32):
 - ``embed_multimodal`` returns, per image, the target's image embeddings and the reward model's side by side,
   [tokens, D_target + D_reward]: vLLM's encoder cache keeps both halves and hands a chunk of prefill its slice.
+  In a step without a TITA row the reward model's tower and projector do not run (a zero half); the vllm
+  engine keys a TITA request's images apart in vLLM's caches, so it never reads such an entry.
 - ``embed_input_ids`` merges the target's half into the target's input embeddings (what vLLM copies into its
   own buffer) and writes the reward model's, token embeddings and image half, into ``rm_embeds`` (a buffer of
   ``max_num_batched_tokens`` rows held by the model, so a captured CUDA graph reads a fixed address).
@@ -53,6 +55,13 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, _merge_multimoda
 from decoding.vllm.fork_spec import REWARD_KEY
 from decoding.vllm.in_model import RewardDecoder, RewardInModel, load_stacked, number_after
 
+
+
+def without_reward(embeddings: torch.Tensor, width: int) -> torch.Tensor:
+    """An image's target embeddings [..., tokens, D_t] with a zero reward half [..., tokens, D_r]: what a step
+    without a TITA row puts in vLLM's encoder cache. No TITA request reads such an entry: the vllm engine gives
+    the images of TITA requests cache keys of their own (``decoding.vllm.engine.tita_image_key``)."""
+    return torch.cat([embeddings, embeddings.new_zeros(*embeddings.shape[:-1], width)], -1)
 
 class _Tower(nn.Module):
     """The reward model's vision tower and projector, under the names vLLM's LLaVA loader expects."""
@@ -103,6 +112,9 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
             raise ValueError("image embeddings cannot feed the reward model: send the image itself")
         features = self._process_image_pixels(image_input)  # [images, tokens, D_vision]
         ours = self.multi_modal_projector(features)
+        if not self.fork_active:  # no TITA row: the reward model's half is never read (see ``without_reward``)
+            return without_reward(ours, self.rm_width)
+        self.rm_image_calls += 1
         if not self.rm_shares_tower:
             features = self._image_pixels_to_features(self.rm_tower.vision_tower, image_input["pixel_values"])
         theirs = self.rm_tower.multi_modal_projector(features)
@@ -231,6 +243,9 @@ class _Paired(RewardInModel):
         ours = super().embed_multimodal(**kwargs)
         if ours is None or not len(ours):
             return ours
+        if not self.fork_active:  # no TITA row: the reward model's tower does not run (see ``without_reward``)
+            return [without_reward(a, self.rm_width) for a in ours]
+        self.rm_image_calls += 1
         theirs = self.rm.embed_multimodal(**kwargs)
         return [torch.cat([a, b.to(a.dtype)], -1) for a, b in zip(ours, theirs, strict=True)]
 

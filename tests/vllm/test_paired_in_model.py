@@ -85,11 +85,13 @@ def test_reward_layers_are_in_vllms_kv_cache_and_run_only_for_tita(pair):
         assert [n for n in names if n.startswith("rm_layers.")] == ["rm_layers.2.self_attn.attn"]
         assert len([n for n in names if "language_model" in n]) == 2
         assert _probe(engine, "reward_shares_tower") is False
-        before = _probe(engine, "fork_steps")
+        before, images = _probe(engine, "fork_steps"), _probe(engine, "rm_image_calls")
         none = engine.generate(_requests("none"))
-        assert _probe(engine, "fork_steps") == before
+        assert (_probe(engine, "fork_steps"), _probe(engine, "rm_image_calls")) == (before, images)
+        # the same images again, with TITA: vLLM's encoder cache holds them without the reward model's half, so
+        # TITA's images are keyed apart (``engine.tita_image_key``) and encoded again, both halves
         got = [c.token_ids for c in engine.generate(_requests())]
-        assert _probe(engine, "fork_steps") > before
+        assert _probe(engine, "fork_steps") > before and _probe(engine, "rm_image_calls") > images
     finally:
         engine.close()
     assert got == want
@@ -140,8 +142,8 @@ def test_a_target_whose_head_is_padded_past_the_reward_models(tmp_path):
 def test_a_reward_model_of_each_family_goes_inside_and_gives_the_transformers_tokens(family, tmp_path):
     """One engine per family, with prefix caching, prompts in chunks of at most 32 tokens and 8 blocks of 32
     tokens for 8 requests (vLLM preempts and recomputes some): the reward model's layers are in vLLM's KV cache,
-    numbered after the target's two; unsteered prompts run none of them; TITA's tokens then equal the
-    transformers engine's."""
+    numbered after the target's two; unsteered prompts run none of them, nor its vision tower; TITA's tokens on
+    the same images then equal the transformers engine's."""
     pair = build(family, tmp_path / "vlm"), build(family, tmp_path / "rm", size="tiny_rm", seed=1)
     want = _want(*pair)
     engine = _engine(*pair, enable_prefix_caching=True, max_num_batched_tokens=32, enable_chunked_prefill=True,
@@ -150,9 +152,9 @@ def test_a_reward_model_of_each_family_goes_inside_and_gives_the_transformers_to
         assert engine.reward_in_model
         assert [n for n in _probe(engine, "kv_cache_layer_names") if n.startswith("rm.")] == [
             "rm.language_model.model.layers.2.self_attn.attn"]
-        before = _probe(engine, "fork_steps")
+        before, images = _probe(engine, "fork_steps"), _probe(engine, "rm_image_calls")
         none = engine.generate(_requests("none"))
-        assert _probe(engine, "fork_steps") == before
+        assert (_probe(engine, "fork_steps"), _probe(engine, "rm_image_calls")) == (before, images)
         got = [c.token_ids for c in engine.generate(_requests())]
         preempted = preempted_requests(engine)
     finally:

@@ -19,3 +19,9 @@ class Probe:
         from decoding.vllm.fork_spec import live_model
 
         return bool(live_model().rm_shares_tower)
+
+    def rm_image_calls(self) -> int:
+        """Image encodings that ran a separate reward model's tower or projector inside vLLM's model."""
+        from decoding.vllm.fork_spec import live_model
+
+        return live_model().rm_image_calls
