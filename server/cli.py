@@ -269,7 +269,7 @@ def _bench_speed(args: argparse.Namespace) -> None:
 
 
 def _bench_arrival(args: argparse.Namespace) -> None:
-    from bench.arrival import format_arrival, run_arrival
+    from bench.arrival import format_arrival, keep_off_worker_cores, run_arrival
 
     images, prompt = _images(args)(args.running + args.repeats, args.seed)
     engine = _engine(argparse.Namespace(**{**vars(args), "engine": "vllm", "batch": args.running + 1}),
@@ -279,10 +279,11 @@ def _bench_arrival(args: argparse.Namespace) -> None:
         skipped = sorted(set(args.methods.split(",")) - set(methods))
         if skipped:
             print(f"not measured (not available with these models on this engine): {', '.join(skipped)}")
+        api_cpus = keep_off_worker_cores(engine)
         rep = run_arrival(engine, methods, images, prompt, running=args.running, repeats=args.repeats)
     finally:
         engine.close()
-    rep.update(seed=args.seed, images=args.data or "embedded", model=args.model)
+    rep.update(seed=args.seed, images=args.data or "embedded", model=args.model, api_cpus=api_cpus)
     print(format_arrival(rep))
     _write_json(rep, args.json)
 

@@ -11,7 +11,8 @@ FORK_KEY = "vlm_steer_fork"  # the hf_config attribute carrying the fork's folde
 # a fork inside vLLM's model, per target family (model_type): (architecture name, model class)
 FORK_ARCHES = {"llava": ("VlmSteerForkedLlava", "decoding.vllm.fork_model:ForkedLlava"),
                "llava_next": ("VlmSteerForkedLlavaNext", "decoding.vllm.fork_model:ForkedLlavaNext"),
-               "qwen2_5_vl": ("VlmSteerForkedQwen2_5_VL", "decoding.vllm.fork_model:ForkedQwen2_5_VL")}
+               "qwen2_5_vl": ("VlmSteerForkedQwen2_5_VL", "decoding.vllm.fork_model:ForkedQwen2_5_VL"),
+               "gemma3": ("VlmSteerForkedGemma3", "decoding.vllm.fork_model:ForkedGemma3")}
 ARCH, MODEL_CLASS = FORK_ARCHES["llava"]
 REWARD_KEY = "vlm_steer_reward"  # the hf_config attribute carrying a separate reward model's folder
 # a separate reward model of the target's family inside vLLM's model, per family (model_type)
@@ -69,9 +70,9 @@ def reward_placement(model_path: str | Path, reward_path: str | Path, engine_arg
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     family = cfg.get("model_type")
     fork = (Path(reward_path) / "fork.json").is_file()
-    if fork and not (family == "qwen2_5_vl" or _llama_llava(cfg, ("llava", "llava_next"))):
-        return None, worker + (f"the target is {family!r}, and LLaVA and LLaVA-NeXT targets with a Llama decoder and "
-                               "Qwen2.5-VL targets hold a fork (vLLM's Gemma 3 decoder returns no auxiliary hidden states)")
+    if fork and not (family in ("qwen2_5_vl", "gemma3") or _llama_llava(cfg, ("llava", "llava_next"))):
+        return None, worker + (f"the target is {family!r}, and LLaVA and LLaVA-NeXT targets with a Llama decoder, "
+                               "Qwen2.5-VL and Gemma 3 targets hold a fork")
     if not fork and (family not in PAIR_ARCHES or (family == "llava" and not _llama_llava(cfg))):
         return None, worker + (f"the target is {family!r}, and LLaVA (Llama decoder), LLaVA-NeXT, Qwen2.5-VL and "
                                "Gemma 3 targets hold a separate reward model")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 
 from decoding.fork import head_rows
@@ -69,8 +69,14 @@ def number_after(module: nn.Module, vllm_config: VllmConfig, offset: int) -> lis
 
 
 def decoder_layer(vllm_config: VllmConfig, config, prefix: str) -> nn.Module:
-    """vLLM's own decoder layer for a text config: Qwen2's (biased q/k/v projections, M-RoPE when the config's
-    rope parameters carry an ``mrope_section``) for Qwen2 and Qwen2.5-VL text configs, else Llama's."""
+    """vLLM's own decoder layer for a text config: Gemma 3's for Gemma 3 text configs, Qwen2's (biased q/k/v
+    projections, M-RoPE when the config's rope parameters carry an ``mrope_section``) for Qwen2 and Qwen2.5-VL
+    text configs, else Llama's."""
+    if config.model_type == "gemma3_text":  # sliding or global by ``config.layer_types`` at the prefix's index
+        from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer
+
+        return Gemma3DecoderLayer(config=config, cache_config=vllm_config.cache_config,
+                                  quant_config=vllm_config.quant_config, prefix=prefix)
     if config.model_type in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text"):
         from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 
@@ -92,7 +98,8 @@ class RewardDecoder(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", config=None, layers: int = 1, first: int = 0):
         super().__init__()
         self.layers = nn.ModuleList(decoder_layer(vllm_config, config, f"rm_layers.{first + j}") for j in range(layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm = GemmaRMSNorm if config.model_type == "gemma3_text" else RMSNorm  # Gemma scales by 1 + w
+        self.norm = norm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         h, residual = inputs_embeds, None

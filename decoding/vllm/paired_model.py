@@ -114,11 +114,16 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         ours = self.multi_modal_projector(features)
         if not self.fork_active:  # no TITA row: the reward model's half is never read (see ``without_reward``)
             return without_reward(ours, self.rm_width)
+        theirs = self._reward_images(image_input, features)
+        return torch.cat([ours, theirs.to(ours.dtype)], -1)
+
+    def _reward_images(self, image_input, features: torch.Tensor) -> torch.Tensor:
+        """The reward model's image embeddings [images, tokens, D_r]: its projector over the target's tower
+        features where the towers are one, else over its own tower's."""
         self.rm_image_calls += 1
         if not self.rm_shares_tower:
             features = self._image_pixels_to_features(self.rm_tower.vision_tower, image_input["pixel_values"])
-        theirs = self.rm_tower.multi_modal_projector(features)
-        return torch.cat([ours, theirs.to(ours.dtype)], -1)
+        return self.rm_tower.multi_modal_projector(features)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         d = self.config.text_config.hidden_size
@@ -245,9 +250,13 @@ class _Paired(RewardInModel):
             return ours
         if not self.fork_active:  # no TITA row: the reward model's tower does not run (see ``without_reward``)
             return [without_reward(a, self.rm_width) for a in ours]
-        self.rm_image_calls += 1
-        theirs = self.rm.embed_multimodal(**kwargs)
+        theirs = self._reward_images(**kwargs)
         return [torch.cat([a, b.to(a.dtype)], -1) for a, b in zip(ours, theirs, strict=True)]
+
+    def _reward_images(self, **kwargs: object):
+        """The reward model's image embeddings, per image [tokens, D_r] (its own tower and projector)."""
+        self.rm_image_calls += 1
+        return self.rm.embed_multimodal(**kwargs)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
         d = self.config.get_text_config().hidden_size

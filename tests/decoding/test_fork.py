@@ -120,8 +120,8 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
     """The vllm engine checks a fork from the target's files before vLLM loads anything
     (``decoding.vllm.fork_spec``): the same fingerprint as the loaded model's, for checkpoints in
     transformers' current key layout (the tiny LLaVA) and the older one vLLM reads (the embedded model);
-    another target is refused; a Gemma 3 fork runs in the worker."""
-    from decoding.vllm.fork_spec import check_fork_files, file_fingerprint, in_model_overrides
+    another target is refused (also for a fork that runs in the worker)."""
+    from decoding.vllm.fork_spec import check_fork_files, file_fingerprint, in_model_overrides, reward_placement
 
     a = build("llava", tmp_path / "a", seed=0)
     fork = build_fork(a, tmp_path / "fork", layers=1)
@@ -135,7 +135,8 @@ def test_the_vllm_engines_file_check_is_the_same_fingerprint(tmp_path):
     assert in_model_overrides(a, fork)["hf_overrides"]["vlm_steer_fork"]["first_layer"] == info["first_layer"]
     g = build("gemma3", tmp_path / "g")
     gfork = build_fork(g, tmp_path / "gfork", layers=1)
-    assert in_model_overrides(g, gfork) is None  # a whole model in the worker, checked from the files all the same
+    quantized = reward_placement(g, gfork, {"quantization": "fp8"})  # a whole model in the worker: checked all the same
+    assert quantized[0] is None and "quantized" in quantized[1]
     check_fork_files(g, gfork)
     with pytest.raises(ValueError, match="another target's weights"):
         check_fork_files(build("gemma3", tmp_path / "g5", seed=5), gfork)
@@ -189,14 +190,18 @@ def test_a_separate_reward_model_goes_inside_vllms_model_when_it_shares_the_proc
     (qwen_rm / "config.json").write_text(json.dumps(cfg))
     assert in_model_overrides(pairs["qwen2_5_vl"][0], qwen_rm) is None
     nxt = pairs["llava_next"][0]
-    # a fork goes inside vLLM's LLaVA-NeXT (the same Llama decoder) and Qwen2.5-VL; a Gemma 3 fork runs in the worker
-    for family, arch in (("llava_next", "ForkedLlavaNext"), ("qwen2_5_vl", "ForkedQwen2_5_VL")):
+    # a fork goes inside vLLM's LLaVA-NeXT (the same Llama decoder), Qwen2.5-VL and Gemma 3 models
+    for family, arch in (("llava_next", "ForkedLlavaNext"), ("qwen2_5_vl", "ForkedQwen2_5_VL"), ("gemma3", "ForkedGemma3")):
         got = in_model_overrides(pairs[family][0], build_fork(pairs[family][0], tmp_path / f"{family}-fork", layers=1))
         assert got["hf_overrides"]["architectures"] == [f"VlmSteer{arch}"]
         assert got["model_class_overrides"] == {f"VlmSteer{arch}": f"decoding.vllm.fork_model:{arch}"}
-    g = pairs["gemma3"][0]
-    placed = reward_placement(g, build_fork(g, tmp_path / "g-fork", layers=1))
-    assert placed[0] is None and "Gemma 3 decoder returns no auxiliary hidden states" in placed[1]
+    # a LLaVA whose language model is not a Llama (vLLM's fork layers are Llama's there) runs it in the worker
+    other = shutil.copytree(a, tmp_path / "llava-qwen2")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "qwen2"
+    (other / "config.json").write_text(json.dumps(cfg))
+    placed = reward_placement(other, build_fork(a, tmp_path / "a-fork", layers=1))
+    assert placed[0] is None and "hold a fork" in placed[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

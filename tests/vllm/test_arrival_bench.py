@@ -2,6 +2,8 @@
 vllm engine: its reward timer sees the forked reward model's layers run over a TITA request's whole prompt,
 in the steps that hold a TITA row only, and its report holds what the closing notes quote."""
 
+import os
+
 from bench.arrival import RewardTimer, _rpc, reward_alone, run_arrival
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from shapeworld.models import MODELS_DIR
@@ -17,6 +19,10 @@ def test_arrivals_and_the_reward_models_prefill_alone():
                         max_batch=4, engine_args={"worker_extension_cls": f"{RewardTimer.__module__}.RewardTimer"})
     try:
         assert _rpc(engine, "time_reward")
+        # vLLM binds its CPU worker's compute thread to a strict subset of the CPUs (it reserves one for its
+        # scheduler): the cores ``keep_off_worker_cores`` moves the API side off
+        worker = _rpc(engine, "worker_cpus")
+        assert worker and set(worker) < os.sched_getaffinity(0)
         prompt_len = len(engine.encode(GenerationRequest.single_turn(
             CAPTION_PROMPT, images[:1], sampling=SamplingParams(max_tokens=4), steering=SteeringSpec("tita"))).prompt_ids)
         alone = reward_alone(engine, CAPTION_PROMPT, images[:2])

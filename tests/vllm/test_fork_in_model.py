@@ -3,6 +3,8 @@ its attention layers are in vLLM's allocated KV cache beside the target's, and T
 transformers engine's with chunked prefill and under preemption (a KV cache too small for the batch), as
 they do in the plain configuration (tests/vllm/test_vllm_engine.py)."""
 
+import json
+
 import pytest
 
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
@@ -85,13 +87,14 @@ def test_steps_without_a_tita_row_run_no_fork_layers(want):
     assert got == want
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3"])
 def test_a_fork_of_each_family_goes_inside_vllms_model_and_gives_the_transformers_tokens(family, tmp_path):
-    """A fork of a LLaVA-NeXT target (the same Llama decoder behind any-resolution image features) or of a
-    Qwen2.5-VL target (Qwen2 layers at M-RoPE positions) is part of vLLM's model (``ForkedLlavaNext``,
-    ``ForkedQwen2_5_VL``): its layers are in vLLM's KV cache, and TITA's greedy tokens, over images of several
-    aspect ratios and with prompts prefilled in chunks of 32 tokens, equal the transformers engine's with the
-    same fork."""
+    """A fork of a LLaVA-NeXT target (the same Llama decoder behind any-resolution image features), of a
+    Qwen2.5-VL target (Qwen2 layers at M-RoPE positions) or of a Gemma 3 target (its layer 0 sliding-window,
+    layer 1, the forked one, global: a fork layer of the wrong kind would see other tokens past the 16-token
+    window) is part of vLLM's model (``ForkedLlavaNext``, ``ForkedQwen2_5_VL``, ``ForkedGemma3``): its layers are
+    in vLLM's KV cache, and TITA's greedy tokens, over images of several aspect ratios and with prompts
+    prefilled in chunks of 32 tokens, equal the transformers engine's with the same fork."""
     from PIL import Image
 
     from decoding.transformers_engine import TransformersEngine
@@ -99,6 +102,10 @@ def test_a_fork_of_each_family_goes_inside_vllms_model_and_gives_the_transformer
     from tests.families import build, build_fork
 
     model = build(family, tmp_path / "vlm")
+    if family == "gemma3":  # Gemma 3 interleaves sliding-window and global layers
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["text_config"]["layer_types"] = ["sliding_attention", "full_attention"]
+        (model / "config.json").write_text(json.dumps(cfg))
     fork = build_fork(model, tmp_path / "fork", layers=1, noise=0.2)
     sp = SamplingParams(max_tokens=12, ignore_eos=True)
     reqs = [GenerationRequest.single_turn("describe the image .", [Image.new("RGB", size, colour)], sampling=sp,
