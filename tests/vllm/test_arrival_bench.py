@@ -4,6 +4,9 @@ in the steps that hold a TITA row only, and its report holds what the closing no
 
 import os
 
+import numpy as np
+import pytest
+
 from bench.arrival import RewardTimer, _rpc, reward_alone, run_arrival
 from decoding.request import GenerationRequest, SamplingParams, SteeringSpec
 from shapeworld.models import MODELS_DIR
@@ -43,3 +46,6 @@ def test_arrivals_and_the_reward_models_prefill_alone():
     assert m["none"]["extra_median_s"] == 0
     assert rep["reward_prefill_alone_median_s"] > 0
     assert m["tita"]["extra_p90_over_reward_prefill"] == m["tita"]["extra_p90_s"] / rep["reward_prefill_alone_median_s"]
+    # the p90 shift: the method's 90th-percentile admission step less the unsteered arrivals' (numpy's quantile)
+    assert m["none"]["p90_shift_s"] == 0
+    assert m["tita"]["p90_shift_s"] == pytest.approx(float(np.quantile(m["tita"]["admit_s"], 0.9) - np.quantile(m["none"]["admit_s"], 0.9)))
