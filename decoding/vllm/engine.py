@@ -111,6 +111,11 @@ class VLLMEngine:
             local_folder(reward_path, "reward model")
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
+        # whether decoding a whole completion drops the space its first token starts with (SentencePiece tokenizers
+        # such as Llama's and Gemma's do, byte-level ones such as Qwen's do not): vLLM's first text piece keeps
+        # it, and the completion's text must be the transformers engine's (``decoding.stopping``)
+        self.drops_first_space = self.tokenizer.decode(self.tokenizer.encode(" a", add_special_tokens=False),
+                                                       skip_special_tokens=True) == "a"
         config = AutoConfig.from_pretrained(self.model_path)
         text = getattr(config, "text_config", config)
         self.vocab_size = text.vocab_size
@@ -234,7 +239,8 @@ class VLLMEngine:
         return resolve(spec, self.methods, self.unavailable.get)
 
     def pop_consultations(self) -> dict[str, tuple[int, int]]:
-        """Not counted on this engine: its TITA consults the reward model at every step (no gate yet)."""
+        """Not counted on this engine: the steering processor applies ``--tita-gate`` in vLLM's worker, and its
+        consulted and skipped steps do not come back to this process."""
         return {}
 
     def pop_steering_seconds(self) -> dict[str, float]:
@@ -378,7 +384,9 @@ class VLLMEngine:
                 if out.finished and o.finish_reason == "stop" and ids and self._ended_by_token(o, ids[-1]):
                     ids = ids[:-1]  # the EOS or stop token is not part of the completion (as in the transformers engine)
                     lps = lps[: len(ids)]
-                piece = o.text if text else o.text.lstrip()  # as the tokenizer decodes a whole completion
+                piece = o.text
+                if not text and self.drops_first_space and piece.startswith(" "):
+                    piece = piece[1:]  # as the tokenizer decodes a whole completion
                 if row.explain:
                     explained += [self._explained(row.explain, len(token_ids) + j, t) for j, t in enumerate(ids)]
                 token_ids += ids
