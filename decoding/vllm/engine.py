@@ -76,6 +76,20 @@ def _png(img) -> bytes:
 
 
 
+def drops_first_space(tokenizer) -> bool:
+    """Whether decoding a whole completion drops the space its first token starts with: SentencePiece tokenizers
+    such as Llama's and Gemma's do, byte-level ones such as Qwen's do not. vLLM's first text piece keeps it
+    (decoded after the prompt), and a completion's text must be the transformers engine's
+    (``decoding.stopping``: ``tokenizer.decode`` of the completion)."""
+    return tokenizer.decode(tokenizer.encode(" a", add_special_tokens=False), skip_special_tokens=True) == "a"
+
+
+def first_piece(text: str, drops: bool) -> str:
+    """A completion's first text piece from vLLM as ``tokenizer.decode`` of the whole completion begins: one
+    leading space less where the tokenizer drops it (``drops_first_space``)."""
+    return text[1:] if drops and text.startswith(" ") else text
+
+
 def tita_image_key(image) -> str:
     """A key for vLLM's multimodal caches (``multi_modal_uuids``) of an image in a TITA request: a digest of
     its mode, size and pixels, apart from the key vLLM gives the same image in other requests."""
@@ -111,11 +125,7 @@ class VLLMEngine:
             local_folder(reward_path, "reward model")
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
-        # whether decoding a whole completion drops the space its first token starts with (SentencePiece tokenizers
-        # such as Llama's and Gemma's do, byte-level ones such as Qwen's do not): vLLM's first text piece keeps
-        # it, and the completion's text must be the transformers engine's (``decoding.stopping``)
-        self.drops_first_space = self.tokenizer.decode(self.tokenizer.encode(" a", add_special_tokens=False),
-                                                       skip_special_tokens=True) == "a"
+        self.drops_first_space = drops_first_space(self.tokenizer)
         config = AutoConfig.from_pretrained(self.model_path)
         text = getattr(config, "text_config", config)
         self.vocab_size = text.vocab_size
@@ -384,9 +394,7 @@ class VLLMEngine:
                 if out.finished and o.finish_reason == "stop" and ids and self._ended_by_token(o, ids[-1]):
                     ids = ids[:-1]  # the EOS or stop token is not part of the completion (as in the transformers engine)
                     lps = lps[: len(ids)]
-                piece = o.text
-                if not text and self.drops_first_space and piece.startswith(" "):
-                    piece = piece[1:]  # as the tokenizer decodes a whole completion
+                piece = first_piece(o.text, self.drops_first_space) if not text else o.text
                 if row.explain:
                     explained += [self._explained(row.explain, len(token_ids) + j, t) for j, t in enumerate(ids)]
                 token_ids += ids

@@ -47,3 +47,25 @@ def test_model_runner_v2_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         VLLMEngine("models/shapeworld/vlm")
+
+
+@pytest.mark.parametrize("family", ["embedded", "qwen2_5_vl", "gemma3"])
+def test_the_first_text_piece_begins_as_the_whole_completion_decodes(family, tmp_path):
+    """vLLM decodes a completion's first token after the prompt, so its first piece keeps the token's leading
+    space; ``tokenizer.decode`` of the whole completion (the transformers engine's text) drops it for
+    SentencePiece tokenizers (the embedded Llama one, Gemma's) and keeps it for byte-level ones (Qwen's):
+    ``first_piece`` gives the latter's beginning for each."""
+    from transformers import AutoTokenizer
+
+    from decoding.vllm.engine import drops_first_space, first_piece
+    from shapeworld.models import MODELS_DIR
+    from tests.families import build
+
+    path = MODELS_DIR / "vlm" if family == "embedded" else build(family, tmp_path / family)
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = tok.encode("is there a red circle ?", add_special_tokens=False)
+    completion = tok.encode(" a blue square", add_special_tokens=False)
+    in_context = tok.decode(prompt + completion)[len(tok.decode(prompt)):]  # as vLLM's detokenizer gives it
+    assert in_context.startswith(" ")
+    assert first_piece(in_context, drops_first_space(tok)) == tok.decode(completion, skip_special_tokens=True)
+    assert drops_first_space(tok) == (family in ("embedded", "gemma3"))

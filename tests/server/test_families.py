@@ -103,7 +103,10 @@ def test_greedy_outputs_equal_the_reference(family_server, family_reference, met
         assert engine.reward_in_model, fam
         want = family_reference.generate(reqs)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
-        assert [g.text for g in got] == [w.text for w in want]  # a first token's leading space kept or dropped alike
+        # the same texts (a first token's leading space kept or dropped alike), where the completion holds no
+        # partial UTF-8 character: vLLM's detokenizer drops those bytes, transformers' decode writes U+FFFD
+        whole = [(g.text, w.text) for g, w in zip(got, want) if "\ufffd" not in w.text]
+        assert all(a == b for a, b in whole), whole
         assert [g.steered_tokens for g in got] == [w.steered_tokens for w in want]
     elif method == "none":
         from tests.decoding.test_families import reference
