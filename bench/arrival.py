@@ -60,36 +60,23 @@ class RewardTimer:
             return True
         inner, times = model._with_reward, []
 
+        def timed(run, tokens: int):  # ``run()`` timed, synchronised on a GPU, into ``times``
+            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            out = run()
+            sync()
+            times.append((tokens, time.perf_counter() - t0))
+            return out
+
         def with_reward(hidden, decode=None):
-            if decode is None:
-                return inner(hidden, None)
-
-            def timed():
-                if hidden.is_cuda:
-                    torch.cuda.synchronize(hidden.device)
-                t0 = time.perf_counter()
-                out = decode()
-                if hidden.is_cuda:
-                    torch.cuda.synchronize(hidden.device)
-                times.append((int(hidden.shape[0]), time.perf_counter() - t0))
-                return out
-
-            return inner(hidden, timed)
+            return inner(hidden, decode and (lambda: timed(decode, int(hidden.shape[0]))))
 
         model._with_reward, model._reward_times = with_reward, times
         images = getattr(model, "_reward_images", None)
         if images is not None:  # a separate reward model's image embeddings (``paired_model``), part of its prefill
-
-            def timed_images(*args, **kwargs):
-                sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-                sync()
-                t0 = time.perf_counter()
-                out = images(*args, **kwargs)
-                sync()
-                times.append((0, time.perf_counter() - t0))  # 0 tokens: an image's share of the prefill
-                return out
-
-            model._reward_images = timed_images
+            # 0 tokens: an image's share of the prefill
+            model._reward_images = lambda *args, **kwargs: timed(lambda: images(*args, **kwargs), 0)
         return True
 
     def worker_cpus(self) -> list[int]:

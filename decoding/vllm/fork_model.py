@@ -92,15 +92,7 @@ class _Fork(RewardInModel):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         fork: list[tuple[str, torch.Tensor]] = []
-
-        def target_only():
-            for name, w in weights:
-                if name.startswith("rm."):
-                    fork.append((name[3:], w))
-                else:
-                    yield name, w
-
-        loaded = super().load_weights(target_only())
+        loaded = super().load_weights(self._target_weights(weights, fork))
         return loaded | self._load_fork(fork)
 
     def _load_fork(self, weights: list[tuple[str, torch.Tensor]]) -> set[str]:

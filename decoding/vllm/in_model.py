@@ -134,6 +134,29 @@ class RewardInModel:
         self.rm_image_calls = 0  # image encodings that ran a separate reward model's tower or projector (tests)
         LIVE.append(weakref.ref(self))
 
+    def _in_rm_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids past the reward model's rows (a target head padded past the tokenizer, whose padding only
+        a random-weight target picks) read its last row, as the transformers engine's TITA does."""
+        return input_ids.clamp_max(self.rm_vocab - 1)
+
+    def _halves(self, multimodal_embeddings):
+        """Per image, the target's half [..., :D_t] and the reward model's [..., D_t:] of the side-by-side image
+        embeddings (``embed_multimodal``): two lists, or (None, None) where the step has none."""
+        if multimodal_embeddings is None or not len(multimodal_embeddings):
+            return None, None
+        d = self.config.get_text_config().hidden_size
+        return [e[..., :d] for e in multimodal_embeddings], [e[..., d:] for e in multimodal_embeddings]
+
+    @staticmethod
+    def _target_weights(weights, reward: list):
+        """The target's tensors of vLLM's weight stream; the reward model's (prefix ``rm.``, its secondary
+        weights) go to ``reward`` without the prefix."""
+        for name, w in weights:
+            if name.startswith("rm."):
+                reward.append((name[3:], w))
+            else:
+                yield name, w
+
     def _with_reward(self, hidden: torch.Tensor, decode=None) -> torch.Tensor:
         """The forward's output [T, D_target + D_reward]: ``hidden`` beside ``decode()`` (the reward decoder's
         final hidden states), or zeros in a step without TITA. ``hidden`` is copied into the output before the

@@ -126,13 +126,12 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         return self.rm_tower.multi_modal_projector(features)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        d = self.config.text_config.hidden_size
-        mm = multimodal_embeddings if multimodal_embeddings is not None and len(multimodal_embeddings) else None
-        out = super().embed_input_ids(input_ids, [e[..., :d] for e in mm] if mm else None, is_multimodal=is_multimodal)
+        ours, theirs = self._halves(multimodal_embeddings)
+        out = super().embed_input_ids(input_ids, ours, is_multimodal=is_multimodal)
         if self.fork_active:  # the reward model's inputs for this step's forward
             rm = self._embed_text_input_ids(self._in_rm_vocab(input_ids), self.rm_embed, is_multimodal=is_multimodal)
-            if mm:
-                rm = _merge_multimodal_embeddings(rm, [e[..., d:] for e in mm], is_multimodal)
+            if theirs:
+                rm = _merge_multimodal_embeddings(rm, theirs, is_multimodal)
             self.rm_embeds[: rm.shape[0]].copy_(rm)
         return out
 
@@ -146,11 +145,6 @@ class PairedLlava(RewardInModel, LlavaForConditionalGeneration):
         if inputs_embeds is None:  # token ids only (no multimodal path this step)
             self.rm_embeds[: input_ids.shape[0]].copy_(self.rm_embed(self._in_rm_vocab(input_ids)))
         return self._with_reward(hidden, lambda: self.rm_decoder(positions, self.rm_embeds[: hidden.shape[0]]))
-
-    def _in_rm_vocab(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids past the reward model's rows (a target head padded past the tokenizer, whose padding only
-        a random-weight target picks) read its last row, as the transformers engine's TITA does."""
-        return input_ids.clamp_max(self.rm_vocab - 1)
 
     # ------------------------------------------------------------ weights
 
@@ -259,14 +253,10 @@ class _Paired(RewardInModel):
         return self.rm.embed_multimodal(**kwargs)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kwargs):
-        d = self.config.get_text_config().hidden_size
-        mm = multimodal_embeddings if multimodal_embeddings is not None and len(multimodal_embeddings) else None
-        out = super().embed_input_ids(input_ids, [e[..., :d] for e in mm] if mm else None, is_multimodal=is_multimodal,
-                                      **kwargs)
+        ours, theirs = self._halves(multimodal_embeddings)
+        out = super().embed_input_ids(input_ids, ours, is_multimodal=is_multimodal, **kwargs)
         if self.fork_active:  # the reward model's inputs for this step's forward
-            ids = input_ids.clamp_max(self.rm_vocab - 1)  # a target head padded past the reward model's rows
-            rm = self.rm.embed_input_ids(ids, [e[..., d:] for e in mm] if mm else None, is_multimodal=is_multimodal,
-                                         **kwargs)
+            rm = self.rm.embed_input_ids(self._in_rm_vocab(input_ids), theirs, is_multimodal=is_multimodal, **kwargs)
             self.rm_embeds[: rm.shape[0]].copy_(rm)
         return out
 
@@ -277,20 +267,12 @@ class _Paired(RewardInModel):
         self.fork_steps += 1
         t = hidden.shape[0]
         if inputs_embeds is None:  # token ids only (no multimodal path this step)
-            self.rm_embeds[:t].copy_(self.rm.embed_input_ids(input_ids.clamp_max(self.rm_vocab - 1)))
+            self.rm_embeds[:t].copy_(self.rm.embed_input_ids(self._in_rm_vocab(input_ids)))
         return self._with_reward(hidden, lambda: self.rm(None, positions, None, inputs_embeds=self.rm_embeds[:t]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         reward: list[tuple[str, torch.Tensor]] = []
-
-        def target_only():
-            for name, w in weights:
-                if name.startswith("rm."):
-                    reward.append((name[3:], w))
-                else:
-                    yield name, w
-
-        loaded = super().load_weights(target_only())
+        loaded = super().load_weights(self._target_weights(weights, reward))
         return loaded | {f"rm.{n}" for n in self.rm.load_weights(iter(reward))}
 
 
